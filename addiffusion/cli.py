@@ -1,0 +1,46 @@
+"""``addiffusion <stage> ...``: one console script, one subcommand per stage.
+
+Each stage module ``addiffusion.<stage>.cli`` exposes ``register(subparsers)``, which adds its
+subcommand(s) and sets ``func`` on the parsed namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+STAGES = ("backbone", "collect", "datasets", "offline_rl", "online_finetune", "eval", "bench")
+"""Modules under ``addiffusion`` whose ``cli.register`` adds subcommands (``offline_rl`` is spelt
+``offline-rl`` on the command line, ``online_finetune`` ``online-finetune``)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="addiffusion",
+        description=(
+            "Adaptive diffusion inference learned offline-first. Stages: backbone -> collect -> "
+            "datasets -> offline-rl -> online-finetune -> eval; `dvc repro` runs them in order."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+    for stage in STAGES:
+        try:
+            module = importlib.import_module(f"addiffusion.{stage}.cli")
+        except ModuleNotFoundError as e:
+            if e.name != f"addiffusion.{stage}.cli" and e.name != f"addiffusion.{stage}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Typed configs: one frozen dataclass per ``params.yaml`` section, validated at load time.
+
+Every stage config subclasses :class:`StageConfig`. Loading rejects unknown keys and values of the
+wrong type with messages that name the key, the expected value and the value got, e.g.
+``collect.n_max must be >= 1, got 0``. Range checks live in each config's ``__post_init__`` and use
+:func:`check`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A ``params.yaml`` section has an unknown key or a bad value."""
+
+
+C = TypeVar("C", bound="StageConfig")
+
+
+def check(ok: bool, key: str, expected: str, got: object) -> None:
+    """Raise :class:`ConfigError` ``"<key> must be <expected>, got <got>"`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}, got {got!r}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key} has an unsupported type")
+    if origin is typing.Literal:
+        check(value in args, key, "one of " + ", ".join(repr(a) for a in args), value)
+        return value
+    if origin in (tuple, list):
+        check(isinstance(value, (list, tuple)), key, "a list", value)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if origin is tuple:
+            check(len(value) == len(args), key, f"a list of {len(args)} items", value)
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        check(isinstance(value, dict), key, "a mapping", value)
+        return {
+            _coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(tp):
+        check(isinstance(value, dict), key, "a mapping", value)
+        return _from_mapping(tp, value, key)
+    if tp is bool:
+        check(isinstance(value, bool), key, "true or false", value)
+        return value
+    if tp is int:
+        check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    if tp is float:
+        check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value
+        )
+        return float(value)
+    if tp is str:
+        check(isinstance(value, str), key, "a string", value)
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r} in the config definition")
+
+
+def _from_mapping(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}.{unknown[0]} (known keys of {prefix}: {', '.join(fields)})"
+        )
+    kwargs = {name: _coerce(data[name], hints[name], f"{prefix}.{name}") for name in data}
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Base of the stage configs. ``section`` is the ``params.yaml`` key the config mirrors."""
+
+    section: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
+        """Build from a mapping (a ``params.yaml`` section), rejecting unknown keys and bad values."""
+        return _from_mapping(cls, dict(data or {}), cls.section)
+
+    @classmethod
+    def from_params(cls: type[C], params: dict[str, Any]) -> C:
+        """Build from the whole parsed ``params.yaml`` (a missing section means all defaults)."""
+        section = params.get(cls.section)
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{cls.section} must be a mapping, got {section!r}")
+        return cls.from_dict(section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Parse a params file. Library code never calls this; ``__main__`` / CLI code does."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {path} not found")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data

@@ -1,0 +1,63 @@
+"""The trajectory store's record schemas (version 1). The contract between collectors, the store
+and everything downstream. Change ``SCHEMA_VERSION`` when a column changes meaning.
+
+A *store* is a folder of shards written by collectors; ``datasets build`` merges shards into a
+*dataset* folder (``meta/info.json``, chunked Parquet, sharded Zarr, optional WebDataset tars,
+dataset card).
+
+Shard layout (one writer per shard; written under ``<name>.tmp-<pid>`` and renamed when complete)::
+
+    <store>/shard-<index:05d>/
+        shard.json          schema_version, shard index, components, dims, model ids, sampler
+                            settings, sha256 of every file below
+        episodes.parquet    EPISODES_SCHEMA
+        steps.parquet       STEPS_SCHEMA + one float32 column per raw reward component
+        features.zarr/      Zarr v3 group: image_features (n_steps, D_img) float32,
+                            text_features (n_episodes, D_txt) float32,
+                            optional latents (n_steps, C, h, w) float16,
+                            optional thumbnails (n_steps, H, W, 3) uint8
+        episodes.tar        WebDataset: one sample per episode (thumbnails + JSON), keys w/o dots
+
+Episodes are assigned to shards by a deterministic global order (prompt × seed), so the shard
+index does not depend on the number of collector processes.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+EPISODES_SCHEMA = pa.schema(
+    [
+        ("episode_id", pa.string()),  # "<prompt_id:06d>-<seed>" for roots, "<root>-b<step>" for branches
+        ("prompt_id", pa.int64()),
+        ("prompt", pa.string()),
+        ("category", pa.string()),  # complexity tier / prompt-set category
+        ("split", pa.string()),  # "train" or "heldout"
+        ("seed", pa.int64()),
+        ("parent_episode_id", pa.string()),  # null for roots
+        ("branch_step", pa.int32()),  # step of the parent where the branch diverged, -1 for roots
+        ("num_steps", pa.int32()),
+        ("text_row", pa.int64()),  # row of text_features in the shard's features.zarr
+    ]
+)
+
+STEPS_SCHEMA = pa.schema(
+    [
+        ("episode_id", pa.string()),
+        ("step", pa.int32()),  # schedule index i, 0-based
+        ("timestep", pa.float32()),  # the scheduler's t_i
+        ("t_frac", pa.float32()),  # t_i / num_train_timesteps
+        ("sigma", pa.float32()),  # noise level sqrt((1 - ᾱ) / ᾱ) at t_i
+        ("action", pa.int8()),  # behaviour action taken at this step (mdp.CONTINUE/STOP/REFINE)
+        ("behavior_prob", pa.float32()),  # behaviour policy's probability of that action
+        ("nfe", pa.int32()),  # cumulative denoiser evaluations when x̂0 of this step exists
+        ("refines_used", pa.int32()),
+        ("feature_row", pa.int64()),  # row of image_features in the shard's features.zarr
+        ("wall_time_s", pa.float32()),  # wall time of producing this step
+        ("peak_mem_bytes", pa.int64()),  # peak memory while producing it (CUDA, else RSS)
+    ]
+)
+"""Plus one float32 column per raw reward component (``clip_score``, ``stability``,
+``verifier``, ...), listed in ``shard.json["components"]``. Rewards are never stored here."""

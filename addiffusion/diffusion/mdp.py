@@ -1,0 +1,126 @@
+"""The MDP shared by every stage: actions, action masks, the observation vector, NFE convention.
+
+Step ``i`` (0-based) of an episode is the state after the denoiser has been evaluated at the i-th
+schedule point ``t_i``: the one-step clean prediction x̂0_i exists and ``nfe = i + 1 + k·refines``.
+
+* ``CONTINUE`` (0): one solver step to ``t_{i+1}`` and one denoiser evaluation there (1 NFE).
+* ``STOP`` (1): decode x̂0_i; the episode ends.
+* ``REFINE`` (2): re-denoise masked regions for ``k`` iterations (``k`` NFE), then re-noise to
+  ``t_{i+1}``.
+
+NFE convention: one NFE is one denoiser (UNet / transformer) evaluation *per image*, with classifier
+-free guidance's conditional and unconditional branches batched into one evaluation and counted
+once (the "50 steps = 50 NFE" convention of sampler papers). Used identically everywhere.
+
+Observation (float32, layout recorded in the dataset's ``meta/info.json``)::
+
+    [ image_features (D_img) | text_features (D_txt) | time_embedding (2*E) | quality (5) ]
+
+``quality = [clip_score, clip_score_delta, stability, nfe / n_max, refines_used]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+CONTINUE, STOP, REFINE = 0, 1, 2
+ACTION_NAMES: tuple[str, ...] = ("continue", "stop", "refine")
+N_ACTIONS = 3
+QUALITY_FIELDS: tuple[str, ...] = ("clip_score", "clip_score_delta", "stability", "nfe_frac", "refines_used")
+TIME_EMBED_DIM = 8  # per scalar; two scalars (t / num_train_timesteps, i / n_max)
+
+
+def action_mask(
+    step: np.ndarray | int,
+    n_max: int,
+    warmup: int,
+    refines_used: np.ndarray | int,
+    refine_budget: int,
+) -> np.ndarray:
+    """Legal actions at ``step``: shape ``(..., 3)`` bool.
+
+    Warm-up steps (``step < warmup``) force continue; the last step (``n_max - 1``) only allows
+    stop; refine needs budget left and a next schedule point to re-noise to.
+    """
+    step = np.asarray(step)
+    refines_used = np.broadcast_to(np.asarray(refines_used), step.shape)
+    last = step >= n_max - 1
+    warm = (step < warmup) & ~last
+    mask = np.zeros(step.shape + (N_ACTIONS,), dtype=bool)
+    mask[..., CONTINUE] = ~last
+    mask[..., STOP] = ~warm
+    mask[..., REFINE] = ~last & ~warm & (refines_used < refine_budget)
+    return mask
+
+
+def time_embedding(x: np.ndarray, dim: int = TIME_EMBED_DIM) -> np.ndarray:
+    """Sinusoidal embedding of values in [0, 1]: ``(N,) -> (N, dim)`` float32."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1, 1)
+    freqs = np.pi * (2.0 ** np.arange(dim // 2))
+    return np.concatenate([np.sin(x * freqs), np.cos(x * freqs)], axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ObservationLayout:
+    """Where each part of the observation vector lives; stored in ``meta/info.json``."""
+
+    image_dim: int
+    text_dim: int
+    time_dim: int = 2 * TIME_EMBED_DIM
+    quality_dim: int = len(QUALITY_FIELDS)
+
+    @property
+    def dim(self) -> int:
+        return self.image_dim + self.text_dim + self.time_dim + self.quality_dim
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "dim": self.dim}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int]) -> ObservationLayout:
+        return cls(data["image_dim"], data["text_dim"], data["time_dim"], data["quality_dim"])
+
+
+def build_observations(
+    image_features: np.ndarray,
+    text_features: np.ndarray,
+    t_frac: np.ndarray,
+    step: np.ndarray,
+    n_max: int,
+    clip_score: np.ndarray,
+    clip_score_delta: np.ndarray,
+    stability: np.ndarray,
+    nfe: np.ndarray,
+    refines_used: np.ndarray,
+) -> np.ndarray:
+    """Stack observations for N steps.
+
+    image_features: (N, D_img), text_features: (N, D_txt) (repeat the episode's row per step),
+    t_frac: (N,) timestep / num_train_timesteps in [0, 1], step: (N,) int, the rest (N,).
+    Returns (N, layout.dim) float32.
+    """
+    step = np.asarray(step, dtype=np.float64)
+    time = np.concatenate(
+        [time_embedding(np.asarray(t_frac)), time_embedding(step / max(n_max - 1, 1))], axis=1
+    )
+    quality = np.stack(
+        [
+            np.asarray(clip_score, dtype=np.float32),
+            np.asarray(clip_score_delta, dtype=np.float32),
+            np.asarray(stability, dtype=np.float32),
+            np.asarray(nfe, dtype=np.float32) / float(n_max),
+            np.asarray(refines_used, dtype=np.float32),
+        ],
+        axis=1,
+    )
+    return np.concatenate(
+        [
+            np.asarray(image_features, dtype=np.float32),
+            np.asarray(text_features, dtype=np.float32),
+            time,
+            quality,
+        ],
+        axis=1,
+    ).astype(np.float32)
