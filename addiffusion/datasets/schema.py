@@ -30,7 +30,10 @@ SCHEMA_VERSION = 1
 
 EPISODES_SCHEMA = pa.schema(
     [
-        ("episode_id", pa.string()),  # "<prompt_id:06d>-<seed>" for roots, "<root>-b<step>" for branches
+        (
+            "episode_id",
+            pa.string(),
+        ),  # "<prompt_id:06d>-<seed>" for roots, "<root>-b<step>" for branches
         ("prompt_id", pa.int64()),
         ("prompt", pa.string()),
         ("category", pa.string()),  # complexity tier / prompt-set category

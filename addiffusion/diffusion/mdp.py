@@ -28,7 +28,13 @@ import numpy as np
 CONTINUE, STOP, REFINE = 0, 1, 2
 ACTION_NAMES: tuple[str, ...] = ("continue", "stop", "refine")
 N_ACTIONS = 3
-QUALITY_FIELDS: tuple[str, ...] = ("clip_score", "clip_score_delta", "stability", "nfe_frac", "refines_used")
+QUALITY_FIELDS: tuple[str, ...] = (
+    "clip_score",
+    "clip_score_delta",
+    "stability",
+    "nfe_frac",
+    "refines_used",
+)
 TIME_EMBED_DIM = 8  # per scalar; two scalars (t / num_train_timesteps, i / n_max)
 
 

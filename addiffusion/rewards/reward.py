@@ -26,7 +26,10 @@ def component_stats(components: Mapping[str, np.ndarray]) -> dict[str, dict[str,
         v = np.asarray(values, dtype=np.float64)
         v = v[np.isfinite(v)]
         std = float(v.std()) if v.size else 1.0
-        stats[name] = {"mean": float(v.mean()) if v.size else 0.0, "std": std if std > 1e-8 else 1.0}
+        stats[name] = {
+            "mean": float(v.mean()) if v.size else 0.0,
+            "std": std if std > 1e-8 else 1.0,
+        }
     return stats
 
 
@@ -56,9 +59,13 @@ def quality(
     return np.asarray(total, dtype=np.float64)
 
 
-def step_reward(q_now: np.ndarray, q_next: np.ndarray, delta_nfe: np.ndarray, cfg: RewardConfig) -> np.ndarray:
+def step_reward(
+    q_now: np.ndarray, q_next: np.ndarray, delta_nfe: np.ndarray, cfg: RewardConfig
+) -> np.ndarray:
     """Reward of a non-terminal transition (continue or refine)."""
-    return (np.asarray(q_next) - np.asarray(q_now) - cfg.c_nfe * np.asarray(delta_nfe)).astype(np.float32)
+    return (np.asarray(q_next) - np.asarray(q_now) - cfg.c_nfe * np.asarray(delta_nfe)).astype(
+        np.float32
+    )
 
 
 def stop_reward(q_now: np.ndarray, cfg: RewardConfig) -> np.ndarray:

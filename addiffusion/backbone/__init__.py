@@ -1,0 +1,1 @@
+"""CLI home of the ``backbone`` stage; the code lives in :mod:`addiffusion.diffusion`."""

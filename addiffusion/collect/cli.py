@@ -1,0 +1,51 @@
+"""``addiffusion collect``: record trajectories into the sharded store (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from addiffusion.collect.config import CollectConfig
+from addiffusion.config import read_params
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from addiffusion.collect.collector import collect
+
+    cfg = CollectConfig.from_params(read_params(args.params))
+    # torch.distributed / accelerate launchers set RANK and WORLD_SIZE.
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise SystemExit(f"rank must be in [0, world_size) = [0, {world}), got {rank}")
+    s = collect(cfg, Path(args.store), rank=rank, world_size=world, progress=not args.quiet)
+    print(
+        f"collect: {s.shards_written} shards written, {s.shards_skipped} already complete, "
+        f"{s.episodes} episodes, {s.steps} steps in {s.seconds:.1f}s"
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "collect",
+        help="run prompts x seeds to n_max and record every step into the trajectory store",
+        description="Record full denoising trajectories (features, raw reward components, NFE per "
+        "step) into <store>/shard-NNNNN folders. Settings come from the `collect` section of the "
+        "params file. Resumable: complete shards are skipped, incomplete ones redone. Several "
+        "processes (accelerate launch / torchrun set RANK and WORLD_SIZE) write disjoint shards.",
+    )
+    p.add_argument("--store", default="data/store", help="store folder (default: %(default)s)")
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument(
+        "--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)"
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="number of processes (default: $WORLD_SIZE or 1)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_collect)

@@ -1,0 +1,100 @@
+"""``collect`` section of ``params.yaml``: backbone, scorer, the sampler's MDP settings, prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from addiffusion.config import StageConfig, check
+from addiffusion.diffusion.backbone import SCHEDULERS
+from addiffusion.diffusion.sampler import SamplerSettings
+
+
+@dataclass(frozen=True)
+class CollectConfig(StageConfig):
+    """Record full denoising trajectories of ``prompts × seeds`` to ``n_max`` steps."""
+
+    section: ClassVar[str] = "collect"
+
+    model: str = "models/tiny"
+    """diffusers pipeline: a local folder or a Hub id (loaded with ``from_pretrained``)."""
+    scorer: str = "models/tiny-clip"
+    """open_clip scorer: a local folder, ``hf-hub:org/repo`` or ``name@pretrained``."""
+    scheduler: str = "ddim"
+    """One of ddim, dpmsolver++, euler, unipc."""
+    guidance_scale: float = 5.0
+    height: int = 32
+    width: int = 32
+    n_max: int = 12
+    """Schedule length; the episode must stop at step n_max - 1 at the latest."""
+    warmup: int = 1
+    """The first ``warmup`` steps force continue."""
+    refine_budget: int = 0
+    """Refines allowed per episode (0 masks refine off)."""
+    refine_k: int = 2
+    """Re-denoise iterations per refine (k NFE)."""
+    prompts: str = "builtin"
+    """``builtin``, ``shapes`` (the shapes world's tiers) or a prompt file (.txt/.jsonl/.csv)."""
+    n_prompts: int = 24
+    """How many prompts to take from the source (0 = all)."""
+    seeds_per_prompt: int = 2
+    heldout_fraction: float = 0.25
+    """Fraction of prompts held out from training (kept for evaluation)."""
+    shard_size: int = 8
+    """Episodes per store shard; the unit of resumption."""
+    batch_size: int = 8
+    """Episodes denoised together."""
+    record_latents: bool = False
+    """Also store x̂0 latents (float16) per step."""
+    record_thumbnails: bool = True
+    """Also store decoded x̂0 thumbnails (uint8) per step."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        check(
+            self.scheduler in SCHEDULERS,
+            "collect.scheduler",
+            f"one of {', '.join(SCHEDULERS)}",
+            self.scheduler,
+        )
+        check(self.n_max >= 1, "collect.n_max", ">= 1", self.n_max)
+        check(
+            0 <= self.warmup < self.n_max,
+            "collect.warmup",
+            f"in [0, n_max) = [0, {self.n_max})",
+            self.warmup,
+        )
+        check(
+            self.refine_budget == 0,
+            "collect.refine_budget",
+            "0 (refine is not implemented yet)",
+            self.refine_budget,
+        )
+        check(self.refine_k >= 1, "collect.refine_k", ">= 1", self.refine_k)
+        check(self.guidance_scale >= 1.0, "collect.guidance_scale", ">= 1.0", self.guidance_scale)
+        for key in ("height", "width"):
+            v = getattr(self, key)
+            check(v >= 8 and v % 8 == 0, f"collect.{key}", "a positive multiple of 8", v)
+        check(self.n_prompts >= 0, "collect.n_prompts", ">= 0", self.n_prompts)
+        check(self.seeds_per_prompt >= 1, "collect.seeds_per_prompt", ">= 1", self.seeds_per_prompt)
+        check(
+            0.0 <= self.heldout_fraction < 1.0,
+            "collect.heldout_fraction",
+            "in [0, 1)",
+            self.heldout_fraction,
+        )
+        check(self.shard_size >= 1, "collect.shard_size", ">= 1", self.shard_size)
+        check(self.batch_size >= 1, "collect.batch_size", ">= 1", self.batch_size)
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        return SamplerSettings(
+            n_max=self.n_max,
+            warmup=self.warmup,
+            refine_budget=self.refine_budget,
+            refine_k=self.refine_k,
+            guidance_scale=self.guidance_scale,
+            height=self.height,
+            width=self.width,
+        )
