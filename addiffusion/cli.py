@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from addiffusion.config import ConfigError
+
 STAGES = ("backbone", "collect", "datasets", "offline_rl", "online_finetune", "eval", "bench")
 """Modules under ``addiffusion`` whose ``cli.register`` adds subcommands (``offline_rl`` is spelt
 ``offline-rl`` on the command line, ``online_finetune`` ``online-finetune``)."""
@@ -38,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except ConfigError as e:
+        # Bad params are the user's to fix: say what is wrong, no traceback.
+        print(f"addiffusion: error: {e}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

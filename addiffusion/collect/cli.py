@@ -11,9 +11,9 @@ from addiffusion.config import read_params
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from addiffusion.collect.collector import collect
-
     cfg = CollectConfig.from_params(read_params(args.params))
+    from addiffusion.collect.collector import collect  # heavy imports only once params are valid
+
     # torch.distributed / accelerate launchers set RANK and WORLD_SIZE.
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
