@@ -1,0 +1,195 @@
+"""MaskablePPO (sb3-contrib) whose policy starts as the IQL actor; the fine-tuned actor's files.
+
+Saved actor (no pickle anywhere)::
+
+    <out>/actor.safetensors   MlpActor state dict (float32)
+    <out>/manifest.json       format, version, ActorSpec, sha256 of actor.safetensors
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sb3_contrib import MaskablePPO
+from stable_baselines3.common.vec_env import VecEnv
+from torch import nn
+
+from addiffusion.online_finetune.actor import (
+    ACTIVATIONS,
+    ActorSpec,
+    MlpActor,
+    StandardizeExtractor,
+)
+from addiffusion.online_finetune.config import OnlineFinetuneConfig
+
+MANIFEST_FORMAT = "addiffusion-mlp-actor"
+MANIFEST_VERSION = 1
+WEIGHTS_FILE = "actor.safetensors"
+
+
+def _policy_linears(model: MaskablePPO) -> list[nn.Linear]:
+    hidden = [m for m in model.policy.mlp_extractor.policy_net if isinstance(m, nn.Linear)]
+    return [*hidden, model.policy.action_net]
+
+
+def build_maskable_ppo(
+    venv: VecEnv, actor: MlpActor, cfg: OnlineFinetuneConfig, device: str | torch.device
+) -> MaskablePPO:
+    """MaskablePPO with ``net_arch``/activation of ``actor`` and its weights in the policy head.
+
+    The value network has the same hidden sizes and a fresh (orthogonal) init.
+    """
+    spec = actor.spec
+    if venv.observation_space.shape != (spec.obs_dim,):
+        raise ValueError(
+            f"the actor takes observations of dim {spec.obs_dim}, the env gives "
+            f"{venv.observation_space.shape}: the offline policy was trained on another layout"
+        )
+    std = actor.standardize
+    model = MaskablePPO(
+        "MlpPolicy",
+        venv,
+        learning_rate=cfg.learning_rate,
+        n_steps=cfg.n_steps,
+        batch_size=cfg.batch_size,
+        n_epochs=cfg.n_epochs,
+        gamma=cfg.gamma,
+        gae_lambda=cfg.gae_lambda,
+        clip_range=cfg.clip_range,
+        ent_coef=cfg.ent_coef,
+        seed=cfg.seed,
+        device=device,
+        verbose=0,
+        policy_kwargs={
+            "net_arch": {"pi": list(spec.hidden_sizes), "vf": list(spec.hidden_sizes)},
+            "activation_fn": ACTIVATIONS[spec.activation],
+            "features_extractor_class": StandardizeExtractor,
+            "features_extractor_kwargs": {
+                "mean": std.mean.tolist() if spec.standardize else None,
+                "std": std.std.tolist() if spec.standardize else None,
+            },
+        },
+    )
+    src = [m for m in actor.hidden if isinstance(m, nn.Linear)] + [actor.head]
+    with torch.no_grad():  # in place, so the optimizer keeps pointing at the same tensors
+        for s, d in zip(src, _policy_linears(model), strict=True):
+            d.weight.copy_(s.weight)
+            d.bias.copy_(s.bias)
+    return model
+
+
+def policy_logits(model: MaskablePPO, obs: torch.Tensor) -> torch.Tensor:
+    """Unmasked logits of the PPO policy: ``(B, D) -> (B, 3)``."""
+    policy = model.policy
+    features = policy.extract_features(obs.to(policy.device), policy.pi_features_extractor)
+    return policy.action_net(policy.mlp_extractor.forward_actor(features))
+
+
+def actor_from_ppo(model: MaskablePPO, spec: ActorSpec) -> MlpActor:
+    """The PPO policy head as an :class:`MlpActor` (CPU, float32)."""
+    actor = MlpActor(spec)
+    dst = [m for m in actor.hidden if isinstance(m, nn.Linear)] + [actor.head]
+    extractor = model.policy.pi_features_extractor
+    with torch.no_grad():
+        for s, d in zip(_policy_linears(model), dst, strict=True):
+            d.weight.copy_(s.weight.cpu())
+            d.bias.copy_(s.bias.cpu())
+        actor.standardize.mean.copy_(extractor.standardize.mean.cpu())
+        actor.standardize.std.copy_(extractor.standardize.std.cpu())
+    return actor.eval()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_actor(actor: MlpActor, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``actor.safetensors`` + ``manifest.json``; returns the manifest path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_FILE
+    save_file({k: v.detach().cpu().contiguous() for k, v in actor.state_dict().items()}, weights)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "architecture": actor.spec.to_dict(),
+        "obs_dim": actor.spec.obs_dim,
+        "action_map": {"continue": 0, "stop": 1, "refine": 2},
+        "weights": WEIGHTS_FILE,
+        "sha256": _sha256(weights),
+        **(extra or {}),
+    }
+    path = out_dir / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+class FinetunedPolicy:
+    """The fine-tuned actor for evaluation: greedy (or sampled) masked actions."""
+
+    def __init__(self, actor: MlpActor, manifest: dict[str, Any]) -> None:
+        self.actor = actor.eval()
+        self.manifest = manifest
+        self.obs_dim = actor.spec.obs_dim
+
+    @torch.no_grad()
+    def logits(self, obs: np.ndarray) -> np.ndarray:
+        """``obs (B, D) float32 -> (B, 3)`` float32 unmasked logits."""
+        obs = np.asarray(obs, dtype=np.float32)
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"expected observations of shape (B, {self.obs_dim}), got {obs.shape}")
+        return self.actor(torch.from_numpy(obs)).numpy()
+
+    def act(
+        self, obs: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
+        """``obs (B, D) float32, mask (B, 3) bool -> (B,) int64`` actions, never a masked one.
+
+        Greedy (argmax of the masked logits) unless ``rng`` is given, then sampled.
+        """
+        mask = np.asarray(mask, dtype=bool)
+        logits = self.logits(obs)
+        if mask.shape != logits.shape:
+            raise ValueError(f"mask must have shape {logits.shape}, got {mask.shape}")
+        if not mask.any(axis=1).all():
+            raise ValueError(f"rows {np.flatnonzero(~mask.any(axis=1)).tolist()} allow no action")
+        masked = np.where(mask, logits, -np.inf)
+        if rng is None:
+            return masked.argmax(axis=1)
+        p = np.exp(masked - masked.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        return np.array([rng.choice(p.shape[1], p=row) for row in p], dtype=np.int64)
+
+
+def load_finetuned_policy(out_dir: Path) -> FinetunedPolicy:
+    """Load what :func:`save_actor` wrote, refusing weights whose sha256 differs from the
+    manifest's (a tampered or half-copied file)."""
+    out_dir = Path(out_dir)
+    path = out_dir / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not an online_finetune output folder")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(
+            f"{path}: expected format {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}, got "
+            f"{manifest.get('format')!r} version {manifest.get('version')!r}"
+        )
+    weights = out_dir / manifest["weights"]
+    digest = _sha256(weights)
+    if digest != manifest["sha256"]:
+        raise ValueError(
+            f"{weights}: sha256 {digest} does not match {path} ({manifest['sha256']}); "
+            "the file was changed after the run wrote it"
+        )
+    actor = MlpActor(ActorSpec.from_dict(manifest["architecture"]))
+    actor.load_state_dict(load_file(weights))
+    return FinetunedPolicy(actor, manifest)
