@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import string
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import (
@@ -17,10 +19,12 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 SCHEDULERS = {
@@ -28,7 +32,12 @@ SCHEDULERS = {
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "euler": (EulerDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    # Rectified-flow backbones (SD3) train with flow matching; only this solver fits them.
+    "flowmatch-euler": (FlowMatchEulerDiscreteScheduler, {}),
 }
+FLOW_SCHEDULERS = frozenset({"flowmatch-euler"})
+
+Family = Literal["sd", "sdxl", "sd3"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -60,6 +69,12 @@ def load_pipeline(
             "(build the built-in one with `addiffusion backbone build-tiny`)"
         )
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    flow_model = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    if flow_model != (scheduler in FLOW_SCHEDULERS):
+        raise ValueError(
+            f"{model} was trained with {type(pipe.scheduler).__name__}; scheduler {scheduler!r} "
+            f"does not fit it (use {'flowmatch-euler' if flow_model else 'ddim, dpmsolver++, euler or unipc'})"
+        )
     cls, kwargs = SCHEDULERS[scheduler]
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
     pipe.set_progress_bar_config(disable=True)
@@ -148,3 +163,132 @@ def save_tiny_pipeline(out_dir: Path, seed: int) -> Path:
         pipe = build_tiny_pipeline(seed, Path(tmp))
         pipe.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def model_family(pipe: DiffusionPipeline) -> Family:
+    """``sd`` (SD 1.x/2.x), ``sdxl`` (two text encoders, added time/text conditioning) or ``sd3``
+    (MMDiT transformer, flow matching)."""
+    if getattr(pipe, "transformer", None) is not None:
+        if not hasattr(pipe, "text_encoder_3"):
+            raise ValueError(f"{type(pipe).__name__}: only SD3 transformer pipelines are supported")
+        return "sd3"
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    return "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
+
+
+def denoiser_of(pipe: DiffusionPipeline) -> torch.nn.Module:
+    return pipe.transformer if model_family(pipe) == "sd3" else pipe.unet
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """Everything the denoiser needs about B prompts, for both CFG branches.
+
+    ``cond`` / ``uncond``: (B, L, D) token embeddings; ``cond_extra`` / ``uncond_extra``: name ->
+    (B, ...) added conditioning (SDXL ``text_embeds`` / ``time_ids``, SD3 ``pooled_projections``);
+    ``token_texts`` / ``special``: per prompt, the tokens behind the L positions of the first
+    tokenizer and whether each is a start/end/padding token (for attention masks)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    cond_extra: dict[str, torch.Tensor]
+    uncond_extra: dict[str, torch.Tensor]
+    token_texts: list[list[str]]
+    special: list[list[bool]]
+
+
+def encode_text(
+    pipe: DiffusionPipeline, prompts: list[str], device: torch.device, height: int, width: int
+) -> TextConditioning:
+    """Encode prompts (and the empty negative prompt) the way the family's ``__call__`` does."""
+    family = model_family(pipe)
+    empty: dict[str, torch.Tensor] = {}
+    if family == "sd":
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=True)
+        cx, ux = empty, empty
+    elif family == "sdxl":
+        cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+        proj = (
+            int(pooled.shape[-1])
+            if pipe.text_encoder_2 is None
+            else pipe.text_encoder_2.config.projection_dim
+        )
+        time_ids = (
+            pipe._get_add_time_ids((height, width), (0, 0), (height, width), cond.dtype, proj)
+            .to(device)
+            .repeat(len(prompts), 1)
+        )
+        cx = {"text_embeds": pooled, "time_ids": time_ids}
+        ux = {"text_embeds": neg_pooled, "time_ids": time_ids}
+    else:
+        cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
+            prompts, prompts, prompts, device=device, do_classifier_free_guidance=True
+        )
+        cx, ux = {"pooled_projections": pooled}, {"pooled_projections": neg_pooled}
+    tok = pipe.tokenizer
+    ids = tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True
+    ).input_ids
+    specials = set(tok.all_special_ids)
+    return TextConditioning(
+        cond,
+        uncond,
+        cx,
+        ux,
+        [tok.convert_ids_to_tokens(row) for row in ids],
+        [[i in specials for i in row] for row in ids],
+    )
+
+
+def denoise(
+    pipe: DiffusionPipeline,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    context: torch.Tensor,
+    extra: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """One batched denoiser evaluation: ``x`` (N, C, h, w) scaled model input, ``t`` (N,),
+    ``context`` (N, L, D), ``extra`` name -> (N, ...). Returns the raw model output (N, C, h, w)."""
+    if model_family(pipe) == "sd3":
+        return pipe.transformer(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=context,
+            pooled_projections=extra["pooled_projections"],
+            return_dict=False,
+        )[0]
+    return pipe.unet(
+        x, t, encoder_hidden_states=context, added_cond_kwargs=extra or None, return_dict=False
+    )[0]
+
+
+def set_schedule(
+    pipe: DiffusionPipeline,
+    scheduler: object,
+    n_steps: int,
+    latent_hw: tuple[int, int],
+    device: torch.device,
+) -> None:
+    """``scheduler.set_timesteps`` as the family's ``__call__`` calls it (SD3: resolution shift)."""
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting", False):
+        patch = pipe.transformer.config.patch_size
+        kwargs["mu"] = calculate_shift(
+            (latent_hw[0] // patch) * (latent_hw[1] // patch),
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.16),
+        )
+    scheduler.set_timesteps(n_steps, device=device, **kwargs)
+
+
+def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w)`` clean latents -> ``(B, 3, H, W)`` float32 images in [0, 1]."""
+    vae = pipe.vae
+    shift = vae.config.get("shift_factor", None) or 0.0
+    x = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+    return (vae.decode(x, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)

@@ -7,13 +7,17 @@ mixing multistep solver state; denoiser calls are still batched, with per-sample
 
 Per step the sampler produces the one-step clean prediction x̂0, decodes it with the VAE, and
 scores it: CLIP image features, CLIP score against the prompt, stability (cosine to the previous
-step's x̂0 features; 0 at step 0) and any extra scorer (e.g. the shapes-world verifier).
+step's x̂0 features; 0 at step 0) and any extra scorer (e.g. the shapes-world verifier). On UNet
+backbones it also captures cross-attention (:mod:`addiffusion.diffusion.attention`) and keeps the
+episode's under-generation mask, which *refine* re-denoises and every policy may look at.
+Backbones: SD 1.x/2.x, SDXL and SD3 (:func:`addiffusion.diffusion.backbone.model_family`).
 See :mod:`addiffusion.diffusion.mdp` for the NFE convention.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +25,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import psutil
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-from addiffusion.diffusion import mdp
+from addiffusion.diffusion import backbone, mdp
+from addiffusion.diffusion.attention import (
+    AttentionStore,
+    content_token_mask,
+    install_attention_capture,
+    undergeneration_mask,
+)
 from addiffusion.rewards.clip import ClipScorer
 
 ExtraScorer = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 """``(images (B, H, W, 3) uint8, prompts) -> (B,) float32`` raw reward component."""
+
+FLOW_SIGMA_CAP = 1e4
+"""Flow-matching noise level s/(1-s) is infinite at s = 1; the ``sigma`` column caps it here."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,8 @@ class SamplerSettings:
     guidance_scale: float = 5.0
     height: int = 32
     width: int = 32
+    mask_blur_sigma: float = 1.0
+    """Gaussian blur of the under-generation mask, in latent pixels."""
 
 
 @dataclass
@@ -64,6 +79,11 @@ class Episode:
     prev_clip_score: float = 0.0
     image: np.ndarray | None = None  # (H, W, 3) uint8: decoded x̂0 of the current step
     components: dict[str, float] = field(default_factory=dict)
+    cond_extra: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (1, ...)
+    uncond_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    content_tokens: torch.Tensor | None = None  # (L,) bool, tokens that can be neglected
+    x0: torch.Tensor | None = None  # (1, C, h, w) float32 one-step clean prediction
+    mask: torch.Tensor | None = None  # (h, w) float32 in [0, 1], under-generation mask
 
 
 @dataclass(frozen=True)
@@ -82,11 +102,13 @@ class StepRecord:
     x0_latents: np.ndarray  # (B, C, h, w) float16
     wall_time_s: float  # wall time of the whole batched step
     peak_mem_bytes: int  # peak CUDA memory during the step, else process RSS
+    masks: np.ndarray | None = None  # (B, h, w) float32 in [0, 1]; None without cross-attention
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of this step
 
 
 class StepwiseSampler:
-    """Drive ``pipe`` step by step. ``pipe``: an SD-family pipeline (``encode_prompt``, ``unet``,
-    ``vae``, ``scheduler``); ``scorer``: CLIP features; ``extra_scorers``: more raw components."""
+    """Drive ``pipe`` step by step. ``pipe``: an SD, SDXL or SD3 pipeline; ``scorer``: CLIP
+    features; ``extra_scorers``: more raw components."""
 
     def __init__(
         self,
@@ -99,14 +121,23 @@ class StepwiseSampler:
         self.scorer = scorer
         self.settings = settings
         self.extra_scorers = dict(extra_scorers or {})
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
+        self.family = backbone.model_family(pipe)
+        self.denoiser = backbone.denoiser_of(pipe)
+        self.device = self.denoiser.device
+        self.dtype = self.denoiser.dtype
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        # Sigma-space schedulers (Euler, ...) scale their samples; VP ones (DDIM, DPM++, UniPC) don't.
+        self.latent_hw = (settings.height // self.vae_scale, settings.width // self.vae_scale)
+        self.flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+        # Sigma-space schedulers (Euler) scale their samples; VP ones (DDIM, DPM++, UniPC) don't.
         probe = copy.deepcopy(pipe.scheduler)
-        probe.set_timesteps(settings.n_max)
-        self.sigma_space = float(probe.init_noise_sigma) != 1.0
+        backbone.set_schedule(pipe, probe, settings.n_max, self.latent_hw, torch.device("cpu"))
+        self.sigma_space = not self.flow and float(probe.init_noise_sigma) != 1.0
+        # SD3's joint attention has no separate cross-attention layers to capture.
+        self.attention: AttentionStore | None = (
+            install_attention_capture(self.denoiser) if self.family != "sd3" else None
+        )
+        self.timings: dict[str, float] = {}
 
     @property
     def component_names(self) -> list[str]:
@@ -120,20 +151,14 @@ class StepwiseSampler:
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         s = self.settings
-        cond, uncond = self.pipe.encode_prompt(
-            list(prompts), self.device, 1, do_classifier_free_guidance=True
-        )
+        text = backbone.encode_text(self.pipe, list(prompts), self.device, s.height, s.width)
+        content = content_token_mask(text.token_texts, text.special)
         text_features = self.scorer.encode_text(list(prompts))
-        shape = (
-            1,
-            self.pipe.unet.config.in_channels,
-            s.height // self.vae_scale,
-            s.width // self.vae_scale,
-        )
+        shape = (1, self.denoiser.config.in_channels, *self.latent_hw)
         episodes = []
         for b, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
             scheduler = copy.deepcopy(self.pipe.scheduler)
-            scheduler.set_timesteps(s.n_max, device=self.device)
+            backbone.set_schedule(self.pipe, scheduler, s.n_max, self.latent_hw, self.device)
             # Noise drawn on the CPU from the episode's own seed: same seed, same bytes, any device.
             noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
             latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
@@ -143,9 +168,12 @@ class StepwiseSampler:
                     int(seed),
                     scheduler,
                     latents,
-                    cond[b : b + 1],
-                    uncond[b : b + 1],
+                    text.cond[b : b + 1],
+                    text.uncond[b : b + 1],
                     text_features[b],
+                    cond_extra={k: v[b : b + 1] for k, v in text.cond_extra.items()},
+                    uncond_extra={k: v[b : b + 1] for k, v in text.uncond_extra.items()},
+                    content_tokens=content[b],
                 )
             )
         return episodes, self.evaluate(episodes)
@@ -161,10 +189,66 @@ class StepwiseSampler:
             ep.step += 1
         return self.evaluate(episodes)
 
+    # 3. refine: re-denoise the masked region k times at t_i, then step to t_{i+1}
+    @torch.no_grad()
     def refine(self, episodes: Sequence[Episode]) -> StepRecord:
-        raise NotImplementedError(
-            "refine is not implemented yet: keep collect.refine_budget = 0 (the action is masked off)"
-        )
+        """Refine B episodes at their current step ``i`` (k + 1 NFE in all, like inpainting).
+
+        Each of the ``k`` iterations re-noises the current x̂0 to ``t_i`` with fresh seeded noise
+        inside the soft mask M (outside, the original latent is kept), and evaluates the
+        denoiser there (1 NFE) for a new x̂0. The solver then steps from the blended state (model
+        output blended with the same M) to ``t_{i+1}``, where the episode is evaluated as after a
+        continue. For one-step solvers the result outside the mask equals a plain continue
+        exactly; multistep solvers keep the blended output in their history.
+        """
+        tic = time.perf_counter()
+        masks = self.action_masks(episodes)
+        for ep, legal in zip(episodes, masks, strict=True):
+            if ep.done or not legal[mdp.REFINE]:
+                raise ValueError(
+                    f"episode (seed {ep.seed}) cannot refine at step {ep.step} "
+                    f"(refines used {ep.refines_used} of {self.settings.refine_budget}, "
+                    f"warmup {self.settings.warmup}, n_max {self.settings.n_max})"
+                )
+            if ep.mask is None:
+                raise ValueError(
+                    f"refine needs cross-attention masks, which {type(self.denoiser).__name__} "
+                    "does not provide"
+                )
+        m = torch.stack([ep.mask for ep in episodes])[:, None].to(self.device, torch.float32)
+        x_orig = torch.cat([ep.latents for ep in episodes]).float()
+        out_orig = torch.cat([ep.model_output for ep in episodes]).float()
+        x0 = torch.cat([ep.x0 for ep in episodes])
+        x, out = x_orig, out_orig
+        for j in range(self.settings.refine_k):
+            noise = torch.cat([self._refine_noise(ep, j) for ep in episodes]).to(self.device)
+            renoised = torch.cat(
+                [
+                    self._renoise(ep, x0[b : b + 1], noise[b : b + 1])
+                    for b, ep in enumerate(episodes)
+                ]
+            )
+            x = m * renoised + (1 - m) * x_orig
+            out, _ = self._guided(episodes, x.to(self.dtype), capture=False)
+            out = out.float()
+            x0 = torch.cat(
+                [
+                    self._predict_x0(ep, x[b : b + 1], out[b : b + 1])
+                    for b, ep in enumerate(episodes)
+                ]
+            )
+        blended_out = m * out + (1 - m) * out_orig
+        for b, ep in enumerate(episodes):
+            t = ep.scheduler.timesteps[ep.step]
+            ep.latents = ep.scheduler.step(
+                blended_out[b : b + 1].to(self.dtype), t, x[b : b + 1].to(self.dtype)
+            ).prev_sample
+            ep.step += 1
+            ep.nfe += self.settings.refine_k
+            ep.refines_used += 1
+        record = self.evaluate(episodes)
+        # The record's cost covers the k re-denoise iterations too.
+        return dataclasses.replace(record, wall_time_s=time.perf_counter() - tic)
 
     def stop(self, episodes: Sequence[Episode]) -> np.ndarray:
         """End the episodes; the final images are the decoded x̂0 of their current step."""
@@ -172,15 +256,38 @@ class StepwiseSampler:
             ep.done = True
         return np.stack([ep.image for ep in episodes])
 
+    def fork(self, episodes: Sequence[Episode]) -> list[Episode]:
+        """Independent copies of the episodes at their current state (for refine branches).
+        Tensors are never modified in place, so only the scheduler's state is deep-copied."""
+        out = []
+        for ep in episodes:
+            twin = copy.copy(ep)
+            twin.scheduler = copy.deepcopy(ep.scheduler)
+            twin.components = dict(ep.components)
+            out.append(twin)
+        return out
+
     def action_masks(self, episodes: Sequence[Episode]) -> np.ndarray:
         """``(B, 3)`` bool legal actions of each episode at its current step."""
         s = self.settings
+        budget = s.refine_budget if self.attention is not None else 0
         return mdp.action_mask(
             np.array([ep.step for ep in episodes]),
             s.n_max,
             s.warmup,
             np.array([ep.refines_used for ep in episodes]),
-            s.refine_budget,
+            budget,
+        )
+
+    def masks(self, episodes: Sequence[Episode]) -> np.ndarray:
+        """``(B, h, w)`` float32 under-generation masks at the current step (zeros on SD3)."""
+        return np.stack(
+            [
+                ep.mask.cpu().numpy()
+                if ep.mask is not None
+                else np.zeros(self.latent_hw, np.float32)
+                for ep in episodes
+            ]
         )
 
     def observations(self, episodes: Sequence[Episode]) -> np.ndarray:
@@ -198,6 +305,8 @@ class StepwiseSampler:
             refines_used=np.array([ep.refines_used for ep in episodes]),
         )
 
+    # --- noise-level bookkeeping: VP (ᾱ), sigma-space (Euler) and flow matching (SD3) ---
+
     def _t_frac(self, ep: Episode) -> float:
         return float(ep.scheduler.timesteps[ep.step]) / self.num_train_timesteps
 
@@ -205,21 +314,30 @@ class StepwiseSampler:
         t = int(ep.scheduler.timesteps[ep.step])
         return ep.scheduler.alphas_cumprod[t].to(self.device, torch.float32)
 
-    def _sigma(self, ep: Episode) -> torch.Tensor:
-        if self.sigma_space:
-            return ep.scheduler.sigmas[ep.step].to(self.device, torch.float32)
-        ab = self._alpha_bar(ep)
-        return ((1 - ab) / ab).sqrt()
+    def _sched_sigma(self, ep: Episode) -> torch.Tensor:
+        return ep.scheduler.sigmas[ep.step].to(self.device, torch.float32)
 
-    def _predict_x0(self, ep: Episode, out: torch.Tensor) -> torch.Tensor:
-        """One-step clean prediction from the (guided) denoiser output, for eps/v/sample models."""
-        x = ep.latents.float()
-        out = out.float()
+    def _sigma(self, ep: Episode) -> float:
+        """Noise level in the VP convention sqrt((1 - ᾱ) / ᾱ) (the ``sigma`` column)."""
+        if self.flow:
+            s = float(self._sched_sigma(ep))
+            return FLOW_SIGMA_CAP if s >= 1.0 else min(s / (1.0 - s), FLOW_SIGMA_CAP)
+        if self.sigma_space:
+            return float(self._sched_sigma(ep))
+        ab = self._alpha_bar(ep)
+        return float(((1 - ab) / ab).sqrt())
+
+    def _predict_x0(self, ep: Episode, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """One-step clean prediction from latents ``x`` and the guided denoiser output ``out``
+        (both (1, C, h, w)), for flow / eps / v / sample models. Returns float32."""
+        x, out = x.float(), out.float()
+        if self.flow:  # x_t = (1 - s) x0 + s n, the model predicts v = n - x0
+            return x - self._sched_sigma(ep) * out
         kind = ep.scheduler.config.prediction_type
         if kind == "sample":
             return out
         if self.sigma_space:
-            sigma = self._sigma(ep)
+            sigma = self._sched_sigma(ep)
             if kind == "epsilon":
                 return x - sigma * out
             return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
@@ -228,50 +346,103 @@ class StepwiseSampler:
             return (x - (1 - ab).sqrt() * out) / ab.sqrt()
         return ab.sqrt() * x - (1 - ab).sqrt() * out
 
-    # 3. evaluate: denoiser at each episode's current step (1 NFE), x̂0, decode, score
-    @torch.no_grad()
-    def evaluate(self, episodes: Sequence[Episode]) -> StepRecord:
-        tic = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        g = self.settings.guidance_scale
+    def _renoise(self, ep: Episode, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The latent at the current step's noise level for clean ``x0`` and ``noise``."""
+        if self.flow:
+            s = self._sched_sigma(ep)
+            return (1 - s) * x0 + s * noise
+        if self.sigma_space:
+            return x0 + self._sched_sigma(ep) * noise
+        ab = self._alpha_bar(ep)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def _refine_noise(self, ep: Episode, j: int) -> torch.Tensor:
+        # Seeded by (episode seed, step, refine, iteration): a branch replays bit for bit.
+        g = torch.Generator("cpu").manual_seed(
+            (ep.seed * 1_000_003 + ep.step * 1_009 + ep.refines_used * 101 + j) % 2**63
+        )
+        return torch.randn(ep.latents.shape, generator=g)
+
+    def _guided(
+        self, episodes: Sequence[Episode], latents: torch.Tensor, capture: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Classifier-free-guided denoiser output for (B, C, h, w) latents at each episode's
+        current timestep (one batched call of 2B rows), and the (B, L, h, w) attention maps."""
         timesteps = torch.stack([ep.scheduler.timesteps[ep.step] for ep in episodes]).to(
             self.device
         )
         model_in = torch.cat(
             [
-                ep.scheduler.scale_model_input(ep.latents, ep.scheduler.timesteps[ep.step])
-                for ep in episodes
+                ep.scheduler.scale_model_input(latents[b : b + 1], ep.scheduler.timesteps[ep.step])
+                if not self.flow
+                else latents[b : b + 1]
+                for b, ep in enumerate(episodes)
             ]
         )
-        cond = torch.cat([ep.cond for ep in episodes])
-        uncond = torch.cat([ep.uncond for ep in episodes])
-        out = self.pipe.unet(
+        extra = {
+            k: torch.cat(
+                [ep.uncond_extra[k] for ep in episodes] + [ep.cond_extra[k] for ep in episodes]
+            )
+            for k in episodes[0].cond_extra
+        }
+        if self.attention is not None and capture:
+            self.attention.begin(self.latent_hw)
+        out = backbone.denoise(
+            self.pipe,
             torch.cat([model_in, model_in]),
             torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([uncond, cond]),
-            return_dict=False,
-        )[0]
+            torch.cat([ep.uncond for ep in episodes] + [ep.cond for ep in episodes]),
+            extra,
+        )
+        maps = self.attention.result() if self.attention is not None and capture else None
         out_uncond, out_cond = out.chunk(2)
-        guided = out_uncond + g * (out_cond - out_uncond)
-        x0 = torch.cat([self._predict_x0(ep, guided[b : b + 1]) for b, ep in enumerate(episodes)])
-        vae = self.pipe.vae
-        decoded = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        images = (decoded.float() / 2 + 0.5).clamp(0, 1)
+        g = self.settings.guidance_scale
+        return out_uncond + g * (out_cond - out_uncond), maps
+
+    def _tick(self, name: str, since: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - since
+        return now
+
+    # 4. evaluate: denoiser at each episode's current step (1 NFE), x̂0, mask, decode, score
+    @torch.no_grad()
+    def evaluate(self, episodes: Sequence[Episode]) -> StepRecord:
+        tic = time.perf_counter()
+        before = dict(self.timings)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        latents = torch.cat([ep.latents for ep in episodes])
+        guided, maps = self._guided(episodes, latents, capture=True)
+        x0 = torch.cat(
+            [self._predict_x0(ep, ep.latents, guided[b : b + 1]) for b, ep in enumerate(episodes)]
+        )
+        masks = None
+        if maps is not None:
+            content = torch.stack([ep.content_tokens for ep in episodes])
+            masks = undergeneration_mask(maps, content, self.settings.mask_blur_sigma)
+        now = self._tick("denoiser", tic)
+        images = backbone.decode_latents(self.pipe, x0)
+        now = self._tick("decode", now)
         features = self.scorer.encode_images(images)
         images_u8 = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         scores = (
             (features * torch.stack([ep.text_features for ep in episodes])).sum(-1).cpu().numpy()
         )
+        now = self._tick("clip", now)
         extra = {
             name: np.asarray(fn(images_u8, [ep.prompt for ep in episodes]), np.float32)
             for name, fn in self.extra_scorers.items()
         }
+        self._tick("scorers", now)
         stability = np.zeros(len(episodes), np.float32)
         for b, ep in enumerate(episodes):
             if ep.image_features is not None:
                 stability[b] = float((features[b] * ep.image_features).sum())
             ep.model_output = guided[b : b + 1].to(ep.latents.dtype)
+            ep.x0 = x0[b : b + 1]
+            ep.mask = masks[b] if masks is not None else None
             ep.image_features = features[b]
             ep.prev_clip_score = ep.clip_score if ep.step > 0 else float(scores[b])
             ep.clip_score = float(scores[b])
@@ -283,11 +454,12 @@ class StepwiseSampler:
             peak = int(torch.cuda.max_memory_allocated(self.device))
         else:
             peak = int(psutil.Process().memory_info().rss)
+        timesteps = torch.stack([ep.scheduler.timesteps[ep.step] for ep in episodes]).float().cpu()
         return StepRecord(
             step=np.array([ep.step for ep in episodes], np.int32),
-            timestep=timesteps.float().cpu().numpy(),
-            t_frac=(timesteps.float() / self.num_train_timesteps).cpu().numpy(),
-            sigma=np.array([float(self._sigma(ep)) for ep in episodes], np.float32),
+            timestep=timesteps.numpy(),
+            t_frac=(timesteps / self.num_train_timesteps).numpy(),
+            sigma=np.array([self._sigma(ep) for ep in episodes], np.float32),
             nfe=np.array([ep.nfe for ep in episodes], np.int32),
             refines_used=np.array([ep.refines_used for ep in episodes], np.int32),
             image_features=features.cpu().numpy().astype(np.float32),
@@ -296,4 +468,6 @@ class StepwiseSampler:
             x0_latents=x0.to(torch.float16).cpu().numpy(),
             wall_time_s=time.perf_counter() - tic,
             peak_mem_bytes=peak,
+            masks=masks.cpu().numpy().astype(np.float32) if masks is not None else None,
+            timings={k: v - before.get(k, 0.0) for k, v in self.timings.items()},
         )
