@@ -1,0 +1,39 @@
+"""``addiffusion shapes train``: train the shapes world's pipeline and CLIP."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from addiffusion.config import read_params
+from addiffusion.worlds.shapes.config import ShapesConfig
+
+
+def _train(args: argparse.Namespace) -> None:
+    from addiffusion.worlds.shapes.train import train
+
+    # One thread: the shapes world trains beside other work on small shared machines.
+    torch.set_num_threads(args.threads)
+    cfg = ShapesConfig.from_params(read_params(args.params))
+    train(cfg, Path(args.out), max_minutes=args.max_minutes)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("shapes", help="the built-in shapes world (train its models)")
+    shapes_sub = parser.add_subparsers(dest="shapes_command", required=True, metavar="<command>")
+    p = shapes_sub.add_parser("train", help="train VAE, CLIP, UNet + text encoder (resumable)")
+    p.add_argument("--out", required=True, help="output folder (pipeline/, clip/, checkpoints/)")
+    p.add_argument("--params", default="params.yaml", help="params file with a `shapes` section")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop the UNet phase (and export) after this many minutes in all")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.set_defaults(func=_train)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m addiffusion.worlds.shapes")
+    register(parser.add_subparsers(dest="stage", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
