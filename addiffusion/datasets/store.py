@@ -1,0 +1,313 @@
+"""The sharded trajectory store: one writer per shard, atomic commit by rename, checksummed files.
+
+A collector process owns the shard indices it writes (rank r of W writes r, r+W, ...). A shard is
+assembled in memory, written under ``shard-<k:05d>.tmp-<pid>`` and renamed to ``shard-<k:05d>``
+only when every file and its sha256 is on disk, so a reader never sees half a shard and a
+restarted collector can trust :func:`completed_shards`. Layout: see :mod:`addiffusion.datasets.schema`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from PIL import Image
+
+from addiffusion.datasets.schema import EPISODES_SCHEMA, SCHEMA_VERSION, STEPS_SCHEMA
+
+SHARD_RE = re.compile(r"^shard-(\d{5,})$")
+SHARD_TMP_RE = re.compile(r"^shard-(\d{5,})\.tmp-.+$")
+REQUIRED_INFO = ("components", "image_dim", "text_dim")
+ZARR_CHUNK_ROWS = 64
+"""Rows per Zarr chunk inside a shard file (features are read by row ranges)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_checksums(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under ``root`` keyed by POSIX relative path (sorted)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in exclude:
+            out[rel] = sha256_file(p)
+    return out
+
+
+def steps_schema(components: list[str]) -> pa.Schema:
+    """STEPS_SCHEMA plus one float32 column per raw reward component."""
+    clash = sorted(set(components) & set(STEPS_SCHEMA.names))
+    if clash:
+        raise ValueError(f"component name {clash[0]!r} clashes with a steps column")
+    return pa.schema(list(STEPS_SCHEMA) + [pa.field(c, pa.float32()) for c in components])
+
+
+def write_sharded_array(
+    group: zarr.Group, name: str, data: np.ndarray, chunk_rows: int = ZARR_CHUNK_ROWS
+) -> None:
+    """Write ``data`` (rows first) as a Zarr v3 array with the sharding codec: chunks of
+    ``chunk_rows`` rows, all chunks of this array in one shard file (one writer, one write)."""
+    rows = max(int(data.shape[0]), 1)
+    chunk = min(chunk_rows, rows)
+    shard_rows = -(-rows // chunk) * chunk
+    arr = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(chunk, *data.shape[1:]),
+        shards=(shard_rows, *data.shape[1:]),
+    )
+    if data.shape[0]:
+        arr[...] = data
+
+
+def filmstrip_png(thumbnails: np.ndarray) -> bytes:
+    """``(n, H, W, 3) uint8`` -> one PNG strip ``H x (n*W)`` (one image per episode streams
+    and previews well on the Hub)."""
+    strip = np.concatenate(list(thumbnails), axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(strip).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def add_tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    member = tarfile.TarInfo(name)
+    member.size = len(payload)
+    member.mtime = 0  # deterministic tars: same data, same sha256
+    tar.addfile(member, io.BytesIO(payload))
+
+
+class ShardWriter:
+    """Collects episodes of one shard in memory and commits them atomically.
+
+    ``info`` (JSON-able) is the shard metadata from the collector; it needs at least
+    ``components`` (raw reward component names), ``image_dim`` and ``text_dim``.
+    Creating a writer removes stale ``shard-<k>.tmp-*`` folders of the same index: the index is
+    owned by one process, so any such folder is a crashed earlier attempt.
+    """
+
+    def __init__(self, store_dir: Path, shard_index: int, info: dict[str, Any]) -> None:
+        missing = [k for k in REQUIRED_INFO if k not in info]
+        if missing:
+            raise ValueError(f"shard info lacks {missing} (got keys {sorted(info)})")
+        if shard_index < 0:
+            raise ValueError(f"shard_index must be >= 0, got {shard_index}")
+        self.store_dir = Path(store_dir)
+        self.index = int(shard_index)
+        self.info = json.loads(json.dumps(info))  # a JSON-able deep copy, or fail now
+        self.components = list(info["components"])
+        self.schema = steps_schema(self.components)
+        self.image_dim, self.text_dim = int(info["image_dim"]), int(info["text_dim"])
+        self._episodes: list[dict[str, Any]] = []
+        self._steps: list[dict[str, Any]] = []
+        self._image: list[np.ndarray] = []
+        self._text: list[np.ndarray] = []
+        self._thumbs: list[np.ndarray] = []
+        self._latents: list[np.ndarray] = []
+        self._n_steps = 0
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        for p in self.store_dir.glob(f"shard-{self.index:05d}.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    @property
+    def final_path(self) -> Path:
+        return self.store_dir / f"shard-{self.index:05d}"
+
+    def add_episode(
+        self,
+        episode: dict[str, Any],
+        steps: list[dict[str, Any]],
+        image_features: np.ndarray,
+        text_features: np.ndarray,
+        thumbnails: np.ndarray | None = None,
+        latents: np.ndarray | None = None,
+    ) -> None:
+        """Add one episode (a root or a refine branch).
+
+        episode: EPISODES_SCHEMA fields except ``text_row``; steps: one dict per step with the
+        STEPS_SCHEMA fields except ``feature_row`` plus one float per component;
+        image_features: (n_steps, image_dim) float32; text_features: (text_dim,) float32;
+        thumbnails: (n_steps, H, W, 3) uint8 or None; latents: (n_steps, C, h, w) float16 or None.
+        Thumbnails and latents must be given for all episodes of a shard or for none.
+        """
+        eid = episode.get("episode_id")
+        where = f"shard {self.index} episode {eid!r}"
+        need_ep = [n for n in EPISODES_SCHEMA.names if n != "text_row" and n not in episode]
+        if need_ep:
+            raise ValueError(f"{where}: episode lacks field(s) {need_ep}")
+        n = len(steps)
+        if n == 0 or episode["num_steps"] != n:
+            raise ValueError(f"{where}: num_steps={episode['num_steps']} but {n} step rows given")
+        step_fields = [f for f in self.schema.names if f != "feature_row"]
+        for j, row in enumerate(steps):
+            missing = [f for f in step_fields if f not in row]
+            if missing:
+                raise ValueError(f"{where} step row {j}: lacks field(s) {missing}")
+            if row["episode_id"] != eid:
+                raise ValueError(f"{where} step row {j}: episode_id {row['episode_id']!r}")
+        image_features = np.asarray(image_features, dtype=np.float32)
+        text_features = np.asarray(text_features, dtype=np.float32)
+        if image_features.shape != (n, self.image_dim):
+            raise ValueError(
+                f"{where}: image_features must be ({n}, {self.image_dim}), "
+                f"got {image_features.shape}"
+            )
+        if text_features.shape != (self.text_dim,):
+            raise ValueError(
+                f"{where}: text_features must be ({self.text_dim},), got {text_features.shape}"
+            )
+        for name, arr, store in (("thumbnails", thumbnails, self._thumbs),
+                                 ("latents", latents, self._latents)):
+            if (arr is None) != (not store) and self._episodes:
+                raise ValueError(f"{where}: {name} given for some episodes of the shard only")
+            if arr is not None:
+                if arr.shape[0] != n or (store and arr.shape[1:] != store[0].shape[1:]):
+                    raise ValueError(f"{where}: {name} shape {arr.shape} does not fit")
+        text_row = len(self._episodes)
+        self._episodes.append({**{k: episode[k] for k in EPISODES_SCHEMA.names if k != "text_row"},
+                               "text_row": text_row})
+        for j, row in enumerate(steps):
+            self._steps.append({**{f: row[f] for f in step_fields},
+                                "feature_row": self._n_steps + j})
+        self._n_steps += n
+        self._image.append(image_features)
+        self._text.append(text_features)
+        if thumbnails is not None:
+            self._thumbs.append(np.asarray(thumbnails, dtype=np.uint8))
+        if latents is not None:
+            self._latents.append(np.asarray(latents, dtype=np.float16))
+
+    def _write_files(self, tmp: Path) -> None:
+        episodes = pa.Table.from_pylist(self._episodes, schema=EPISODES_SCHEMA)
+        steps = pa.Table.from_pylist(self._steps, schema=self.schema)
+        pq.write_table(episodes, tmp / "episodes.parquet")
+        pq.write_table(steps, tmp / "steps.parquet")
+        group = zarr.open_group(tmp / "features.zarr", mode="w", zarr_format=3)
+        write_sharded_array(group, "image_features", np.concatenate(self._image))
+        write_sharded_array(group, "text_features", np.stack(self._text))
+        if self._thumbs:
+            write_sharded_array(group, "thumbnails", np.concatenate(self._thumbs), 16)
+        if self._latents:
+            write_sharded_array(group, "latents", np.concatenate(self._latents), 16)
+        with tarfile.open(tmp / "episodes.tar", "w") as tar:
+            write_episode_samples(tar, episodes, steps, self._thumbs)
+
+    def commit(self) -> Path:
+        """Write the shard under a temporary name, checksum it, rename it into place."""
+        if not self._episodes:
+            raise ValueError(f"shard {self.index}: no episodes added")
+        if self.final_path.exists():
+            raise FileExistsError(
+                f"{self.final_path} already exists: shard {self.index} is written by two "
+                "processes (check --rank/--world-size)"
+            )
+        tmp = self.store_dir / f"shard-{self.index:05d}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            self._write_files(tmp)
+            meta = {
+                **self.info,
+                "schema_version": SCHEMA_VERSION,
+                "shard_index": self.index,
+                "n_episodes": len(self._episodes),
+                "n_steps": self._n_steps,
+                "has_thumbnails": bool(self._thumbs),
+                "has_latents": bool(self._latents),
+                "files": file_checksums(tmp),
+            }
+            (tmp / "shard.json").write_text(json.dumps(meta, indent=2))
+            os.rename(tmp, self.final_path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.final_path
+
+
+def write_episode_samples(
+    tar: tarfile.TarFile, episodes: pa.Table, steps: pa.Table, thumbs: list[np.ndarray]
+) -> None:
+    """One WebDataset sample per episode: ``<key>.json`` (episode row + its step rows) and, with
+    thumbnails, ``<key>.png`` (a filmstrip). Keys are episode ids, which contain no dots."""
+    steps_by_ep: dict[str, list[dict[str, Any]]] = {}
+    for row in steps.to_pylist():
+        steps_by_ep.setdefault(row["episode_id"], []).append(row)
+    for i, ep in enumerate(episodes.to_pylist()):
+        key = ep["episode_id"]
+        if "." in key:
+            raise ValueError(f"episode_id {key!r} contains a dot (WebDataset keys cannot)")
+        add_tar_member(tar, f"{key}.json", json.dumps({**ep, "steps": steps_by_ep[key]}).encode())
+        if thumbs:
+            add_tar_member(tar, f"{key}.png", filmstrip_png(thumbs[i]))
+
+
+def shard_index_of(path: Path) -> int | None:
+    m = SHARD_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def completed_shards(store_dir: Path) -> set[int]:
+    """Indices of complete shards (renamed into place with a shard.json); tmp dirs ignored."""
+    store_dir = Path(store_dir)
+    if not store_dir.is_dir():
+        return set()
+    return {
+        k
+        for p in store_dir.iterdir()
+        if p.is_dir() and (k := shard_index_of(p)) is not None and (p / "shard.json").is_file()
+    }
+
+
+def shard_paths(store_dir: Path) -> list[Path]:
+    """Complete shard folders in index order."""
+    return [Path(store_dir) / f"shard-{k:05d}" for k in sorted(completed_shards(store_dir))]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A complete shard read back: metadata, tables and the path of its Zarr group."""
+
+    path: Path
+    info: dict[str, Any]
+    episodes: pl.DataFrame
+    steps: pl.DataFrame
+
+    @property
+    def features(self) -> zarr.Group:
+        return zarr.open_group(self.path / "features.zarr", mode="r", zarr_format=3)
+
+
+def read_shard(path: Path) -> Shard:
+    """Read one complete shard (no checksum verification: see ``validate``)."""
+    path = Path(path)
+    info = json.loads((path / "shard.json").read_text())
+    return Shard(
+        path=path,
+        info=info,
+        episodes=pl.read_parquet(path / "episodes.parquet"),
+        steps=pl.read_parquet(path / "steps.parquet"),
+    )
+
+
+def read_store(store_dir: Path) -> list[Shard]:
+    """All complete shards of a store, in index order (``.tmp-*`` folders are ignored)."""
+    return [read_shard(p) for p in shard_paths(store_dir)]
