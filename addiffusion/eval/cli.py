@@ -1,0 +1,99 @@
+"""``addiffusion eval``: baselines, heuristics and learned policies on the held-out prompts."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from addiffusion.config import read_params
+from addiffusion.eval.config import EvalConfig
+from addiffusion.rewards.config import RewardConfig
+
+
+def _d3rlpy_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu:0"
+    return {"cpu": "cpu:0", "cuda": "cuda:0"}.get(device, device)
+
+
+def load_offline_policies(offline_dir: Path, device: str) -> dict:
+    """The main policy (``<dir>/policy.d3``) and every baseline (``<dir>/baselines/*/policy.d3``)
+    of an offline_rl run, each loaded only after its sha256 matches its manifest.json; named by
+    the manifest's algo (iql, cql, bc)."""
+    from addiffusion.offline_rl import load_policy
+
+    paths = [offline_dir / "policy.d3", *sorted(offline_dir.glob("baselines/*/policy.d3"))]
+    if not paths[0].exists():
+        raise FileNotFoundError(
+            f"{paths[0]} not found: --offline must be an offline-rl output folder"
+        )
+    policies = {}
+    for path in paths:
+        policy = load_policy(path, path.parent / "manifest.json", device=_d3rlpy_device(device))
+        policies[str(policy.algo_name)] = policy
+    return policies
+
+
+def load_online_policy(online_dir: Path) -> object:
+    """The PPO fine-tuned actor of an online_finetune run (weights checked against the
+    manifest's sha256)."""
+    package = importlib.import_module("addiffusion.online_finetune")
+    load = getattr(package, "load_finetuned_policy", None)
+    if load is None:
+        load = importlib.import_module("addiffusion.online_finetune.ppo").load_finetuned_policy
+    return load(online_dir)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    params = read_params(args.params)
+    cfg = EvalConfig.from_params(params)
+    reward_cfg = RewardConfig.from_params(params)
+    policies: dict = {}
+    if args.offline is not None:
+        policies.update(load_offline_policies(Path(args.offline), cfg.device))
+    if args.online is not None:
+        policies["ppo"] = load_online_policy(Path(args.online))
+    from addiffusion.eval.evaluate import evaluate  # heavy imports only once params are valid
+
+    metrics = evaluate(
+        Path(args.dataset), policies, cfg, reward_cfg, Path(args.out), progress=not args.quiet
+    )
+    width = max(len(n) for n in metrics)
+    for name, m in metrics.items():
+        vs = f"  vs {m['vs']}: Δclip {m['clip_score_diff']:+.4f}" if "vs" in m else ""
+        print(f"{name:<{width}}  NFE {m['nfe']:6.2f}  clip {m['clip_score']:.4f}{vs}")
+    print(f"eval: wrote metrics.json, pareto.csv, pareto.png, samples.png, report.md to {args.out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="compare fixed-step samplers, heuristics and learned policies on held-out prompts",
+        description=(
+            "Evaluate on the dataset's held-out prompts (episodes with split == heldout), "
+            "eval.seeds_per_prompt seeds each, all methods on the same (prompt, seed) pairs: "
+            "fixed-step baselines <scheduler>-<k> for k in eval.baseline_steps (NFE = k); "
+            "heuristics on the dataset's n_max schedule (stop once stability >= x, or once the "
+            "CLIP-score gain < x); the offline-rl policies (policy.d3 and baselines/*, each loaded "
+            "only after its sha256 matches its manifest.json) and the online-finetune policy. "
+            "Metrics per method: mean NFE ± std, CLIP score of the final image, the shapes "
+            "verifier's score and accuracy when the dataset has it, reward-defined quality Q "
+            "(the `rewards` section with the dataset's normalisation stats), per category, and a "
+            "prompt-cluster paired bootstrap against the baseline of closest mean NFE. Writes "
+            "<out>/metrics.json (dvc metrics), pareto.csv (dvc plots), pareto.png, samples.png, "
+            "report.md. Settings come from the `eval` and `rewards` sections of the params file."
+        ),
+    )
+    p.add_argument(
+        "--dataset", required=True, help="built dataset folder (meta/info.json + episodes)"
+    )
+    p.add_argument("--offline", default=None, help="offline-rl output folder (optional)")
+    p.add_argument("--online", default=None, help="online-finetune output folder (optional)")
+    p.add_argument("--out", default="results/eval", help="output folder (default: %(default)s)")
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval)

@@ -1,0 +1,70 @@
+"""``eval`` section of ``params.yaml``: baselines, heuristics, seeds and statistics of evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from addiffusion.config import StageConfig, check
+
+
+@dataclass(frozen=True)
+class EvalConfig(StageConfig):
+    """Compare fixed-step samplers, heuristics and learned policies on the held-out prompts.
+
+    Every method runs the same (prompt, seed) pairs, so the initial noise is shared and
+    comparisons between methods are paired.
+    """
+
+    section: ClassVar[str] = "eval"
+
+    baseline_steps: list[int] = field(default_factory=lambda: [2, 4, 8, 12])
+    """k of the fixed-step baselines: the dataset's scheduler with a k-step schedule, run to the
+    end (NFE = k). Named ``<scheduler>-<k>``, e.g. ``ddim-4``."""
+    stability_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.97])
+    """Heuristic ``stability>=x``: stop at the first step whose x̂0 features have cosine
+    similarity >= x with the previous step's (on the dataset's n_max schedule)."""
+    clip_delta_thresholds: list[float] = field(default_factory=lambda: [0.002, 0.01])
+    """Heuristic ``clip-delta<x``: stop at the first step whose CLIP-score gain over the previous
+    step is below x."""
+    seeds_per_prompt: int = 2
+    """Seeds per held-out prompt; seed s of prompt p is ``seed * 1_000_003 + p * seeds_per_prompt
+    + s`` (the collector's formula, so eval.seed = collect.seed reuses the held-out episodes')."""
+    n_prompts: int = 0
+    """How many held-out prompts to evaluate, in prompt-id order (0 = all)."""
+    batch_size: int = 8
+    """Episodes denoised together."""
+    bootstrap_samples: int = 2000
+    """Paired bootstrap resamples for the confidence intervals of policy - baseline."""
+    confidence: float = 0.95
+    """Level of the bootstrap confidence intervals."""
+    seed: int = 0
+    """Seed of the evaluation seeds and of the bootstrap."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        s = self.section
+        check(len(self.baseline_steps) >= 1, f"{s}.baseline_steps", "a non-empty list", [])
+        for i, k in enumerate(self.baseline_steps):
+            check(k >= 1, f"{s}.baseline_steps[{i}]", ">= 1", k)
+        check(
+            len(set(self.baseline_steps)) == len(self.baseline_steps),
+            f"{s}.baseline_steps",
+            "a list without repeats",
+            self.baseline_steps,
+        )
+        for i, x in enumerate(self.stability_thresholds):
+            check(-1.0 <= x <= 1.0, f"{s}.stability_thresholds[{i}]", "in [-1, 1] (a cosine)", x)
+        for name in ("seeds_per_prompt", "batch_size", "bootstrap_samples"):
+            value = getattr(self, name)
+            check(value >= 1, f"{s}.{name}", ">= 1", value)
+        check(self.n_prompts >= 0, f"{s}.n_prompts", ">= 0 (0 = all held-out)", self.n_prompts)
+        check(0.0 < self.confidence < 1.0, f"{s}.confidence", "in (0, 1)", self.confidence)
+        check(self.seed >= 0, f"{s}.seed", ">= 0", self.seed)
+        check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"{s}.device",
+            "auto, cpu, cuda or cuda:N",
+            self.device,
+        )

@@ -1,0 +1,164 @@
+"""Evaluation outputs: ``metrics.json`` (dvc metrics), ``pareto.csv`` (dvc plots), ``pareto.png``,
+``samples.png`` and ``report.md``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+PARETO_COLUMNS = ("method", "kind", "nfe", "nfe_std", "clip_score", "quality", "verifier")
+KINDS = ("baseline", "heuristic", "policy")
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN: write null instead (dvc and json.loads both read it)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return x
+
+
+def write_metrics(metrics: Mapping[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(_finite(dict(metrics)), indent=2, sort_keys=False) + "\n")
+
+
+def write_pareto_csv(metrics: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PARETO_COLUMNS)
+        for name, m in metrics.items():
+            row = [name, m["kind"]] + [m.get(c, "") for c in PARETO_COLUMNS[2:]]
+            w.writerow(["" if isinstance(v, float) and not math.isfinite(v) else v for v in row])
+
+
+def plot_pareto(metrics: Mapping[str, Mapping[str, Any]], path: Path, n_max: int) -> None:
+    """Quality vs mean NFE, one panel per score: baselines as a line, the rest as points."""
+    scores = [
+        s for s in ("clip_score", "quality", "verifier") if all(s in m for m in metrics.values())
+    ]
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.6 * len(scores), 3.8), squeeze=False)
+    for ax, score in zip(axes[0], scores, strict=True):
+        base = sorted(
+            ((m["nfe"], m[score], name) for name, m in metrics.items() if m["kind"] == "baseline")
+        )
+        if base:
+            ax.plot(
+                [b[0] for b in base], [b[1] for b in base], "-o", color="0.4", label="fixed steps"
+            )
+            for x, y, name in base:
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        for kind, marker in (("heuristic", "s"), ("policy", "*")):
+            for name, m in metrics.items():
+                if m["kind"] != kind:
+                    continue
+                ax.errorbar(
+                    m["nfe"],
+                    m[score],
+                    xerr=m.get("nfe_std", 0.0),
+                    fmt=marker,
+                    markersize=11 if kind == "policy" else 7,
+                    capsize=2,
+                    label=name,
+                    markerfacecolor="none" if kind == "heuristic" else None,
+                )
+        ax.set_xlabel(f"mean NFE per image (n_max = {n_max})")
+        ax.set_ylabel(score.replace("_", " "))
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    # Below the panels: inside, it would hide points.
+    n_rows = math.ceil(len(labels) / 4)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0.0, 0.05 + 0.05 * n_rows, 1.0, 1.0))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_samples(
+    images: Mapping[str, np.ndarray], prompts: list[str], path: Path, n_cols: int = 8
+) -> None:
+    """A grid of final images: one row per method, the first ``n_cols`` (prompt, seed) pairs."""
+    names = list(images)
+    n_cols = min(n_cols, len(prompts))
+    fig, axes = plt.subplots(
+        len(names), n_cols, figsize=(1.3 * n_cols + 1.2, 1.3 * len(names) + 0.6), squeeze=False
+    )
+    for r, name in enumerate(names):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.imshow(images[name][c], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if r == 0:
+                ax.set_title(prompts[c][:24], fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "n/a" if not math.isfinite(x) else f"{x:.4f}"
+    return str(x)
+
+
+def write_report(
+    metrics: Mapping[str, Mapping[str, Any]], context: Mapping[str, Any], path: Path
+) -> None:
+    """A short markdown report: setup, the main table, paired comparisons, per-category table."""
+    scores = [
+        s
+        for s in ("clip_score", "quality", "verifier", "verifier_acc")
+        if all(s in m for m in metrics.values())
+    ]
+    lines = ["# Evaluation", ""]
+    lines += [f"- {k}: {v}" for k, v in context.items() if k != "seconds"]
+    lines += ["", "## Methods", ""]
+    head = ["method", "kind", "NFE (± std)", *scores, "masked actions", "s / image"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in metrics.items():
+        cells = [name, m["kind"], f"{m['nfe']:.2f} ± {m['nfe_std']:.2f}"]
+        cells += [_fmt(m[s]) for s in scores]
+        cells += [str(m.get("masked_actions", 0)), _fmt(context.get("seconds", {}).get(name, ""))]
+        lines.append("| " + " | ".join(cells) + " |")
+    compared = {n: m for n, m in metrics.items() if "vs" in m}
+    if compared:
+        lines += ["", "## Paired comparison with the fixed-step baseline of closest NFE", ""]
+        lines += [
+            "Differences method − baseline on the same (prompt, seed) pairs; intervals from a "
+            "prompt-cluster bootstrap.",
+            "",
+        ]
+        lines += ["| method | vs | ΔNFE | Δ score [CI] (p) |", "|---|---|---|---|"]
+        for name, m in compared.items():
+            parts = [
+                f"{s}: {m[f'{s}_diff']:+.4f} [{m[f'{s}_ci_low']:+.4f}, {m[f'{s}_ci_high']:+.4f}] "
+                f"(p={m[f'{s}_p']:.3f})"
+                for s in ("clip_score", "quality", "verifier")
+                if f"{s}_diff" in m
+            ]
+            lines.append(f"| {name} | {m['vs']} | {m['nfe_diff']:+.2f} | {'<br>'.join(parts)} |")
+    cats = sorted({c for m in metrics.values() for c in m["by_category"]})
+    if cats:
+        lines += ["", "## By category (mean NFE / CLIP score)", ""]
+        lines += ["| method | " + " | ".join(cats) + " |", "|" + "---|" * (len(cats) + 1)]
+        for name, m in metrics.items():
+            bc = m["by_category"]
+            cells = [
+                f"{bc[c]['nfe']:.2f} / {bc[c]['clip_score']:.4f}" if c in bc else "" for c in cats
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "![pareto](pareto.png)", "", "![samples](samples.png)", ""]
+    path.write_text("\n".join(lines))

@@ -1,0 +1,139 @@
+"""Run one method over (prompt, seed) pairs on a :class:`StepwiseSampler`, batched.
+
+Episodes of one batch may stop at different steps: after each decision the batch splits into
+the episodes that stop (final image = decoded x̂0 of their current step), continue (one solver
+step) or refine, and the still-running ones are evaluated together again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from addiffusion.diffusion import mdp
+from addiffusion.diffusion.sampler import Episode, StepwiseSampler
+from addiffusion.eval.policies import Policy
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """Outcome of one method on N (prompt, seed) pairs, in the order they were given."""
+
+    nfe: np.ndarray  # (N,) int, denoiser evaluations per image
+    stop_step: np.ndarray  # (N,) int, schedule step whose x̂0 became the final image
+    refines: np.ndarray  # (N,) int
+    components: dict[str, np.ndarray]  # name -> (N,) float, raw components of the final image
+    images: np.ndarray  # (N, H, W, 3) uint8, final images
+    masked_actions: int  # policy actions outside the mask that evaluation replaced
+    seconds: float  # wall time of the whole run
+
+
+class _AlwaysContinue:
+    """The fixed-step baselines: continue while legal, stop at the last schedule step."""
+
+    def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.where(mask[:, mdp.CONTINUE], mdp.CONTINUE, mdp.STOP).astype(np.int64)
+
+
+ALWAYS_CONTINUE: Policy = _AlwaysContinue()
+
+
+def _legal(actions: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Replace illegal actions (continue if legal, else stop); return them and how many."""
+    ok = mask[np.arange(len(actions)), actions]
+    fallback = np.where(mask[:, mdp.CONTINUE], mdp.CONTINUE, mdp.STOP)
+    return np.where(ok, actions, fallback), int((~ok).sum())
+
+
+def _check_actions(raw: object, n: int, name: str) -> np.ndarray:
+    actions = np.asarray(raw)
+    if actions.shape != (n,) or not np.issubdtype(actions.dtype, np.integer):
+        raise ValueError(
+            f"policy {name!r}.act must return ({n},) integer actions, got shape "
+            f"{actions.shape} dtype {actions.dtype}"
+        )
+    bad = (actions < 0) | (actions >= mdp.N_ACTIONS)
+    if bad.any():
+        raise ValueError(
+            f"policy {name!r} returned action {int(actions[bad][0])}; expected one of "
+            f"{dict(enumerate(mdp.ACTION_NAMES))}"
+        )
+    return actions.astype(np.int64)
+
+
+def _run_batch(
+    sampler: StepwiseSampler,
+    policy: Policy,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    name: str,
+) -> tuple[list[Episode], list[dict[str, float]], list[np.ndarray], int]:
+    episodes, _ = sampler.start(prompts, seeds)
+    finals: list[dict[str, float] | None] = [None] * len(episodes)
+    images: list[np.ndarray | None] = [None] * len(episodes)
+    masked = 0
+    active = list(range(len(episodes)))
+    while active:
+        eps = [episodes[i] for i in active]
+        mask = sampler.action_masks(eps)
+        raw = policy.act(sampler.observations(eps), mask.copy())
+        actions, n_bad = _legal(_check_actions(raw, len(eps), name), mask)
+        masked += n_bad
+        stopping = [i for i, a in zip(active, actions, strict=True) if a == mdp.STOP]
+        if stopping:
+            for i, image in zip(
+                stopping, sampler.stop([episodes[i] for i in stopping]), strict=True
+            ):
+                finals[i] = dict(episodes[i].components)
+                images[i] = image
+        going = [i for i, a in zip(active, actions, strict=True) if a == mdp.CONTINUE]
+        if going:
+            sampler.advance([episodes[i] for i in going])
+        refining = [i for i, a in zip(active, actions, strict=True) if a == mdp.REFINE]
+        if refining:
+            sampler.refine([episodes[i] for i in refining])
+        active = going + refining
+    return episodes, finals, images, masked  # type: ignore[return-value]
+
+
+def run_method(
+    sampler: StepwiseSampler,
+    policy: Policy,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int,
+    name: str = "policy",
+    on_batch: Callable[[int], None] | None = None,
+) -> MethodRun:
+    """Run ``policy`` on every (prompt, seed) pair with the sampler's masks.
+
+    ``on_batch(n)`` is called after each batch of n episodes (progress bars).
+    """
+    tic = time.perf_counter()
+    nfe, steps, refines, comps, images = [], [], [], [], []
+    masked = 0
+    for j in range(0, len(prompts), batch_size):
+        eps, finals, imgs, n_bad = _run_batch(
+            sampler, policy, prompts[j : j + batch_size], seeds[j : j + batch_size], name
+        )
+        masked += n_bad
+        nfe += [ep.nfe for ep in eps]
+        steps += [ep.step for ep in eps]
+        refines += [ep.refines_used for ep in eps]
+        comps += finals
+        images += imgs
+        if on_batch is not None:
+            on_batch(len(eps))
+    names = sampler.component_names
+    return MethodRun(
+        nfe=np.array(nfe, np.int64),
+        stop_step=np.array(steps, np.int64),
+        refines=np.array(refines, np.int64),
+        components={k: np.array([c[k] for c in comps], np.float64) for k in names},
+        images=np.stack(images),
+        masked_actions=masked,
+        seconds=time.perf_counter() - tic,
+    )

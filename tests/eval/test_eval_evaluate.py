@@ -1,0 +1,202 @@
+"""End-to-end evaluation on the tiny pipeline + tiny CLIP and a minimal built dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+
+from addiffusion.config import ConfigError
+from addiffusion.diffusion import mdp
+from addiffusion.diffusion.backbone import save_tiny_pipeline
+from addiffusion.eval.config import EvalConfig
+from addiffusion.eval.evaluate import evaluate
+from addiffusion.eval.policies import StopAtStep
+from addiffusion.rewards.clip import save_tiny_clip
+from addiffusion.rewards.config import RewardConfig
+
+N_MAX = 4
+WARMUP = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("models")
+    return save_tiny_pipeline(root / "tiny", seed=0), save_tiny_clip(root / "tiny-clip", seed=0)
+
+
+def write_dataset(
+    root: Path, models: tuple[Path, Path], splits: list[str], n_max: int = N_MAX
+) -> Path:
+    """A minimal built dataset: meta/info.json and an episodes table with the given splits."""
+    pipe, clip = models
+    (root / "meta").mkdir(parents=True)
+    info = {
+        "backbone": str(pipe),
+        "scheduler": "ddim",
+        "scorer": str(clip),
+        "components": ["clip_score", "stability"],
+        "sampler": {
+            "n_max": n_max,
+            "warmup": WARMUP,
+            "refine_budget": 0,
+            "refine_k": 2,
+            "guidance_scale": 5.0,
+            "height": 32,
+            "width": 32,
+        },
+        "normalization": {
+            "clip_score": {"mean": 0.0, "std": 0.1},
+            "stability": {"mean": 0.5, "std": 0.2},
+        },
+    }
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    prompts = ["a red circle", "two blue squares", "a green triangle left of a red circle"]
+    cats = ["simple", "medium", "complex"]
+    rows = [
+        {
+            "episode_id": f"{i:06d}-0",
+            "prompt_id": i,
+            "prompt": prompts[i % 3],
+            "category": cats[i % 3],
+            "split": split,
+            "seed": i,
+            "parent_episode_id": None,
+        }
+        for i, split in enumerate(splits)
+    ]
+    (root / "episodes").mkdir()
+    pl.DataFrame(rows).write_parquet(root / "episodes" / "chunk-000.parquet")
+    return root
+
+
+def _cfg(**kw: object) -> EvalConfig:
+    base = dict(
+        baseline_steps=[2, 4],
+        stability_thresholds=[0.9],
+        clip_delta_thresholds=[0.01],
+        seeds_per_prompt=2,
+        batch_size=4,
+        bootstrap_samples=200,
+        device="cpu",
+    )
+    base.update(kw)
+    return EvalConfig(**base)  # type: ignore[arg-type]
+
+
+class StopNow:
+    """Ignores the mask: asks to stop at every step (evaluation must enforce the warm-up)."""
+
+    def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.full(len(obs), mdp.STOP, np.int64)
+
+
+class Recorder:
+    """StopAtStep that also records the masks it was shown."""
+
+    def __init__(self, step: int) -> None:
+        self.inner = StopAtStep(step, N_MAX)
+        self.masks: list[np.ndarray] = []
+
+    def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.masks.append(mask.copy())
+        return self.inner.act(obs, mask)
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    splits = ["train", "heldout", "heldout", "heldout", "train"]
+    return write_dataset(tmp_path_factory.mktemp("ds"), tiny_models, splits)
+
+
+@pytest.fixture(scope="module")
+def result(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Recorder]:
+    out = tmp_path_factory.mktemp("out")
+    rec = Recorder(2)
+    policies = {"stop-at-2": rec, "stop-now": StopNow(), "stop-at-1": StopAtStep(1, N_MAX)}
+    metrics = evaluate(dataset, policies, _cfg(), RewardConfig(), out, progress=False)
+    return metrics, out, rec
+
+
+def test_fixed_step_baselines_report_nfe_k(result: tuple[dict, Path, Recorder]) -> None:
+    metrics, _, _ = result
+    for k in (2, 4):
+        m = metrics[f"ddim-{k}"]
+        assert m["kind"] == "baseline" and m["nfe"] == k and m["nfe_std"] == 0.0
+        assert m["n"] == 6  # 3 held-out prompts x 2 seeds
+
+
+def test_stop_at_step_policy_nfe_and_masks(result: tuple[dict, Path, Recorder]) -> None:
+    metrics, _, rec = result
+    assert metrics["stop-at-2"]["nfe"] == 3 and metrics["stop-at-2"]["masked_actions"] == 0
+    assert metrics["stop-at-1"]["nfe"] == 2
+    # Warm-up (1 step) forces continue: stopping at step 0 is replaced, each episode once.
+    assert metrics["stop-now"]["nfe"] == WARMUP + 1
+    assert metrics["stop-now"]["masked_actions"] == 6
+    first = rec.masks[0]
+    assert first.shape == (4, 3) and first.tolist() == [[True, False, False]] * 4
+    # The policy's NFE is closest to ddim-4's (3 vs 2 and 4: ties go to the stronger baseline).
+    assert metrics["stop-at-2"]["vs"] == "ddim-4" and metrics["stop-at-2"]["nfe_diff"] == -1.0
+    assert metrics["stop-now"]["vs"] == "ddim-2"
+
+
+def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
+    metrics, out, _ = result
+    loaded = json.loads((out / "metrics.json").read_text())
+    assert set(loaded) == set(metrics)
+    m = loaded["stop-at-2"]
+    assert m["clip_score_ci_low"] <= m["clip_score_diff"] <= m["clip_score_ci_high"]
+    assert set(m["by_category"]) == {"simple", "medium", "complex"}
+    with (out / "pareto.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == list(metrics)
+    assert float(rows[0]["nfe"]) == 2.0 and rows[0]["kind"] == "baseline"
+    for png in ("pareto.png", "samples.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    assert "| stop-at-2 | ddim-4 |" in (out / "report.md").read_text()
+
+
+def test_quality_uses_dataset_stats(result: tuple[dict, Path, Recorder]) -> None:
+    metrics, _, _ = result
+    # Default rewards: weight 1 on clip_score; the fake dataset's stats are mean 0, std 0.1.
+    for m in metrics.values():
+        assert m["quality"] == pytest.approx(m["clip_score"] / 0.1, rel=1e-9)
+
+
+def test_same_seed_same_metrics(dataset: Path, tmp_path: Path) -> None:
+    cfg = _cfg(baseline_steps=[2], stability_thresholds=[], clip_delta_thresholds=[0.01])
+    runs = [
+        evaluate(
+            dataset, {"p": StopAtStep(1, N_MAX)}, cfg, RewardConfig(), tmp_path / str(i), False
+        )
+        for i in range(2)
+    ]
+    assert runs[0] == runs[1]
+    other = _cfg(baseline_steps=[2], stability_thresholds=[], clip_delta_thresholds=[0.01], seed=1)
+    moved = evaluate(
+        dataset, {"p": StopAtStep(1, N_MAX)}, other, RewardConfig(), tmp_path / "s", False
+    )
+    assert moved["ddim-2"]["clip_score"] != runs[0]["ddim-2"]["clip_score"]
+
+
+def test_no_heldout_prompts_is_an_error(tiny_models: tuple[Path, Path], tmp_path: Path) -> None:
+    ds = write_dataset(tmp_path / "ds", tiny_models, ["train", "train"])
+    with pytest.raises(ValueError, match="no held-out prompts.*split values: \\['train'\\]"):
+        evaluate(ds, {}, _cfg(), RewardConfig(), tmp_path / "out", progress=False)
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="eval.baseline_steps\\[1\\] must be >= 1, got 0"):
+        EvalConfig.from_dict({"baseline_steps": [2, 0]})
+    with pytest.raises(ConfigError, match="unknown key eval.steps"):
+        EvalConfig.from_dict({"steps": [2]})
+    with pytest.raises(ConfigError, match="eval.confidence must be in \\(0, 1\\), got 1.0"):
+        EvalConfig.from_dict({"confidence": 1.0})
