@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import string
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,11 +53,13 @@ def load_pipeline(
     scheduler: str = "ddim",
     device: str = "auto",
     dtype: torch.dtype = torch.float32,
+    drop_components: Sequence[str] = (),
 ) -> DiffusionPipeline:
     """Load a diffusers pipeline (local folder or Hub id) and swap in the named scheduler.
 
     The scheduler keeps the pipeline's own training schedule (betas, prediction type) via
-    ``from_config``. Raises with the model id when loading fails.
+    ``from_config``. ``drop_components`` load as None (e.g. SD3's T5 ``text_encoder_3`` and
+    ``tokenizer_3``, which SD3 replaces by zeros). Raises with the model id when loading fails.
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(
@@ -68,7 +71,9 @@ def load_pipeline(
             f"{model} exists but has no model_index.json: not a diffusers pipeline folder "
             "(build the built-in one with `addiffusion backbone build-tiny`)"
         )
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(
+        model, dtype=dtype, **dict.fromkeys(drop_components, None)
+    )
     flow_model = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     if flow_model != (scheduler in FLOW_SCHEDULERS):
         raise ValueError(

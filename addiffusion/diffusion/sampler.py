@@ -161,7 +161,8 @@ class StepwiseSampler:
             backbone.set_schedule(self.pipe, scheduler, s.n_max, self.latent_hw, self.device)
             # Noise drawn on the CPU from the episode's own seed: same seed, same bytes, any device.
             noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
-            latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
+            init_sigma = 1.0 if self.flow else scheduler.init_noise_sigma  # flow: pure noise
+            latents = noise.to(self.device, self.dtype) * init_sigma
             episodes.append(
                 Episode(
                     prompt,
