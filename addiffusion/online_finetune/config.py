@@ -18,15 +18,15 @@ class OnlineFinetuneConfig(StageConfig):
 
     section: ClassVar[str] = "online_finetune"
 
-    n_envs: int = 4
+    n_envs: int = 8
     """Sub-environments = episodes denoised side by side (one batch element each)."""
-    n_steps: int = 8
+    n_steps: int = 16
     """Rollout length per sub-environment per iteration (decisions, not episodes)."""
-    iterations: int = 3
+    iterations: int = 8
     """PPO iterations (rollout + update). Short on purpose: tens at most."""
     learning_rate: float = 1e-4
     """Adam step size; small, so the policy stays close to the IQL actor it starts from."""
-    batch_size: int = 16
+    batch_size: int = 32
     """Minibatch size of the PPO update; must divide into ``n_envs * n_steps`` at least once."""
     n_epochs: int = 4
     """Passes over each rollout."""

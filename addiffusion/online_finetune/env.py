@@ -64,7 +64,7 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         self.num_envs = num_envs
         self.rewards = rewards
         self.stats = stats
-        dim = 2 * sampler.scorer.dim + 2 * mdp.TIME_EMBED_DIM + len(mdp.QUALITY_FIELDS)
+        dim = mdp.ObservationLayout(image_dim=sampler.scorer.dim, text_dim=sampler.scorer.dim).dim
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
         self.single_action_space = gym.spaces.Discrete(mdp.N_ACTIONS)
         self.observation_space = gym.vector.utils.batch_space(
@@ -116,7 +116,13 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
             self._order = []
         self.episodes = [None] * self.num_envs  # type: ignore[list-item]
         self._start(range(self.num_envs))
-        return self.sampler.observations(self.episodes), {}
+        obs = self.sampler.observations(self.episodes)
+        if obs.shape[1:] != self.single_observation_space.shape:
+            raise RuntimeError(
+                f"the sampler's observations have shape {obs.shape[1:]}, but mdp.ObservationLayout "
+                f"says {self.single_observation_space.shape}: the two disagree"
+            )
+        return obs, {}
 
     def action_masks(self) -> np.ndarray:
         """``(num_envs, 3)`` bool: the legal actions of each sub-env now."""

@@ -1,0 +1,211 @@
+"""Online fine-tuning: MaskablePPO from the IQL actor on the dataset's own sampler MDP.
+
+Output folder (``out_dir``)::
+
+    actor.safetensors   the fine-tuned actor (MlpActor state dict; no pickle)
+    manifest.json       architecture, obs dim, sha256 of actor.safetensors, provenance
+    metrics.json        final metrics + one row per iteration (CleanRL-style names)
+    training.csv        the per-iteration rows, for ``dvc plots``
+
+Iteration k's rollout is collected by the policy *before* its k-th update, so iteration 1's
+``charts/episodic_return`` is the IQL actor's own (sampled) return on the live MDP.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
+from torch import nn
+
+from addiffusion.online_finetune.actor import MlpActor, mlp_actor_from_module
+from addiffusion.online_finetune.config import OnlineFinetuneConfig
+from addiffusion.online_finetune.dataset_mdp import build_sampler, read_dataset_mdp
+from addiffusion.online_finetune.env import SamplerVectorEnv
+from addiffusion.online_finetune.ppo import actor_from_ppo, build_maskable_ppo, save_actor
+from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
+from addiffusion.rewards.config import RewardConfig
+
+SB3_TO_CLEANRL = {
+    "train/approx_kl": "losses/approx_kl",
+    "train/policy_gradient_loss": "losses/policy_loss",
+    "train/value_loss": "losses/value_loss",
+    "train/clip_fraction": "losses/clipfrac",
+    "train/explained_variance": "losses/explained_variance",
+    "train/learning_rate": "charts/learning_rate",
+}
+
+
+def load_offline_actor(offline_dir: Path) -> MlpActor:
+    """The IQL (or BC) actor of an ``offline_rl`` run as an :class:`MlpActor`.
+
+    ``policy.d3`` is unpickled by ``offline_rl.load_policy`` only after its sha256 matches the
+    run's ``manifest.json``. ``actor_logits_module`` folds d3rlpy's observation standardisation
+    into the first layer; it is unfolded here (``W = W' * s``, ``b = b' + W' m``) so that PPO
+    keeps optimising on standardised inputs, as IQL did, and its critic sees them too.
+    """
+    from addiffusion.offline_rl.policy import actor_logits_module, load_policy
+
+    offline_dir = Path(offline_dir)
+    policy = load_policy(offline_dir / "policy.d3", offline_dir / "manifest.json", device="cpu:0")
+    mlp = actor_logits_module(policy)
+    scaler = policy.algo.observation_scaler
+    if scaler is None:
+        actor = mlp_actor_from_module(mlp)
+    else:
+        mean = torch.as_tensor(np.asarray(scaler.mean), dtype=torch.float32).reshape(-1)
+        scale = torch.as_tensor(np.asarray(scaler.std), dtype=torch.float32).reshape(-1)
+        scale = scale + float(scaler.eps)
+        first = mlp[0]
+        assert isinstance(first, nn.Linear)
+        with torch.no_grad():
+            first.bias.copy_(first.bias + first.weight @ mean)
+            first.weight.copy_(first.weight * scale.view(1, -1))
+        actor = mlp_actor_from_module(mlp, mean, scale)
+    # The copy must compute what the trained policy computes; check on observations near the data.
+    rng = np.random.default_rng(0)
+    probe = np.asarray(scaler.mean if scaler is not None else 0.0) + rng.standard_normal(
+        (8, actor.spec.obs_dim)
+    ) * np.asarray(scaler.std if scaler is not None else 1.0)
+    probe = probe.astype(np.float32)
+    with torch.no_grad():  # compared as log-probabilities: d3rlpy's Categorical normalises logits
+        ours = torch.log_softmax(actor(torch.from_numpy(probe)), -1).numpy()
+        theirs = torch.log_softmax(torch.from_numpy(policy.scores(probe)), -1).numpy()
+    err = float(np.abs(ours - theirs).max())
+    if not err <= 1e-3 * max(1.0, float(np.abs(theirs).max())):
+        raise RuntimeError(f"the actor copied from {offline_dir} differs from it by {err:.3g}")
+    return actor
+
+
+class _EpisodeLog(BaseCallback):
+    """Collects the statistics of the episodes that finish during a rollout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.episodes: list[dict[str, float]] = []
+
+    def _on_step(self) -> bool:
+        self.episodes += [info["episode"] for info in self.locals["infos"] if "episode" in info]
+        return True
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def finetune(
+    dataset_dir: Path,
+    offline_dir: Path,
+    cfg: OnlineFinetuneConfig,
+    out_dir: Path,
+    *,
+    rewards: RewardConfig,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Fine-tune the offline actor with MaskablePPO for ``cfg.iterations`` iterations.
+
+    ``dataset_dir``: a built dataset (``meta/info.json`` with backbone/scheduler/scorer ids,
+    sampler settings, components and their stats; an ``episodes`` table with train prompts).
+    ``offline_dir``: an ``offline_rl`` run (``policy.d3`` + ``manifest.json``, algo iql or bc).
+    ``rewards``: the reward definition (the ``rewards`` params section, as used offline).
+    ``log``: optional ``print``-like callable for one line per iteration.
+    Writes the files in the module docstring and returns the content of ``metrics.json``.
+    """
+    tic = time.perf_counter()
+    out_dir = Path(out_dir)
+    mdp = read_dataset_mdp(Path(dataset_dir))
+    if rewards.normalize and not mdp.component_stats:
+        raise ValueError(
+            f"rewards.normalize is true but {mdp.dataset_dir / 'meta' / 'info.json'} records no "
+            "component stats; rebuild the dataset or set rewards.normalize: false"
+        )
+    actor = load_offline_actor(Path(offline_dir))
+    torch.manual_seed(cfg.seed)
+    sampler = build_sampler(mdp, cfg.device)
+    env = SamplerVectorEnv(
+        sampler, mdp.train_prompts, cfg.n_envs, rewards, mdp.component_stats, seed=cfg.seed
+    )
+    if mdp.obs_dim is not None and mdp.obs_dim != env.single_observation_space.shape[0]:
+        raise ValueError(
+            f"the dataset's observations have dim {mdp.obs_dim}, this sampler's "
+            f"{env.single_observation_space.shape[0]}"
+        )
+    model = build_maskable_ppo(Sb3VecEnv(env), actor, cfg, sampler.device)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # we write our own metrics
+    episodes = _EpisodeLog()
+    rows: list[dict[str, Any]] = []
+    for it in range(1, cfg.iterations + 1):
+        # 1. rollout (n_envs * n_steps decisions) and 2. PPO update, inside one learn() call
+        it_tic, nfe0 = time.perf_counter(), env.total_nfe
+        episodes.episodes = []
+        model.learn(cfg.steps_per_iteration, callback=episodes, reset_num_timesteps=False)
+        values = dict(model.logger.name_to_value)
+        model.logger.dump()  # clears the values for the next iteration
+        eps = episodes.episodes
+        row: dict[str, Any] = {
+            "iteration": it,
+            "global_step": int(model.num_timesteps),
+            "charts/episodic_return": _mean([e["r"] for e in eps]),
+            "charts/episodic_length": _mean([e["l"] for e in eps]),
+            "charts/episodic_nfe": _mean([e["nfe"] for e in eps]),
+            "charts/episodes": len(eps),
+            "charts/nfe": env.total_nfe - nfe0,
+            "charts/SPS": cfg.steps_per_iteration / (time.perf_counter() - it_tic),
+            "losses/entropy": -float(values["train/entropy_loss"]),
+        }
+        row.update({new: float(values[old]) for old, new in SB3_TO_CLEANRL.items()})
+        rows.append(row)
+        if log is not None:
+            log(
+                f"iteration {it}/{cfg.iterations}: return {row['charts/episodic_return']}, "
+                f"NFE/episode {row['charts/episodic_nfe']}, approx_kl "
+                f"{row['losses/approx_kl']:.2e}, entropy {row['losses/entropy']:.3f}"
+            )
+
+    final = actor_from_ppo(model, actor.spec)
+    save_actor(
+        final,
+        out_dir,
+        extra={
+            "source": {
+                "dataset": str(mdp.dataset_dir),
+                "offline": str(offline_dir),
+                "backbone": mdp.backbone,
+                "scheduler": mdp.scheduler,
+                "scorer": mdp.scorer,
+                "sampler": {k: getattr(mdp.settings, k) for k in mdp.settings.__dataclass_fields__},
+            },
+            "config": cfg.to_dict(),
+            "rewards": rewards.to_dict(),
+        },
+    )
+    with_eps = [r for r in rows if r["charts/episodes"]]
+    metrics = {
+        "iterations": len(rows),
+        "global_step": rows[-1]["global_step"],
+        "seconds": round(time.perf_counter() - tic, 3),
+        "charts/episodic_return_first": with_eps[0]["charts/episodic_return"] if with_eps else None,
+        "charts/episodic_return_last": with_eps[-1]["charts/episodic_return"] if with_eps else None,
+        "charts/episodic_nfe_last": with_eps[-1]["charts/episodic_nfe"] if with_eps else None,
+        "losses/approx_kl_last": rows[-1]["losses/approx_kl"],
+        "losses/entropy_last": rows[-1]["losses/entropy"],
+        "history": rows,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with (out_dir / "training.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(
+            {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+             for k, v in r.items()}
+            for r in rows
+        )
+    return metrics

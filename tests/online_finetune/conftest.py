@@ -1,0 +1,64 @@
+"""Shared tiny fixtures: the tiny SD pipeline + tiny CLIP (built once per session), a sampler over
+them, and a minimal built-dataset folder (meta/info.json + episodes table) pointing at them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from online_finetune_consts import N_MAX, PROMPTS, STATS, WARMUP
+
+from addiffusion.diffusion.backbone import load_pipeline, save_tiny_pipeline
+from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
+from addiffusion.rewards.clip import ClipScorer, save_tiny_clip
+
+torch.set_num_threads(1)
+
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return save_tiny_pipeline(root / "tiny", seed=0), save_tiny_clip(root / "clip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sampler(tiny_models: tuple[Path, Path]) -> StepwiseSampler:
+    pipe_dir, clip_dir = tiny_models
+    pipe = load_pipeline(str(pipe_dir), "ddim", "cpu")
+    return StepwiseSampler(
+        pipe, ClipScorer(str(clip_dir)), SamplerSettings(n_max=N_MAX, warmup=WARMUP)
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Path, Path]) -> Path:
+    """The parts of a built dataset that online fine-tuning reads."""
+    pipe_dir, clip_dir = tiny_models
+    root = tmp_path_factory.mktemp("dataset")
+    (root / "meta").mkdir()
+    info = {
+        "backbone": str(pipe_dir),
+        "scheduler": "ddim",
+        "scorer": str(clip_dir),
+        "components": ["clip_score", "stability"],
+        "sampler": {"n_max": N_MAX, "warmup": WARMUP, "refine_budget": 0, "height": 32},
+        "component_stats": STATS,
+    }
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    (root / "data").mkdir()
+    pl.DataFrame(
+        {
+            "episode_id": [f"{i:06d}-0" for i in range(5)],
+            "prompt_id": [3, 0, 1, 2, 4],
+            "prompt": [PROMPTS[2], PROMPTS[0], PROMPTS[1], PROMPTS[0], "held out prompt"],
+            "category": ["simple"] * 5,
+            "split": ["train", "train", "train", "train", "heldout"],
+            "seed": [0] * 5,
+            "parent_episode_id": [None] * 5,
+        }
+    ).write_parquet(root / "data" / "episodes-00000.parquet")
+    return root

@@ -1,0 +1,107 @@
+"""The vector env over the stepwise sampler and its SB3 adapter (tiny models, n_max = 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from online_finetune_consts import N_MAX, PROMPTS, STATS
+from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
+
+from addiffusion.diffusion import mdp
+from addiffusion.online_finetune.env import SamplerVectorEnv
+from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
+from addiffusion.rewards.config import RewardConfig
+from addiffusion.rewards.reward import quality
+
+REWARDS = RewardConfig(weights={"clip_score": 1.0, "stability": 0.5}, c_nfe=0.05)
+
+
+def make_env(sampler, n: int = 2, seed: int = 0) -> SamplerVectorEnv:
+    return SamplerVectorEnv(sampler, PROMPTS, n, REWARDS, STATS, seed=seed)
+
+
+def test_spaces_reset_and_masks(sampler) -> None:
+    env = make_env(sampler)
+    dim = env.single_observation_space.shape[0]
+    assert env.observation_space.shape == (2, dim)
+    assert env.action_space.shape == (2,) and env.single_action_space.n == 3
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (2, dim) and obs.dtype == np.float32 and info == {}
+    assert env.observation_space.contains(obs)
+    # step 0 is warm-up: only continue
+    np.testing.assert_array_equal(env.action_masks(), [[True, False, False]] * 2)
+    with pytest.raises(ValueError, match="sub-env 1 .*not allowed by the action mask"):
+        env.step(np.array([mdp.CONTINUE, mdp.STOP]))
+    with pytest.raises(ValueError, match="expected 2 actions"):
+        env.step(np.array([0, 0, 0]))
+
+
+def test_same_seed_same_episodes(sampler) -> None:
+    a, _ = make_env(sampler, seed=3).reset(seed=3)
+    b, _ = make_env(sampler, seed=3).reset()
+    c, _ = make_env(sampler, seed=3).reset(seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_nfe_rewards_and_autoreset(sampler) -> None:
+    """Sub-env 0 stops at step 1, sub-env 1 runs to the forced stop at n_max - 1: they sit at
+    different steps in the same batch; NFE of an episode stopping at step i is i + 1."""
+    env = make_env(sampler)
+    env.reset(seed=0)
+    ep_returns = np.zeros(2)
+    q0 = quality({k: [ep.components[k] for ep in env.episodes] for k in STATS}, REWARDS, STATS)
+
+    obs, r, term, trunc, info = env.step(np.array([mdp.CONTINUE, mdp.CONTINUE]))
+    assert [ep.step for ep in env.episodes] == [1, 1] and not term.any() and info == {}
+    q1 = quality({k: [ep.components[k] for ep in env.episodes] for k in STATS}, REWARDS, STATS)
+    np.testing.assert_allclose(r, q1 - q0 - REWARDS.c_nfe, rtol=1e-5, atol=1e-6)
+    ep_returns += r
+    stopped = env.episodes[0]
+
+    obs, r, term, trunc, info = env.step(np.array([mdp.STOP, mdp.CONTINUE]))
+    np.testing.assert_array_equal(term, [True, False])
+    assert not trunc.any()
+    np.testing.assert_allclose(r[0], REWARDS.terminal_bonus * q1[0], rtol=1e-5)
+    ep_returns += r
+    assert stopped.done and stopped.nfe == 2  # stopped at step 1 -> 2 NFE
+    np.testing.assert_array_equal(info["_episode"], [True, False])
+    assert info["episode"]["nfe"][0] == 2 and info["episode"]["l"][0] == 2
+    np.testing.assert_allclose(info["episode"]["r"][0], ep_returns[0], rtol=1e-5)
+    # same-step autoreset: a new episode at step 0, the terminal observation in the infos
+    assert env.episodes[0] is not stopped and env.episodes[0].step == 0
+    assert info["_final_obs"][0] and not info["_final_obs"][1]
+    assert info["final_obs"][0][-2] == pytest.approx(2 / N_MAX)  # nfe_frac of the stopped one
+    assert [ep.step for ep in env.episodes] == [0, 2]
+    np.testing.assert_array_equal(env.action_masks(), [[True, False, False], [True, True, False]])
+
+    obs, r, term, trunc, info = env.step(np.array([mdp.CONTINUE, mdp.CONTINUE]))
+    assert env.episodes[1].step == N_MAX - 1
+    np.testing.assert_array_equal(env.action_masks()[1], [False, True, False])  # only stop
+    last = env.episodes[1]
+    obs, r, term, trunc, info = env.step(np.array([mdp.CONTINUE, mdp.STOP]))
+    assert term[1] and last.nfe == N_MAX and info["episode"]["nfe"][1] == N_MAX
+    assert info["episode"]["l"][1] == N_MAX
+    # every NFE spent is counted: the live episodes' plus the two finished ones
+    assert env.total_nfe == sum(ep.nfe for ep in env.episodes) + stopped.nfe + last.nfe
+
+
+def test_sb3_adapter(sampler) -> None:
+    venv = Sb3VecEnv(make_env(sampler))
+    assert is_masking_supported(venv)
+    venv.seed(0)
+    obs = venv.reset()
+    assert obs.shape == (2, venv.observation_space.shape[0])
+    masks = get_action_masks(venv)  # what MaskablePPO calls: np.stack(env_method("action_masks"))
+    assert masks.shape == (2, 3) and masks.dtype == bool
+    assert len(venv.env_method("action_masks", indices=[1])) == 1
+    venv.step(np.array([0, 0]))
+    obs, rewards, dones, infos = venv.step(np.array([mdp.STOP, mdp.CONTINUE]))
+    assert rewards.dtype == np.float32 and dones.tolist() == [True, False]
+    assert infos[0]["terminal_observation"].shape == obs.shape[1:]
+    assert infos[0]["TimeLimit.truncated"] is False
+    assert infos[0]["episode"]["nfe"] == 2 and infos[0]["episode"]["l"] == 2
+    assert infos[1] == {}
+    assert venv.env_is_wrapped(object) == [False, False]  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        venv.get_attr("no_such_attribute")
