@@ -19,11 +19,11 @@ class ShapesConfig(StageConfig):
 
     seed: int = 0
     n_train_scenes: int = 40000  # cached latents the UNet trains on (train split only)
-    vae_steps: int = 1500
+    vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    clip_steps: int = 1500
+    clip_steps: int = 1000
     clip_batch: int = 64
     clip_lr: float = 1e-3
     unet_steps: int = 10000

@@ -42,7 +42,7 @@ class ModelSizes:
     text_width: int = 64
     text_layers: int = 2
     clip_embed_dim: int = 64
-    clip_vision_width: int = 96
+    clip_vision_width: int = 64
     clip_vision_layers: int = 3
     clip_text_width: int = 64
     clip_text_layers: int = 2

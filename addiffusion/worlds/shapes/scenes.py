@@ -9,9 +9,11 @@ pure palette colours on a black background.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
@@ -20,7 +22,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (255, 230, 0),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-SIZES: dict[str, float] = {"small": 3.5, "large": 5.5}  # radius of the shape's disc, pixels
+SIZES: dict[str, float] = {"small": 4.0, "large": 6.0}  # radius of the shape's disc, pixels
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 # Colour x shape pairs that never occur in the train split (compositional generalisation).
@@ -29,7 +31,8 @@ HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset({("yellow", "triangle")})
 RELATION_MARGIN: float = 2.0
 # Scenes are generated with a wider margin so that renders satisfy relations with room to spare.
 _GEN_MARGIN: float = 5.0
-_GAP: float = 2.0  # minimum free pixels between two objects' discs
+_GAP: int = 2  # minimum free pixels between two objects (so components never merge)
+_EIGHT = np.ones((3, 3), bool)
 
 
 @dataclass(frozen=True)
@@ -109,40 +112,65 @@ def layout_scene(
         for _ in range(g.count):
             size = g.size if g.size is not None else str(rng.choice(list(SIZES)))
             items.append((gi, size))
+    # Group b of a relation is placed after group a: check each relation when b is placed.
+    first = {}
+    for idx, (gi, _s) in enumerate(items):
+        first.setdefault(gi, idx)
+    needs = {first[r.b]: (r.rel, first[r.a]) for r in spec.relations}
+    g = _GAP
     for _ in range(2000):
-        placed: list[tuple[float, float, float]] = []
-        ok = True
-        for _gi, size in items:
-            r = SIZES[size]
+        placed: list[tuple[float, float]] = []
+        pos: list[tuple[float, float]] = []  # silhouette centroids, as the verifier sees them
+        # Placed objects grown by the gap, on a canvas padded by the gap (grown stamps overhang).
+        occupied = np.zeros((height + 2 * g, width + 2 * g), bool)
+        for idx, (gi, size) in enumerate(items):
+            r, shape = SIZES[size], spec.groups[gi].shape
+            stamp, grown, (dy, dx) = _stamps(shape, size)
+            cx, cy = shape_centroid(shape, r)
+            h, w = stamp.shape
             for _try in range(50):
-                x = float(rng.uniform(r + 1, width - r - 1))
-                y = float(rng.uniform(r + 1, height - r - 1))
-                if all(np.hypot(x - px, y - py) >= r + pr + _GAP for px, py, pr in placed):
-                    placed.append((x, y, r))
-                    break
-            else:
-                ok = False
+                # Centres on pixel corners: every object of a kind has the same pixel silhouette.
+                x = int(rng.integers(int(r) + 1, width - int(r)))
+                y = int(rng.integers(int(r) + 1, height - int(r)))
+                if idx in needs:
+                    rel, other = needs[idx]
+                    if not relation_holds(rel, pos[other], (x + cx, y + cy), _GEN_MARGIN):
+                        continue
+                top, left = y + dy, x + dx
+                if (stamp & occupied[top + g : top + g + h, left + g : left + g + w]).any():
+                    continue
+                occupied[top : top + h + 2 * g, left : left + w + 2 * g] |= grown
+                placed.append((float(x), float(y)))
+                pos.append((x + cx, y + cy))
                 break
-        if not ok:
-            continue
-        first = {}
-        for idx, (gi, _s) in enumerate(items):
-            first.setdefault(gi, idx)
-        if all(
-            relation_holds(
-                rel.rel,
-                placed[first[rel.a]][:2],
-                placed[first[rel.b]][:2],
-                _GEN_MARGIN,
-            )
-            for rel in spec.relations
-        ):
+            else:
+                break
+        if len(placed) == len(items):
             objects = tuple(
                 SceneObject(spec.groups[gi].color, spec.groups[gi].shape, size, x, y, gi)
-                for (gi, size), (x, y, _r) in zip(items, placed, strict=True)
+                for (gi, size), (x, y) in zip(items, placed, strict=True)
             )
             return Scene(spec, objects, height, width)
     raise RuntimeError(f"could not lay out {spec} in {height}x{width} after 2000 tries")
+
+
+@functools.cache
+def _stamps(shape: str, size: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Pixel silhouette of a shape centred on a pixel corner, the same grown by the gap, and the
+    offset (dy, dx) of the silhouette's top-left pixel from the centre."""
+    mask = shape_mask(shape, 16.0, 16.0, SIZES[size], 32, 32)
+    ys, xs = np.nonzero(mask)
+    stamp = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    grown = ndimage.binary_dilation(np.pad(stamp, _GAP), _EIGHT, iterations=_GAP)
+    return stamp, grown, (int(ys.min()) - 16, int(xs.min()) - 16)
+
+
+@functools.cache
+def shape_centroid(shape: str, r: float) -> tuple[float, float]:
+    """Offset (dx, dy) of a shape's pixel centroid from its centre (triangles sit low)."""
+    mask = shape_mask(shape, 16.0, 16.0, r, 32, 32)
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean() + 0.5 - 16.0), float(ys.mean() + 0.5 - 16.0)
 
 
 def shape_mask(shape: str, x: float, y: float, r: float, height: int, width: int) -> np.ndarray:
@@ -151,7 +179,7 @@ def shape_mask(shape: str, x: float, y: float, r: float, height: int, width: int
     if shape == "circle":
         return (xx - x) ** 2 + (yy - y) ** 2 <= r * r
     if shape == "square":
-        s = r * 0.85  # same visual weight as the circle
+        s = r * 0.8  # about the circle's visual weight
         return (np.abs(xx - x) <= s) & (np.abs(yy - y) <= s)
     if shape == "triangle":
         # Upright isosceles triangle, base 2r and height 2r: half-width grows linearly downwards.
