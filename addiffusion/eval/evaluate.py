@@ -99,9 +99,10 @@ def evaluate(
     """Run every method on the held-out pairs and write the outputs into ``out_dir``.
 
     Returns the metrics written to ``metrics.json``: ``{method: {"kind", "nfe", "nfe_std",
-    "clip_score", "quality", ["verifier", "verifier_acc"], "masked_actions", "by_category", and
-    for heuristics and policies "vs", "nfe_diff", "<score>_diff", "<score>_ci_low",
-    "<score>_ci_high", "<score>_p"}}``.
+    "clip_score", "quality", ["verifier", "verifier_acc"], "refines", "masked_actions",
+    "by_category", and for heuristics and policies "vs", "nfe_diff", "<score>_diff",
+    "<score>_ci_low", "<score>_ci_high", "<score>_p"}}`` (means over the (prompt, seed) pairs;
+    ``<score>_std`` beside each score).
     """
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
@@ -149,6 +150,7 @@ def evaluate(
     for name, (kind, run) in runs.items():
         m: dict[str, Any] = {"kind": kind}
         m.update(summarize(run.nfe, scores[name], categories))
+        m["refines"] = float(run.refines.mean())
         m["masked_actions"] = run.masked_actions
         metrics[name] = m
     base_nfe = {n: m["nfe"] for n, m in metrics.items() if m["kind"] == "baseline"}

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from addiffusion.cli import main
 from addiffusion.config import ConfigError
 from addiffusion.diffusion import mdp
 from addiffusion.diffusion.backbone import save_tiny_pipeline
@@ -33,7 +34,11 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def write_dataset(
-    root: Path, models: tuple[Path, Path], splits: list[str], n_max: int = N_MAX
+    root: Path,
+    models: tuple[Path, Path],
+    splits: list[str],
+    n_max: int = N_MAX,
+    refine_budget: int = 0,
 ) -> Path:
     """A minimal built dataset: meta/info.json and an episodes table with the given splits."""
     pipe, clip = models
@@ -46,7 +51,7 @@ def write_dataset(
         "sampler": {
             "n_max": n_max,
             "warmup": WARMUP,
-            "refine_budget": 0,
+            "refine_budget": refine_budget,
             "refine_k": 2,
             "guidance_scale": 5.0,
             "height": 32,
@@ -200,3 +205,38 @@ def test_config_errors_name_the_key() -> None:
         EvalConfig.from_dict({"steps": [2]})
     with pytest.raises(ConfigError, match="eval.confidence must be in \\(0, 1\\), got 1.0"):
         EvalConfig.from_dict({"confidence": 1.0})
+
+
+def test_cli_runs_from_params(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "eval:\n  baseline_steps: [3]\n  stability_thresholds: []\n  clip_delta_thresholds: []\n"
+        "  seeds_per_prompt: 1\n  n_prompts: 2\n  bootstrap_samples: 50\n  device: cpu\n"
+        "rewards:\n  weights: {clip_score: 1.0, stability: 0.5}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["eval", "--dataset", str(dataset), "--out", str(out), "--params", str(params)]
+    assert main([*argv, "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["ddim-3"] and metrics["ddim-3"]["n"] == 2
+    assert "ddim-3" in capsys.readouterr().out
+    params.write_text("eval:\n  seeds_per_prompt: 0\n")
+    assert main(argv) == 2
+    assert "eval.seeds_per_prompt must be >= 1, got 0" in capsys.readouterr().err
+
+
+class RefineWhenLegal:
+    """Refines whenever allowed, else continues, stopping only at the last step."""
+
+    def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        legal_continue = np.where(mask[:, mdp.CONTINUE], mdp.CONTINUE, mdp.STOP)
+        return np.where(mask[:, mdp.REFINE], mdp.REFINE, legal_continue).astype(np.int64)
+
+
+def test_refine_is_run_and_costs_k_more_nfe(tiny_models: tuple[Path, Path], tmp_path: Path) -> None:
+    ds = write_dataset(tmp_path / "ds", tiny_models, ["heldout"], refine_budget=1)
+    cfg = _cfg(baseline_steps=[N_MAX], stability_thresholds=[], clip_delta_thresholds=[])
+    m = evaluate(ds, {"refine": RefineWhenLegal()}, cfg, RewardConfig(), tmp_path / "o", False)
+    # One refine (k = 2 re-denoise iterations) on top of the full schedule.
+    assert m["refine"]["refines"] == 1.0 and m["refine"]["nfe"] == N_MAX + 2
+    assert m[f"ddim-{N_MAX}"]["refines"] == 0.0
