@@ -10,7 +10,7 @@ complete shards, so every episode lands exactly once.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,18 @@ from addiffusion.collect.prompts import PromptRecord, load_prompts
 from addiffusion.datasets.store import ShardWriter, completed_shards
 from addiffusion.diffusion import mdp
 from addiffusion.diffusion.backbone import load_pipeline, resolve_device
-from addiffusion.diffusion.sampler import ExtraScorer, StepRecord, StepwiseSampler
+from addiffusion.diffusion.sampler import Episode, ExtraScorer, StepRecord, StepwiseSampler
 from addiffusion.rewards.clip import ClipScorer
 
 NFE_CONVENTION = (
     "one denoiser evaluation per image per step; CFG's two branches batched, counted once"
+)
+
+BEHAVIOR_POLICY = (
+    "roots continue to n_max (stop at n_max-1; earlier stops are counterfactual); where refine is "
+    "legal the policy refines with probability branch_prob (recorded as a branch episode "
+    "'<root>-b<i>' whose first row is the state after the refine at step i+1), else continues; "
+    "at most max_branches branches per root, none from branches"
 )
 
 
@@ -70,7 +77,7 @@ def extra_scorers_for(cfg: CollectConfig) -> dict[str, ExtraScorer]:
 
 def build_sampler(cfg: CollectConfig) -> StepwiseSampler:
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.model, cfg.scheduler, str(device))
+    pipe = load_pipeline(cfg.model, cfg.scheduler, str(device), drop_components=cfg.drop_components)
     return StepwiseSampler(
         pipe, ClipScorer(cfg.scorer, device), cfg.sampler, extra_scorers_for(cfg)
     )
@@ -94,10 +101,15 @@ def shard_info(cfg: CollectConfig, sampler: StepwiseSampler) -> dict:
             "guidance_scale": s.guidance_scale,
             "height": s.height,
             "width": s.width,
+            "mask_blur_sigma": s.mask_blur_sigma,
         },
         "action_map": {name: i for i, name in enumerate(mdp.ACTION_NAMES)},
         "nfe_convention": NFE_CONVENTION,
-        "behavior_policy": "continue to n_max (stops are counterfactual)",
+        "behavior_policy": {
+            "description": BEHAVIOR_POLICY,
+            "branch_prob": cfg.branch_prob,
+            "max_branches": cfg.max_branches,
+        },
     }
 
 
@@ -114,51 +126,126 @@ def run_episodes(
     return records, torch.stack([ep.text_features for ep in episodes]).cpu().numpy()
 
 
-def _write_batch(
-    writer: ShardWriter,
-    cfg: CollectConfig,
-    specs: list[EpisodeSpec],
-    records: list[StepRecord],
-    text_features: np.ndarray,
-) -> None:
-    n = len(records)
-    for b, spec in enumerate(specs):
-        steps = []
-        for i, r in enumerate(records):
-            row = {
-                "episode_id": spec.episode_id,
-                "step": int(r.step[b]),
-                "timestep": float(r.timestep[b]),
-                "t_frac": float(r.t_frac[b]),
-                "sigma": float(r.sigma[b]),
-                "action": mdp.STOP if i == n - 1 else mdp.CONTINUE,
-                "behavior_prob": 1.0,
-                "nfe": int(r.nfe[b]),
-                "refines_used": int(r.refines_used[b]),
-                # A batched step's cost, shared evenly by its episodes.
-                "wall_time_s": r.wall_time_s / len(specs),
-                "peak_mem_bytes": r.peak_mem_bytes,
-            }
-            row.update({k: float(v[b]) for k, v in r.components.items()})
-            steps.append(row)
-        writer.add_episode(
-            episode={
-                "episode_id": spec.episode_id,
-                "prompt_id": spec.prompt.prompt_id,
-                "prompt": spec.prompt.text,
-                "category": spec.prompt.category,
-                "split": spec.prompt.split,
-                "seed": spec.seed,
-                "parent_episode_id": None,
-                "branch_step": -1,
-                "num_steps": n,
-            },
-            steps=steps,
-            image_features=np.stack([r.image_features[b] for r in records]),
-            text_features=text_features[b],
-            thumbnails=np.stack([r.images[b] for r in records]) if cfg.record_thumbnails else None,
-            latents=np.stack([r.x0_latents[b] for r in records]) if cfg.record_latents else None,
-        )
+@dataclass
+class Trace:
+    """One recorded episode (a root or a refine branch): its step records and batch rows."""
+
+    episode_id: str
+    spec: EpisodeSpec
+    parent_id: str | None
+    branch_step: int
+    text_features: np.ndarray  # (D_txt,)
+    rows: list[tuple[StepRecord, int, int]] = field(default_factory=list)  # record, row, batch size
+
+
+def branch_steps(cfg: CollectConfig, spec: EpisodeSpec, can_refine: bool) -> list[int]:
+    """Steps of a root where the behaviour policy takes refine (a branch): each refine-legal step
+    independently with probability ``branch_prob``, at most ``max_branches``. Seeded by the
+    episode, so the choice never depends on batching or the number of processes."""
+    if not can_refine or cfg.refine_budget == 0 or cfg.branch_prob == 0:
+        return []
+    rng = np.random.default_rng([cfg.seed, spec.seed, 0xB4A])
+    legal = range(cfg.warmup, cfg.n_max - 1)
+    return [i for i, u in zip(legal, rng.random(len(legal)), strict=True) if u < cfg.branch_prob][
+        : cfg.max_branches
+    ]
+
+
+def run_with_branches(
+    sampler: StepwiseSampler, cfg: CollectConfig, specs: list[EpisodeSpec]
+) -> list[Trace]:
+    """Behaviour policy: every root runs to ``n_max`` (continue, stop at the end); at its sampled
+    branch steps a fork of the episode takes refine and continues to ``n_max`` as a branch.
+    Returns the roots followed by their branches."""
+    episodes, rec = sampler.start([s.prompt.text for s in specs], [s.seed for s in specs])
+    text = torch.stack([ep.text_features for ep in episodes]).cpu().numpy()
+    can_refine = sampler.attention is not None  # SD3 has no cross-attention masks
+    roots = [Trace(s.episode_id, s, None, -1, text[b]) for b, s in enumerate(specs)]
+    plans = [branch_steps(cfg, s, can_refine) for s in specs]
+    forks: list[tuple[int, int, Episode]] = []  # (root index, step, episode at that step)
+    n = cfg.n_max
+    for i in range(n):
+        for b in range(len(specs)):
+            roots[b].rows.append((rec, b, len(specs)))
+            if i in plans[b]:
+                forks.append((b, i, sampler.fork([episodes[b]])[0]))
+        if i < n - 1:
+            rec = sampler.advance(episodes)
+    sampler.stop(episodes)
+    branches: list[Trace] = []
+    for j in range(0, len(forks), cfg.batch_size):
+        chunk = forks[j : j + cfg.batch_size]
+        eps = [ep for _, _, ep in chunk]
+        traces = [
+            Trace(f"{specs[b].episode_id}-b{i}", specs[b], specs[b].episode_id, i, text[b])
+            for b, i, _ in chunk
+        ]
+        rec = sampler.refine(eps)
+        live = list(range(len(eps)))
+        while live:
+            for pos, k in enumerate(live):
+                traces[k].rows.append((rec, pos, len(live)))
+            live = [k for k in live if eps[k].step < n - 1]
+            if live:
+                rec = sampler.advance([eps[k] for k in live])
+        sampler.stop(eps)
+        branches.extend(traces)
+    return roots + branches
+
+
+def _behavior_prob(cfg: CollectConfig, step: int, refines_used: int, action: int) -> float:
+    """pi_b(action | s) of the behaviour policy "refine with probability branch_prob where refine
+    is legal, else continue; stop at n_max - 1" (stops elsewhere are counterfactual, prob 0)."""
+    legal = mdp.action_mask(step, cfg.n_max, cfg.warmup, refines_used, cfg.refine_budget)
+    p_refine = cfg.branch_prob if legal[mdp.REFINE] else 0.0
+    return {mdp.CONTINUE: 1.0 - p_refine, mdp.REFINE: p_refine, mdp.STOP: 1.0}[action]
+
+
+def _write_trace(writer: ShardWriter, cfg: CollectConfig, trace: Trace) -> None:
+    steps = []
+    n = len(trace.rows)
+    for r, b, batch in trace.rows:
+        step, used = int(r.step[b]), int(r.refines_used[b])
+        action = mdp.STOP if step == cfg.n_max - 1 else mdp.CONTINUE
+        row = {
+            "episode_id": trace.episode_id,
+            "step": step,
+            "timestep": float(r.timestep[b]),
+            "t_frac": float(r.t_frac[b]),
+            "sigma": float(r.sigma[b]),
+            "action": action,
+            "behavior_prob": _behavior_prob(cfg, step, used, action),
+            "nfe": int(r.nfe[b]),
+            "refines_used": used,
+            # A batched step's cost, shared evenly by its episodes.
+            "wall_time_s": r.wall_time_s / batch,
+            "peak_mem_bytes": r.peak_mem_bytes,
+        }
+        row.update({k: float(v[b]) for k, v in r.components.items()})
+        steps.append(row)
+    spec = trace.spec
+    writer.add_episode(
+        episode={
+            "episode_id": trace.episode_id,
+            "prompt_id": spec.prompt.prompt_id,
+            "prompt": spec.prompt.text,
+            "category": spec.prompt.category,
+            "split": spec.prompt.split,
+            "seed": spec.seed,
+            "parent_episode_id": trace.parent_id,
+            "branch_step": trace.branch_step,
+            "num_steps": n,
+        },
+        steps=steps,
+        image_features=np.stack([r.image_features[b] for r, b, _ in trace.rows]),
+        text_features=trace.text_features,
+        thumbnails=np.stack([r.images[b] for r, b, _ in trace.rows])
+        if cfg.record_thumbnails
+        else None,
+        latents=np.stack([r.x0_latents[b] for r, b, _ in trace.rows])
+        if cfg.record_latents
+        else None,
+    )
 
 
 def collect(
@@ -186,10 +273,10 @@ def collect(
             writer = ShardWriter(store_dir, k, info)
             for j in range(0, len(shards[k]), cfg.batch_size):
                 batch = shards[k][j : j + cfg.batch_size]
-                records, text = run_episodes(sampler, batch)
-                _write_batch(writer, cfg, batch, records, text)
-                summary["episodes"] += len(batch)
-                summary["steps"] += len(batch) * len(records)
+                for trace in run_with_branches(sampler, cfg, batch):
+                    _write_trace(writer, cfg, trace)
+                    summary["episodes"] += 1
+                    summary["steps"] += len(trace.rows)
                 bar.update(len(batch))
             writer.commit()
             summary["shards_written"] += 1

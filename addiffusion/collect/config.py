@@ -29,10 +29,19 @@ class CollectConfig(StageConfig):
     """Schedule length; the episode must stop at step n_max - 1 at the latest."""
     warmup: int = 1
     """The first ``warmup`` steps force continue."""
-    refine_budget: int = 0
+    refine_budget: int = 1
     """Refines allowed per episode (0 masks refine off)."""
     refine_k: int = 2
     """Re-denoise iterations per refine (k NFE)."""
+    mask_blur_sigma: float = 1.0
+    """Gaussian blur of the under-generation mask, in latent pixels."""
+    branch_prob: float = 0.2
+    """Behaviour policy: probability of taking refine (a recorded branch) at each refine-legal
+    step of a root episode."""
+    max_branches: int = 1
+    """At most this many refine branches per root episode."""
+    drop_components: tuple[str, ...] = ()
+    """Pipeline components loaded as None (e.g. SD3's ``text_encoder_3``, ``tokenizer_3``)."""
     prompts: str = "builtin"
     """``builtin``, ``shapes`` (the shapes world's tiers) or a prompt file (.txt/.jsonl/.csv)."""
     n_prompts: int = 24
@@ -65,12 +74,16 @@ class CollectConfig(StageConfig):
             f"in [0, n_max) = [0, {self.n_max})",
             self.warmup,
         )
+        check(self.refine_budget >= 0, "collect.refine_budget", ">= 0", self.refine_budget)
+        check(self.mask_blur_sigma >= 0, "collect.mask_blur_sigma", ">= 0", self.mask_blur_sigma)
+        check(0.0 <= self.branch_prob <= 1.0, "collect.branch_prob", "in [0, 1]", self.branch_prob)
         check(
-            self.refine_budget == 0,
-            "collect.refine_budget",
-            "0 (refine is not implemented yet)",
-            self.refine_budget,
+            self.branch_prob == 0.0 or self.refine_budget >= 1,
+            "collect.branch_prob",
+            "0 when collect.refine_budget is 0 (refine branches need a refine budget)",
+            self.branch_prob,
         )
+        check(self.max_branches >= 0, "collect.max_branches", ">= 0", self.max_branches)
         check(self.refine_k >= 1, "collect.refine_k", ">= 1", self.refine_k)
         check(self.guidance_scale >= 1.0, "collect.guidance_scale", ">= 1.0", self.guidance_scale)
         for key in ("height", "width"):
@@ -97,4 +110,5 @@ class CollectConfig(StageConfig):
             guidance_scale=self.guidance_scale,
             height=self.height,
             width=self.width,
+            mask_blur_sigma=self.mask_blur_sigma,
         )
