@@ -3,7 +3,9 @@
 Fine-tuning must run on the same MDP as the offline data: same backbone, scheduler, scorer,
 sampler settings (``n_max``, warm-up, guidance, size, ...), the same reward components with the
 dataset's normalisation stats, and the dataset's train-split prompts. All of it is in the
-dataset's ``meta/info.json`` (written by ``datasets build``) and its ``episodes`` Parquet table.
+dataset's ``meta/info.json`` (written by ``datasets build``: model ids, ``sampler`` settings,
+``components``, ``component_stats`` of the train split, ``observation`` layout) and its
+``data/episodes/*.parquet`` table (``prompt``, ``split``, ...).
 """
 
 from __future__ import annotations
@@ -17,10 +19,6 @@ from typing import Any
 import polars as pl
 
 from addiffusion.diffusion.sampler import ExtraScorer, SamplerSettings, StepwiseSampler
-
-STATS_KEYS = ("component_stats", "normalization", "stats")
-"""Keys of ``meta/info.json`` under which the per-component {"mean", "std"} may be recorded
-(the first present wins)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +34,8 @@ class DatasetMDP:
     component_stats: dict[str, dict[str, float]]
     obs_dim: int | None
     train_prompts: tuple[str, ...]
+    drop_components: tuple[str, ...] = ()
+    """Pipeline components the collector loaded as None (e.g. SD3's T5), if it recorded any."""
 
 
 def _require(info: dict[str, Any], key: str, path: Path) -> Any:
@@ -61,29 +61,21 @@ def sampler_settings(data: dict[str, Any], where: str) -> SamplerSettings:
 
 
 def _component_stats(info: dict[str, Any], path: Path) -> dict[str, dict[str, float]]:
-    for key in STATS_KEYS:
-        if key in info:
-            raw = info[key]
-            break
-    else:
-        return {}
     stats = {}
-    for name, s in raw.items():
+    for name, s in info.get("component_stats", {}).items():
         if not (isinstance(s, dict) and "mean" in s and "std" in s):
-            raise ValueError(f"{path}: stats of component {name!r} must be {{mean, std}}, got {s!r}")
+            raise ValueError(
+                f"{path}: component_stats.{name} must be {{mean, std}}, got {s!r}"
+            )
         stats[name] = {"mean": float(s["mean"]), "std": float(s["std"])}
     return stats
 
 
 def _episode_tables(dataset_dir: Path) -> list[Path]:
-    files = sorted(
-        p
-        for p in dataset_dir.rglob("*.parquet")
-        if p.name.startswith("episodes") or p.parent.name == "episodes"
-    )
+    files = sorted((dataset_dir / "data" / "episodes").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(
-            f"{dataset_dir} holds no episodes Parquet table (episodes*.parquet or episodes/*.parquet)"
+            f"{dataset_dir / 'data' / 'episodes'} holds no Parquet file: not a built dataset"
         )
     return files
 
@@ -116,8 +108,7 @@ def read_dataset_mdp(dataset_dir: Path) -> DatasetMDP:
         raise FileNotFoundError(f"{path} not found: {dataset_dir} is not a built dataset")
     info = json.loads(path.read_text())
     settings = _require(info, "sampler", path)
-    layout = info.get("observation") or info.get("feature_layout") or {}
-    obs_dim = layout.get("dim") if isinstance(layout, dict) else None
+    obs_dim = info.get("observation", {}).get("dim")
     return DatasetMDP(
         dataset_dir=dataset_dir,
         backbone=str(_require(info, "backbone", path)),
@@ -128,6 +119,7 @@ def read_dataset_mdp(dataset_dir: Path) -> DatasetMDP:
         component_stats=_component_stats(info, path),
         obs_dim=int(obs_dim) if obs_dim is not None else None,
         train_prompts=train_prompts(dataset_dir),
+        drop_components=tuple(info.get("drop_components", ())),
     )
 
 
@@ -155,5 +147,9 @@ def build_sampler(mdp: DatasetMDP, device: str) -> StepwiseSampler:
     from addiffusion.rewards.clip import ClipScorer
 
     dev = resolve_device(device)
-    pipe = load_pipeline(mdp.backbone, mdp.scheduler, str(dev))
-    return StepwiseSampler(pipe, ClipScorer(mdp.scorer, dev), mdp.settings, extra_scorers(mdp.components))
+    pipe = load_pipeline(
+        mdp.backbone, mdp.scheduler, str(dev), drop_components=mdp.drop_components
+    )
+    return StepwiseSampler(
+        pipe, ClipScorer(mdp.scorer, dev), mdp.settings, extra_scorers(mdp.components)
+    )

@@ -47,9 +47,11 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Pa
         "components": ["clip_score", "stability"],
         "sampler": {"n_max": N_MAX, "warmup": WARMUP, "refine_budget": 0, "height": 32},
         "component_stats": STATS,
+        "observation": {"image_dim": 32, "text_dim": 32, "time_dim": 16, "quality_dim": 5,
+                        "dim": 85},
     }
     (root / "meta" / "info.json").write_text(json.dumps(info))
-    (root / "data").mkdir()
+    (root / "data" / "episodes").mkdir(parents=True)
     pl.DataFrame(
         {
             "episode_id": [f"{i:06d}-0" for i in range(5)],
@@ -60,5 +62,5 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Pa
             "seed": [0] * 5,
             "parent_episode_id": [None] * 5,
         }
-    ).write_parquet(root / "data" / "episodes-00000.parquet")
+    ).write_parquet(root / "data" / "episodes" / "train-00000.parquet")
     return root
