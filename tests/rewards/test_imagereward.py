@@ -103,6 +103,81 @@ def _images(seed: int, n: int = 3) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 40, 56, 3), dtype=np.uint8)
 
 
+# ImageReward's own key names (read off the original ImageReward/models/BLIP vit.py + med.py and
+# ImageReward.py module tree) and where transformers' BLIP keeps the same weight.
+ORIGINAL_VISION = {
+    "cls_token": "embeddings.class_embedding",
+    "pos_embed": "embeddings.position_embedding",
+    "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+    "blocks.{i}.norm1.weight": "encoder.layers.{i}.layer_norm1.weight",
+    "blocks.{i}.norm1.bias": "encoder.layers.{i}.layer_norm1.bias",
+    "blocks.{i}.attn.qkv.weight": "encoder.layers.{i}.self_attn.qkv.weight",
+    "blocks.{i}.attn.qkv.bias": "encoder.layers.{i}.self_attn.qkv.bias",
+    "blocks.{i}.attn.proj.weight": "encoder.layers.{i}.self_attn.projection.weight",
+    "blocks.{i}.attn.proj.bias": "encoder.layers.{i}.self_attn.projection.bias",
+    "blocks.{i}.norm2.weight": "encoder.layers.{i}.layer_norm2.weight",
+    "blocks.{i}.norm2.bias": "encoder.layers.{i}.layer_norm2.bias",
+    "blocks.{i}.mlp.fc1.weight": "encoder.layers.{i}.mlp.fc1.weight",
+    "blocks.{i}.mlp.fc1.bias": "encoder.layers.{i}.mlp.fc1.bias",
+    "blocks.{i}.mlp.fc2.weight": "encoder.layers.{i}.mlp.fc2.weight",
+    "blocks.{i}.mlp.fc2.bias": "encoder.layers.{i}.mlp.fc2.bias",
+    "norm.weight": "post_layernorm.weight",
+    "norm.bias": "post_layernorm.bias",
+}
+ORIGINAL_TEXT = (
+    [
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.LayerNorm.weight",
+        "embeddings.LayerNorm.bias",
+    ]
+    + [
+        f"encoder.layer.{{i}}.{block}.{p}"
+        for block in ("attention", "crossattention")
+        for p in (
+            "self.query.weight",
+            "self.query.bias",
+            "self.key.weight",
+            "self.key.bias",
+            "self.value.weight",
+            "self.value.bias",
+            "output.dense.weight",
+            "output.dense.bias",
+            "output.LayerNorm.weight",
+            "output.LayerNorm.bias",
+        )
+    ]
+    + [
+        "encoder.layer.{i}.intermediate.dense.weight",
+        "encoder.layer.{i}.intermediate.dense.bias",
+        "encoder.layer.{i}.output.dense.weight",
+        "encoder.layer.{i}.output.dense.bias",
+        "encoder.layer.{i}.output.LayerNorm.weight",
+        "encoder.layer.{i}.output.LayerNorm.bias",
+    ]
+)
+ORIGINAL_HEAD = [f"mlp.layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")]
+
+
+def _expand(template: str, n_layers: int = 2) -> list[str]:
+    return [template.format(i=i) for i in range(n_layers)] if "{i}" in template else [template]
+
+
+def test_checkpoint_has_imagereward_key_names(tiny: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    _, sd = tiny
+    expected = {"blip.text_encoder.embeddings.position_ids", *ORIGINAL_HEAD}
+    expected |= {f"blip.{m}_proj.{p}" for m in ("vision", "text") for p in ("weight", "bias")}
+    for template in ORIGINAL_VISION:
+        expected |= {"blip.visual_encoder." + k for k in _expand(template)}
+    for template in ORIGINAL_TEXT:
+        expected |= {"blip.text_encoder." + k for k in _expand(template)}
+    assert set(sd) == expected
+    for original, hf in ORIGINAL_VISION.items():
+        for o, h in zip(_expand(original), _expand(hf), strict=True):
+            assert imagereward_to_hf_key("blip.visual_encoder." + o) == ("vision", h)
+
+
 def test_every_checkpoint_key_is_consumed(tiny: tuple[Path, dict[str, torch.Tensor]]) -> None:
     root, sd = tiny
     unused = {k for k in sd if imagereward_to_hf_key(k) is None}
@@ -127,7 +202,8 @@ def test_every_checkpoint_key_is_consumed(tiny: tuple[Path, dict[str, torch.Tens
 
 def test_scores_finite_deterministic_and_conditional(scorer: ImageRewardScorer) -> None:
     images = _images(0)
-    prompts = ["a red circle", "two blue squares", "a green square left of a red circle"]
+    # The last prompt is longer than ImageReward's 35 tokens: truncated, as the original does.
+    prompts = ["a red circle", "two blue squares", "a green square left of a red circle " * 6]
     s1 = scorer(images, prompts)
     assert s1.shape == (3,) and s1.dtype == np.float32
     assert np.isfinite(s1).all()
