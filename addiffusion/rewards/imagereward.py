@@ -2,8 +2,8 @@
 
 The ``image-reward`` 1.5 package cannot be installed beside this project (it pins
 ``timm==0.6.13``, imports ``clip`` through ``pkg_resources`` and does not import under
-transformers 5). Its model is small and standard, so we load its checkpoint into transformers'
-BLIP modules instead:
+transformers 5). Its model is a standard BLIP, so we load its checkpoint into transformers' BLIP
+modules instead:
 
 * ``blip.visual_encoder`` (BLIP ViT-L/16, 224 px, pre-norm blocks, LayerNorm eps 1e-6)
   -> :class:`transformers.BlipVisionModel` (the same layout as transformers' own BLIP conversion
@@ -27,14 +27,15 @@ ImageReward's constants; prompts are tokenised by BERT ``bert-base-uncased`` (+ 
 35 tokens; images are resized (shorter side, bicubic) and centre-cropped to 224 and normalised with
 CLIP's mean/std.
 
-What is verified here (tests/rewards/test_imagereward.py, offline): a tiny state dict with the
-real key names, built from tiny transformers modules through the inverse mapping, loads with no
-missing or unexpected keys and gives finite, deterministic, prompt- and image-dependent scores; the
+What is verified here (tests/rewards/test_imagereward.py, offline): the mapping against a table of
+the original key names; a tiny state dict with those names, built from tiny transformers modules
+through the inverse mapping, loads with no missing or unexpected keys and gives finite, deterministic, prompt- and image-dependent scores; the
 Hub wiring asks for ``ImageReward.pt`` and ``med_config.json`` from ``THUDM/ImageReward``.
 Checked once by hand (not in the test suite: it needs the original source, patched to import
 under transformers 5): a tiny model built from the original ``ImageReward/models/BLIP`` vit.py +
 med.py + ``MLP`` classes has exactly the keys this mapping expects plus the 5 unused ones, loads
-strictly, and these modules give bit-identical scores for the same weights and inputs.
+strictly, and these modules give bit-identical scores for the same weights and inputs; at full
+size (ViT-L + BERT-base + head) the format has 620 mapped + 5 unused keys, 447 M parameters.
 Not verified here: the real checkpoint (no Hub access), so its exact key set and the published
 model's scores are untested. Head counts are not in the weights' shapes: the text encoder's come
 from ``med_config.json`` (12), the ViT's from ``vision_heads`` (16 for ViT-L). Known difference
