@@ -68,28 +68,28 @@ def compute_rewards(
         pl.Series("r_continue", np.where(same_next, r_cont, np.nan)).fill_nan(None),
         pl.Series("r_stop", stop_reward(q, cfg)),
     )
-    # Refine: parent row (parent, branch_step) -> branch's first row (branch_step + 1).
-    branches = episodes.filter(pl.col("parent_episode_id").is_not_null()).select(
-        pl.col("episode_id").alias("branch_id"), "parent_episode_id", "branch_step")
-    qn = out.select("episode_id", "step", "q").with_columns(pl.Series("nfe", nfe))
-    edges = (
-        branches
-        .join(qn.rename({"episode_id": "parent_episode_id", "step": "branch_step",
-                         "q": "q0", "nfe": "nfe0"}), on=["parent_episode_id", "branch_step"])
-        .with_columns((pl.col("branch_step") + 1).alias("first_step"))
-        .join(qn.rename({"episode_id": "branch_id", "step": "first_step", "q": "q1",
-                         "nfe": "nfe1"}), on=["branch_id", "first_step"])
-    )
-    r_ref = step_reward(edges["q0"].to_numpy(), edges["q1"].to_numpy(),
-                        edges["nfe1"].to_numpy() - edges["nfe0"].to_numpy(), cfg)
-    edges = edges.with_columns(pl.Series("r", r_ref, dtype=pl.Float32))
-    enter = edges.select(pl.col("branch_id").alias("episode_id"),
-                         pl.col("first_step").alias("step"), pl.col("r").alias("r_enter"))
-    refine = (edges.sort("branch_id").group_by("parent_episode_id", "branch_step")
-              .agg(pl.col("r").first().alias("r_refine"))
-              .rename({"parent_episode_id": "episode_id", "branch_step": "step"}))
-    out = (out.join(refine, on=["episode_id", "step"], how="left", maintain_order="left")
-              .join(enter, on=["episode_id", "step"], how="left", maintain_order="left"))
+    # Refine: parent row (parent, branch_step) -> branch's first row (branch_step + 1). Rows are
+    # located through per-episode start rows (a few thousand episodes), not 1M-row joins.
+    starts = np.flatnonzero(~np.concatenate([[False], same_next[:-1]]))
+    start_of = dict(zip(eid.gather(starts).to_list(), starts.tolist(), strict=True))
+    steps_np = steps["step"].to_numpy()
+    r_refine = np.full(len(q), np.nan)
+    r_enter = np.full(len(q), np.nan)
+    branches = (episodes.filter(pl.col("parent_episode_id").is_not_null())
+                .sort("episode_id", descending=True))  # smallest id written last: it wins
+    for bid, parent, bstep in branches.select("episode_id", "parent_episode_id",
+                                              "branch_step").iter_rows():
+        b0, p0 = start_of.get(bid), start_of.get(parent)
+        if b0 is None or p0 is None or steps_np[b0] != bstep + 1:
+            continue  # branch or parent not in these rows (validate reports broken indices)
+        prow = p0 + bstep - int(steps_np[p0])
+        if not (p0 <= prow < len(q) and eid[prow] == parent and steps_np[prow] == bstep):
+            continue
+        r = step_reward(q[prow], q[b0], nfe[b0] - nfe[prow], cfg)
+        r_refine[prow] = r
+        r_enter[b0] = r
+    out = out.with_columns(pl.Series("r_refine", r_refine).fill_nan(None),
+                           pl.Series("r_enter", r_enter).fill_nan(None))
     return out.with_columns(pl.col(c).cast(pl.Float32) for c in REWARD_COLUMNS)
 
 
