@@ -86,7 +86,9 @@ class OfflinePolicy:
             if self.algo.observation_scaler is not None:
                 x = self.algo.observation_scaler.transform(x)
             impl.modules.set_eval()
-            logits = _categorical_policy(self).forward(x).logits
+            cat = _categorical_policy(self)
+            # The raw head output: torch's Categorical would shift logits by logsumexp.
+            logits = cat._fc(cat._encoder(x))
         return logits.cpu().numpy().astype(np.float32)
 
     def masked_scores(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
