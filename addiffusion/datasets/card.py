@@ -1,8 +1,9 @@
 """The dataset card (``README.md``) of a built dataset: Hub YAML ``configs`` + a short description.
 
 The ``configs`` block is what ``datasets.load_dataset(<path or repo>, "<config>")`` and the Hub
-viewer read: ``episodes`` and ``steps`` (Parquet, one split per data split) and ``webdataset``
-(tars, one sample per episode).
+viewer read: ``episodes`` and ``steps`` (Parquet, one split per data split). The WebDataset tars
+(one sample per episode) load with ``load_dataset("webdataset", data_files=".../webdataset/*.tar")``
+(``datasets`` picks one builder per repository, so they cannot be a config beside Parquet).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ def hub_configs(splits: list[str], webdataset: bool) -> list[dict[str, Any]]:
             "data_files": [{"split": s, "path": f"data/{name}/{s}-*.parquet"} for s in splits],
             **({"default": True} if name == "episodes" else {}),
         })
-    if webdataset:
-        configs.append({"config_name": "webdataset",
-                        "data_files": [{"split": "train", "path": "webdataset/*.tar"}]})
+    # No "webdataset" config: `datasets` infers one builder per repository (Parquet here), so a
+    # tar config would be read as Parquet. The tars load with the webdataset builder directly.
+    del webdataset
     return configs
 
 
@@ -72,6 +73,9 @@ components for any weights / NFE penalty.
 from datasets import load_dataset
 steps = load_dataset("<this repo or folder>", "steps")
 episodes = load_dataset("<this repo or folder>", "episodes")
+# one sample per episode (json + x̂0 filmstrip png), streamable:
+tars = load_dataset("webdataset", data_files="<folder or hf://datasets/<repo>>/webdataset/*.tar",
+                    split="train", streaming=True)
 ```
 
 ```bash
