@@ -20,7 +20,7 @@ class OnlineFinetuneConfig(StageConfig):
 
     n_envs: int = 8
     """Sub-environments = episodes denoised side by side (one batch element each)."""
-    n_steps: int = 16
+    n_steps: int = 8
     """Rollout length per sub-environment per iteration (decisions, not episodes)."""
     iterations: int = 8
     """PPO iterations (rollout + update). Short on purpose: tens at most."""

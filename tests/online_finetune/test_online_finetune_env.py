@@ -105,3 +105,31 @@ def test_sb3_adapter(sampler) -> None:
     assert venv.env_is_wrapped(object) == [False, False]  # type: ignore[arg-type]
     with pytest.raises(AttributeError):
         venv.get_attr("no_such_attribute")
+
+
+def test_refine_charges_its_nfe(tiny_models) -> None:
+    """With a refine budget the env takes refine from the mask and charges what the sampler
+    spent (refine_k re-denoise evaluations + the evaluation at the next step)."""
+    from addiffusion.diffusion.backbone import load_pipeline
+    from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
+    from addiffusion.rewards.clip import ClipScorer
+
+    pipe_dir, clip_dir = tiny_models
+    settings = SamplerSettings(n_max=N_MAX, warmup=1, refine_budget=1, refine_k=2)
+    sampler = StepwiseSampler(
+        load_pipeline(str(pipe_dir), "ddim", "cpu"), ClipScorer(str(clip_dir)), settings
+    )
+    env = SamplerVectorEnv(sampler, PROMPTS, 2, REWARDS, STATS, seed=0)
+    env.reset(seed=0)
+    env.step(np.array([mdp.CONTINUE, mdp.CONTINUE]))
+    assert env.action_masks()[:, mdp.REFINE].all()
+    q1 = quality({k: [ep.components[k] for ep in env.episodes] for k in STATS}, REWARDS, STATS)
+    _, r, term, _, _ = env.step(np.array([mdp.REFINE, mdp.CONTINUE]))
+    refined, plain = env.episodes
+    assert (refined.step, refined.refines_used, plain.step) == (2, 1, 2)
+    delta = refined.nfe - 2
+    assert delta == settings.refine_k + 1 and plain.nfe == 3
+    q2 = quality({k: [ep.components[k] for ep in env.episodes] for k in STATS}, REWARDS, STATS)
+    np.testing.assert_allclose(r, q2 - q1 - REWARDS.c_nfe * np.array([delta, 1]), atol=1e-5)
+    assert not env.action_masks()[0, mdp.REFINE]  # budget spent
+    assert env.action_masks()[1, mdp.REFINE]
