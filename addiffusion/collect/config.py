@@ -43,7 +43,9 @@ class CollectConfig(StageConfig):
     drop_components: tuple[str, ...] = ()
     """Pipeline components loaded as None (e.g. SD3's ``text_encoder_3``, ``tokenizer_3``)."""
     prompts: str = "builtin"
-    """``builtin``, ``shapes`` (the shapes world's tiers) or a prompt file (.txt/.jsonl/.csv)."""
+    """``builtin``, ``shapes`` (the shapes world's tiers), a prompt file or folder (DrawBench .csv,
+    PartiPrompts .tsv, COCO captions .json, GenEval .jsonl, T2I-CompBench folder of .txt, plain
+    .txt) or ``hf:<dataset id>[:<split>]`` (``datasets.load_dataset``)."""
     n_prompts: int = 24
     """How many prompts to take from the source (0 = all)."""
     seeds_per_prompt: int = 2

@@ -1,4 +1,5 @@
-"""Prompt sets: the built-in tiers, the shapes world, and prompt files (.txt, .jsonl, .csv)."""
+"""Prompt sets: the built-in tiers, the shapes world, benchmark prompt files in their published
+layouts (DrawBench, PartiPrompts, COCO captions, GenEval, T2I-CompBench) and Hub datasets."""
 
 from __future__ import annotations
 
@@ -62,38 +63,143 @@ def _heldout(text: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(h[:8], "little") / 2**64 < fraction
 
 
+def _require(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{where}: {what}")
+
+
+def _text(value: object, where: str, column: str) -> str:
+    _require(
+        isinstance(value, str) and bool(value.strip()),
+        where,
+        f"expected a non-empty string in {column!r}, got {value!r}",
+    )
+    return str(value).strip()
+
+
+def _read_table(path: Path, delimiter: str) -> list[tuple[str, str]]:
+    """CSV / TSV with a header. PartiPrompts (TSV: Prompt, Category, Challenge, Note), DrawBench
+    (CSV: Prompts, Category) or a plain file with ``prompt`` [+ ``category``]."""
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        names = reader.fieldnames or []
+        column = next((c for c in ("Prompt", "Prompts", "prompt") if c in names), None)
+        _require(
+            column is not None,
+            f"{path}:1",
+            f"expected a header with a Prompt (PartiPrompts), Prompts (DrawBench) or prompt "
+            f"column, got {names}",
+        )
+        cat = next((c for c in ("Category", "category") if c in names), None)
+        rows = []
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            _require(None not in row, where, f"more fields than the header's {len(names)}")
+            text = _text(row.get(column), where, str(column))
+            rows.append((text, (row.get(cat) or "").strip() or path.stem if cat else path.stem))
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+    """One JSON object per line with ``prompt``; category from ``category`` or GenEval's
+    ``tag`` (GenEval's ``evaluation_metadata.jsonl``)."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+        _require(isinstance(obj, dict), where, f"expected a JSON object, got {line[:80]!r}")
+        text = _text(obj.get("prompt"), where, "prompt")
+        rows.append((text, str(obj.get("category") or obj.get("tag") or path.stem)))
+    return rows
+
+
+def _read_coco(path: Path) -> list[tuple[str, str]]:
+    """COCO captions (``captions_*.json``): the first caption of every image, in file order."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    _require(
+        isinstance(data, dict) and isinstance(data.get("annotations"), list),
+        str(path),
+        "expected COCO captions JSON: an object with an 'annotations' list",
+    )
+    seen: set[object] = set()
+    rows = []
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}]"
+        _require(isinstance(ann, dict) and "image_id" in ann, where, "expected an image_id")
+        if ann["image_id"] in seen:
+            continue
+        seen.add(ann["image_id"])
+        rows.append((_text(ann.get("caption"), where, "caption"), "coco"))
+    return rows
+
+
+def _read_txt(path: Path, category: str) -> list[tuple[str, str]]:
+    return [
+        (line.strip(), category)
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+
+
+def _read_compbench(folder: Path) -> list[tuple[str, str]]:
+    """T2I-CompBench: one ``<category>_<split>.txt`` per category (``color_val.txt``, ...)."""
+    files = sorted(folder.glob("*.txt"))
+    _require(bool(files), str(folder), "expected T2I-CompBench *.txt files (one per category)")
+    rows = []
+    for f in files:
+        category = f.stem.removesuffix("_val").removesuffix("_train").removesuffix("_test")
+        rows.extend(_read_txt(f, category))
+    return rows
+
+
+def _read_hub(spec: str) -> list[tuple[str, str]]:
+    """``hf:<dataset id>[:<split>]`` through ``datasets.load_dataset`` (Hub or local cache)."""
+    import datasets
+
+    name, _, split = spec.removeprefix("hf:").partition(":")
+    ds = datasets.load_dataset(name, split=split or "train")
+    column = next(
+        (c for c in ("Prompt", "Prompts", "prompt", "caption", "text") if c in ds.column_names),
+        None,
+    )
+    _require(column is not None, spec, f"no prompt column among {ds.column_names}")
+    cat = next((c for c in ("Category", "category", "tag") if c in ds.column_names), None)
+    return [
+        (_text(row[column], f"{spec} row {i}", str(column)), str(row[cat]) if cat else name)
+        for i, row in enumerate(ds)
+    ]
+
+
 def _read_file(path: Path) -> list[tuple[str, str]]:
+    """Prompt files by layout: a folder (T2I-CompBench), .tsv (PartiPrompts), .csv (DrawBench or
+    ``prompt``), .json (COCO captions), .jsonl (GenEval or ``prompt``), .txt (one per line)."""
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} not found")
-    rows: list[tuple[str, str]] = []
-    if path.suffix == ".txt":
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rows.append((line.strip(), "file"))
-    elif path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError(
-                    f"{path}:{n}: expected an object with a string 'prompt', got {line[:80]!r}"
-                )
-            rows.append((obj["prompt"], str(obj.get("category", "file"))))
+    if path.is_dir():
+        rows = _read_compbench(path)
+    elif path.suffix == ".tsv":
+        rows = _read_table(path, "\t")
     elif path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-                raise ValueError(
-                    f"{path}: expected a header with a 'prompt' column, got {reader.fieldnames}"
-                )
-            for row in reader:
-                rows.append((row["prompt"], row.get("category") or "file"))
+        rows = _read_table(path, ",")
+    elif path.suffix == ".json":
+        rows = _read_coco(path)
+    elif path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif path.suffix == ".txt":
+        rows = _read_txt(path, "file")
     else:
-        raise ValueError(f"prompt file {path}: expected .txt, .jsonl or .csv, got {path.suffix!r}")
+        raise ValueError(
+            f"prompt file {path}: expected a folder, .txt, .tsv, .csv, .json or .jsonl, "
+            f"got {path.suffix!r}"
+        )
     if not rows:
         raise ValueError(f"prompt file {path} holds no prompts")
     return rows
@@ -115,6 +221,8 @@ def load_prompts(
         out = [(p.text, p.category, "train") for p in sample_prompts("train", n - n_held, seed)]
         out += [(p.text, p.category, "heldout") for p in sample_prompts("heldout", n_held, seed)]
         return [PromptRecord(i, t, c, s) for i, (t, c, s) in enumerate(out)]
+    elif source.startswith("hf:"):
+        rows = _read_hub(source)
     else:
         rows = _read_file(Path(source))
     if n_prompts:
