@@ -10,6 +10,10 @@ from addiffusion.online_finetune.config import OnlineFinetuneConfig
 from addiffusion.rewards.config import RewardConfig
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def _finetune(args: argparse.Namespace) -> int:
     params = read_params(args.params)
     cfg = OnlineFinetuneConfig.from_params(params)
@@ -30,8 +34,8 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     print(
         f"online-finetune: {metrics['iterations']} iterations, {metrics['global_step']} steps in "
-        f"{metrics['seconds']:.1f}s; episodic return {metrics['charts/episodic_return_first']} "
-        f"-> {metrics['charts/episodic_return_last']}; actor written to {args.out}"
+        f"{metrics['seconds']:.1f}s; episodic return {_fmt(metrics['charts/episodic_return_first'])}"
+        f" -> {_fmt(metrics['charts/episodic_return_last'])}; actor written to {args.out}"
     )
     return 0
 

@@ -42,6 +42,8 @@ SB3_TO_CLEANRL = {
     "train/explained_variance": "losses/explained_variance",
     "train/learning_rate": "charts/learning_rate",
 }
+LOGGED = ("charts/episodic_return", "charts/episodic_nfe", "losses/approx_kl", "losses/entropy")
+"""The per-iteration line printed by ``log``."""
 
 
 def load_offline_actor(offline_dir: Path) -> MlpActor:
@@ -99,6 +101,16 @@ class _EpisodeLog(BaseCallback):
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _finite(value: Any) -> float | None:
+    """SB3 reports NaN (e.g. explained variance of constant returns); JSON wants null."""
+    v = float(value)
+    return v if math.isfinite(v) else None
 
 
 def finetune(
@@ -159,15 +171,14 @@ def finetune(
             "charts/episodes": len(eps),
             "charts/nfe": env.total_nfe - nfe0,
             "charts/SPS": cfg.steps_per_iteration / (time.perf_counter() - it_tic),
-            "losses/entropy": -float(values["train/entropy_loss"]),
+            "losses/entropy": _finite(-float(values["train/entropy_loss"])),
         }
-        row.update({new: float(values[old]) for old, new in SB3_TO_CLEANRL.items()})
+        row.update({new: _finite(values[old]) for old, new in SB3_TO_CLEANRL.items()})
         rows.append(row)
         if log is not None:
             log(
-                f"iteration {it}/{cfg.iterations}: return {row['charts/episodic_return']}, "
-                f"NFE/episode {row['charts/episodic_nfe']}, approx_kl "
-                f"{row['losses/approx_kl']:.2e}, entropy {row['losses/entropy']:.3f}"
+                f"iteration {it}/{cfg.iterations}: "
+                + ", ".join(f"{k} {_fmt(row[k])}" for k in LOGGED)
             )
 
     final = actor_from_ppo(model, actor.spec)
@@ -203,9 +214,5 @@ def finetune(
     with (out_dir / "training.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(
-            {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
-             for k, v in r.items()}
-            for r in rows
-        )
+        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
     return metrics
