@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from addiffusion.diffusion.backbone import load_pipeline, resolve_device
+from addiffusion.diffusion.mdp import ObservationLayout
 from addiffusion.diffusion.sampler import ExtraScorer, StepwiseSampler
 from addiffusion.eval import report
 from addiffusion.eval.config import EvalConfig
@@ -51,6 +52,20 @@ def _extra_scorers(held: HeldoutSet) -> dict[str, ExtraScorer]:
 
         extra["verifier"] = lambda images, prompts: verify(images, list(prompts)).score
     return extra
+
+
+def _check_observation_layout(held: HeldoutSet, scorer: ClipScorer) -> None:
+    """Policies were trained on the dataset's observations: evaluation must build the same."""
+    recorded = held.info.get("observation")
+    if recorded is None:
+        return
+    here = ObservationLayout(scorer.dim, scorer.dim)
+    if ObservationLayout.from_dict(recorded) != here:
+        raise ValueError(
+            f"meta/info.json records observation layout {recorded}, but scorer "
+            f"{held.info['scorer']!r} gives {here.to_dict()}: evaluate with the scorer the "
+            "dataset was collected with"
+        )
 
 
 def _scores(run: MethodRun, reward_cfg: RewardConfig, held: HeldoutSet) -> dict[str, np.ndarray]:
@@ -116,6 +131,7 @@ def evaluate(
     device = resolve_device(cfg.device)
     pipe = load_pipeline(held.info["backbone"], held.info["scheduler"], str(device))
     scorer = ClipScorer(held.info["scorer"], device)
+    _check_observation_layout(held, scorer)
     extra = _extra_scorers(held)
     prompts = [it.prompt for it in held.items]
     seeds = [it.seed for it in held.items]

@@ -1,7 +1,9 @@
 """The evaluation set: the built dataset's held-out prompts, its sampler settings and stats.
 
-Reads ``<dataset>/meta/info.json`` (model ids, ``sampler`` settings, per-component normalisation
-stats) and the ``episodes`` table (rows with ``split == "heldout"``, root episodes only).
+Reads the layout ``datasets build`` writes (:mod:`addiffusion.datasets.build`):
+``<dataset>/meta/info.json`` (model ids, ``sampler`` settings, ``components`` and their
+``component_stats``, ``observation`` layout) and ``<dataset>/data/episodes/*.parquet`` (root
+episodes with ``split == "heldout"``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import polars as pl
 from addiffusion.diffusion.sampler import SamplerSettings
 from addiffusion.eval.config import EvalConfig
 
-STATS_KEYS = ("normalization", "normalisation", "component_stats", "stats")
-"""Where ``meta/info.json`` may keep ``{component: {"mean", "std"}}`` (first match wins)."""
 REQUIRED_SAMPLER_KEYS = (
     "n_max",
     "warmup",
@@ -83,30 +83,21 @@ def sampler_settings(info: dict[str, Any]) -> SamplerSettings:
 
 
 def component_stats(info: dict[str, Any]) -> dict[str, dict[str, float]]:
-    for key in STATS_KEYS:
-        stats = info.get(key)
-        if isinstance(stats, dict) and stats:
-            # Some layouts nest them one level deeper, e.g. {"components": {...}}.
-            if "components" in stats and isinstance(stats["components"], dict):
-                stats = stats["components"]
-            return {
-                name: {"mean": float(s["mean"]), "std": float(s["std"])}
-                for name, s in stats.items()
-                if isinstance(s, dict) and "mean" in s and "std" in s
-            }
-    return {}
+    """``info["component_stats"]``: ``{component: {"mean", "std"}}`` (empty when absent)."""
+    stats = info.get("component_stats") or {}
+    return {
+        name: {"mean": float(s["mean"]), "std": float(s["std"])}
+        for name, s in stats.items()
+        if isinstance(s, dict) and "mean" in s and "std" in s
+    }
 
 
 def _episode_files(dataset_dir: Path) -> list[Path]:
-    files = [
-        p
-        for p in sorted(Path(dataset_dir).rglob("*.parquet"))
-        if "episodes" in p.relative_to(dataset_dir).parts[:-1] or p.stem.startswith("episodes")
-    ]
+    files = sorted((Path(dataset_dir) / "data" / "episodes").glob("*.parquet"))
     if not files:
         raise FileNotFoundError(
-            f"no episodes table in {dataset_dir} (expected Parquet files named episodes*.parquet "
-            "or under an episodes/ folder)"
+            f"{dataset_dir}/data/episodes/ holds no Parquet files: not a built dataset (run "
+            "`addiffusion datasets build` on a collected store first)"
         )
     return files
 

@@ -87,22 +87,34 @@ def plot_pareto(metrics: Mapping[str, Mapping[str, Any]], path: Path, n_max: int
 def plot_samples(
     images: Mapping[str, np.ndarray], prompts: list[str], path: Path, n_cols: int = 8
 ) -> None:
-    """A grid of final images: one row per method, the first ``n_cols`` (prompt, seed) pairs."""
+    """A grid of final images: one row per method, the first ``n_cols`` (prompt, seed) pairs.
+
+    images: method -> (N, H, W, 3) uint8. One composed array in one axes: a subplot per image
+    costs seconds per figure.
+    """
     names = list(images)
     n_cols = min(n_cols, len(prompts))
-    fig, axes = plt.subplots(
-        len(names), n_cols, figsize=(1.3 * n_cols + 1.2, 1.3 * len(names) + 0.6), squeeze=False
-    )
+    h, w = next(iter(images.values())).shape[1:3]
+    pad = max(1, h // 16)
+    grid = np.full((len(names) * (h + pad), n_cols * (w + pad), 3), 255, np.uint8)
     for r, name in enumerate(names):
         for c in range(n_cols):
-            ax = axes[r][c]
-            ax.imshow(images[name][c], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, fontsize=7)
-            if r == 0:
-                ax.set_title(prompts[c][:24], fontsize=6)
+            y, x = r * (h + pad), c * (w + pad)
+            grid[y : y + h, x : x + w] = images[name][c]
+    scale = max(1.0, 64 / h)  # tiny 32-pixel images stay visible
+    fig, ax = plt.subplots(
+        figsize=(n_cols * scale * (w + pad) / 100 + 1.6, len(names) * scale * (h + pad) / 100 + 1.0)
+    )
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(names))], names, fontsize=7)
+    ax.set_xticks(
+        [c * (w + pad) + w / 2 for c in range(n_cols)],
+        [p[:20] for p in prompts[:n_cols]],
+        fontsize=6,
+        rotation=30,
+        ha="right",
+    )
+    ax.tick_params(length=0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
