@@ -14,12 +14,23 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from addiffusion.datasets.d3rlpy_convert import to_replay_buffers
+    from addiffusion.datasets.relabel import read_info
     from addiffusion.offline_rl.train import train_offline
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = OfflineRLConfig.from_params(read_params(args.params))
-    train, val = to_replay_buffers(Path(args.dataset), Path(args.rewards), cfg.val_fraction, cfg.seed)
+    # Validation prompts: the split `datasets build` recorded in meta/info.json (its column
+    # rl_split), so every stage agrees on which prompts the policy never saw.
+    split = read_info(Path(args.dataset)).get("rl_split")
+    if not isinstance(split, dict) or not {"val_fraction", "seed"} <= set(split):
+        raise SystemExit(
+            f"{Path(args.dataset) / 'meta' / 'info.json'} has no rl_split "
+            "{val_fraction, seed}: rebuild the dataset with `addiffusion datasets build`"
+        )
+    train, val = to_replay_buffers(
+        Path(args.dataset), Path(args.rewards), float(split["val_fraction"]), int(split["seed"])
+    )
     metrics = train_offline(train, val, cfg, Path(args.out), show_progress=not args.quiet)
     rows = [(cfg.algo, metrics), *metrics.get("baselines", {}).items()]
     for name, m in rows:
@@ -35,9 +46,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from addiffusion.offline_rl.policy import load_policy
+    import sys
 
-    policy = load_policy(Path(args.policy), Path(args.manifest) if args.manifest else None)
+    from addiffusion.offline_rl.policy import PolicyLoadError, load_policy
+
+    try:
+        policy = load_policy(Path(args.policy), Path(args.manifest) if args.manifest else None)
+    except PolicyLoadError as e:
+        print(f"addiffusion offline-rl verify: {e}", file=sys.stderr)
+        return 1
     summary = {
         "algo": policy.algo_name,
         "observation_dim": policy.observation_dim,
@@ -58,8 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = stage.add_parser(
         "train",
         help="train on a built dataset with a rewards file",
-        description="Convert the dataset to d3rlpy replay buffers (train / validation split by "
-        "episode), train the `offline_rl.algo` of the params file and each of "
+        description="Convert the dataset to d3rlpy replay buffers (validation prompts: the "
+        "split recorded by `datasets build` in meta/info.json), train the `offline_rl.algo` of the params file and each of "
         "`offline_rl.baselines`, and write policy.d3, manifest.json, metrics.json, training.csv "
         "and d3rlpy logs under --out.",
     )

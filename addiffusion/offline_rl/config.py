@@ -51,8 +51,6 @@ class OfflineRLConfig(StageConfig):
     """BC: L2 penalty on the logits (d3rlpy DiscreteBC's beta)."""
     observation_scaler: Literal["standard", "none"] = "standard"
     """Standardise observations with the training set's mean and std (stored in the .d3)."""
-    val_fraction: float = 0.1
-    """Fraction of root episodes held out for validation metrics (passed to the converter)."""
     seed: int = 0
     device: str = "auto"
     """auto (cuda:0 if available, else cpu), cpu, cuda or cuda:N."""
@@ -87,7 +85,6 @@ class OfflineRLConfig(StageConfig):
             self.cql_target_update_interval,
         )
         check(self.bc_beta >= 0.0, f"{s}.bc_beta", ">= 0", self.bc_beta)
-        check(0.0 < self.val_fraction < 1.0, f"{s}.val_fraction", "in (0, 1)", self.val_fraction)
         check(
             len(set(self.baselines)) == len(self.baselines),
             f"{s}.baselines",

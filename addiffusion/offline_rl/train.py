@@ -34,7 +34,7 @@ from d3rlpy.metrics import (
 from d3rlpy.models.encoders import VectorEncoderFactory
 from d3rlpy.preprocessing import StandardObservationScaler
 
-from addiffusion.diffusion.mdp import N_ACTIONS
+from addiffusion.diffusion.mdp import N_ACTIONS, REFINE
 from addiffusion.offline_rl.config import Algo, OfflineRLConfig
 from addiffusion.offline_rl.discrete_iql import DiscreteIQLConfig
 from addiffusion.offline_rl.policy import (
@@ -132,8 +132,13 @@ def _evaluators(algo: Algo, val: ReplayBuffer | None) -> dict[str, EvaluatorProt
     }
     if algo != "bc":  # BC has no Q function
         evaluators["val_td_error"] = TDErrorEvaluator(val.episodes)
-        # Multi-step episodes only: the one-step counterfactual stop episodes are not starts.
-        starts = [ep for ep in val.episodes if ep.size() > 1]
+        # Root trajectories only: one-step counterfactual stops and refine branches (which start
+        # with the parent's state and REFINE) are not episode starts.
+        starts = [
+            ep
+            for ep in val.episodes
+            if ep.size() > 1 and int(np.asarray(ep.actions).reshape(-1)[0]) != REFINE
+        ]
         if starts:
             evaluators["val_initial_value"] = InitialStateValueEstimationEvaluator(starts)
     return evaluators

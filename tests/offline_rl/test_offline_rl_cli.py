@@ -1,0 +1,80 @@
+"""``addiffusion offline-rl train|verify`` end to end on a real (synthetic-content) dataset:
+store written by the real ShardWriter -> datasets build -> relabel -> to_replay_buffers -> train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from addiffusion.config import ConfigError
+from addiffusion.datasets.build import build_dataset
+from addiffusion.datasets.config import DatasetsConfig
+from addiffusion.datasets.relabel import read_info, relabel
+from addiffusion.datasets.synthetic import write_synthetic_store
+from addiffusion.offline_rl.cli import register
+from addiffusion.rewards.config import RewardConfig
+
+torch.set_num_threads(1)
+
+
+def main(argv: list[str]) -> int:
+    """Our subcommands only: ``addiffusion.cli.main`` imports every stage (diffusers included)."""
+    parser = argparse.ArgumentParser(prog="addiffusion")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+@pytest.fixture(scope="module")
+def dataset_and_rewards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("offline_rl_data")
+    # 6 prompts x 2 seeds, n_max 5, every 3rd prompt heldout, one refine branch per root.
+    write_synthetic_store(root / "store", branch_step=2, n_max=5)
+    dataset = build_dataset(
+        root / "store", root / "dataset", DatasetsConfig(chunk_rows=20, val_fraction=0.25)
+    )
+    rewards = root / "rewards.parquet"
+    relabel(dataset, RewardConfig(), rewards)
+    return dataset, rewards
+
+
+def test_train_then_verify(
+    dataset_and_rewards: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset, rewards = dataset_and_rewards
+    params = tmp_path / "params.yaml"
+    section = {"n_steps": 20, "n_steps_per_epoch": 10, "hidden_units": [8], "batch_size": 16}
+    params.write_text(yaml.safe_dump({"offline_rl": {**section, "baselines": ["cql"]}}))
+    out = tmp_path / "run"
+    argv = ["offline-rl", "train", "--dataset", str(dataset), "--rewards", str(rewards)]
+    assert main([*argv, "--out", str(out), "--params", str(params), "--quiet"]) == 0
+    assert "val stop regret" in capsys.readouterr().out
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["algo"] == "iql" and manifest["config"]["hidden_units"] == [8]
+    assert manifest["observation_dim"] == read_info(dataset)["observation"]["dim"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 4 train prompts x 2 seeds; 1 prompt (2 roots) is validation; branches are not stop-evaluated.
+    assert metrics["train_stop"]["n_episodes"] == 6
+    assert metrics["val"]["stop"]["n_episodes"] == 2
+    assert "td_error" in metrics["val"] and "cql" in metrics["baselines"]
+    assert (out / "training.csv").read_text().startswith("epoch,")
+
+    assert main(["offline-rl", "verify", "--policy", str(out / "policy.d3")]) == 0
+    assert json.loads(capsys.readouterr().out)["sha256"] == manifest["sha256"]
+    (out / "policy.d3").write_bytes((out / "policy.d3").read_bytes() + b"\0")
+    assert main(["offline-rl", "verify", "--policy", str(out / "policy.d3")]) == 1
+    assert "refusing to load" in capsys.readouterr().err
+
+
+def test_bad_params_are_reported(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"offline_rl": {"expectile": 1.5}}))
+    argv = ["offline-rl", "train", "--dataset", "d", "--rewards", "r", "--out", str(tmp_path)]
+    with pytest.raises(ConfigError, match=r"offline_rl.expectile must be in \(0, 1\), got 1.5"):
+        main([*argv, "--params", str(params)])
