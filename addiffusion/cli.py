@@ -12,7 +12,16 @@ import sys
 
 from addiffusion.config import ConfigError
 
-STAGES = ("backbone", "collect", "datasets", "offline_rl", "online_finetune", "eval", "bench")
+STAGES = (
+    "backbone",
+    "worlds.shapes",
+    "collect",
+    "datasets",
+    "offline_rl",
+    "online_finetune",
+    "eval",
+    "bench",
+)
 """Modules under ``addiffusion`` whose ``cli.register`` adds subcommands (``offline_rl`` is spelt
 ``offline-rl`` on the command line, ``online_finetune`` ``online-finetune``)."""
 
