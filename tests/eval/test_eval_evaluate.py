@@ -275,3 +275,59 @@ def test_collect_build_eval_end_to_end(tiny_models: tuple[Path, Path], tmp_path:
     stats = json.loads((ds / "meta" / "info.json").read_text())["component_stats"]["clip_score"]
     expected = (m["ddim-3"]["clip_score"] - stats["mean"]) / stats["std"]
     assert m["ddim-3"]["quality"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_cli_evaluates_real_offline_and_online_policies(dataset: Path, tmp_path: Path) -> None:
+    """Real (2-step) DiscreteIQL + DiscreteBC runs and a 1-iteration PPO fine-tune, loaded by the
+    CLI from their output folders (sha256-checked) and run with masks."""
+    from d3rlpy.constants import ActionSpace
+    from d3rlpy.dataset import MDPDataset
+
+    from addiffusion.offline_rl.config import OfflineRLConfig
+    from addiffusion.offline_rl.train import train_offline
+    from addiffusion.online_finetune.config import OnlineFinetuneConfig
+    from addiffusion.online_finetune.finetune import finetune
+
+    rng = np.random.default_rng(0)
+    n, dim = 32, 85  # tiny CLIP: 32 image + 32 text + 16 time + 5 quality
+    terminals = np.zeros(n)
+    terminals[3::4] = 1.0
+    data = MDPDataset(
+        rng.standard_normal((n, dim)).astype(np.float32),
+        rng.integers(0, 2, n),
+        rng.standard_normal(n).astype(np.float32),
+        terminals,
+        action_space=ActionSpace.DISCRETE,
+        action_size=3,
+    )
+    offline = tmp_path / "offline"
+    offline_cfg = OfflineRLConfig(
+        n_steps=2,
+        n_steps_per_epoch=2,
+        batch_size=8,
+        hidden_units=[8],
+        baselines=["bc"],
+        device="cpu",
+    )
+    train_offline(data, None, offline_cfg, offline, log=False)
+    online = tmp_path / "online"
+    online_cfg = OnlineFinetuneConfig(
+        n_envs=2, n_steps=2, iterations=1, batch_size=4, n_epochs=1, device="cpu"
+    )
+    finetune(dataset, offline, online_cfg, online, rewards=RewardConfig())
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "eval:\n  baseline_steps: [2, 4]\n  stability_thresholds: []\n"
+        "  clip_delta_thresholds: []\n  seeds_per_prompt: 1\n  bootstrap_samples: 50\n"
+        "  device: cpu\n"
+    )
+    out = tmp_path / "out"
+    argv = ["eval", "--dataset", str(dataset), "--offline", str(offline), "--online", str(online)]
+    assert main([*argv, "--out", str(out), "--params", str(params), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["ddim-2", "ddim-4", "iql", "bc", "ppo"]
+    for name in ("iql", "bc", "ppo"):
+        m = metrics[name]
+        assert m["kind"] == "policy" and m["masked_actions"] == 0
+        assert WARMUP + 1 <= m["nfe"] <= N_MAX and m["vs"] in ("ddim-2", "ddim-4")
