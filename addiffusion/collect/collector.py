@@ -102,6 +102,7 @@ def shard_info(cfg: CollectConfig, sampler: StepwiseSampler) -> dict:
             "height": s.height,
             "width": s.width,
             "mask_blur_sigma": s.mask_blur_sigma,
+            "x0_decode_scale": s.x0_decode_scale,
         },
         "action_map": {name: i for i, name in enumerate(mdp.ACTION_NAMES)},
         "nfe_convention": NFE_CONVENTION,

@@ -35,6 +35,9 @@ class CollectConfig(StageConfig):
     """Re-denoise iterations per refine (k NFE)."""
     mask_blur_sigma: float = 1.0
     """Gaussian blur of the under-generation mask, in latent pixels."""
+    x0_decode_scale: float = 1.0
+    """Per-step x̂0 decoded from latents resized by this factor (1 = exact; 0.5 = a quarter of
+    the decode cost, features and scores from a half-size image). Final images: full size."""
     branch_prob: float = 0.2
     """Behaviour policy: probability of taking refine (a recorded branch) at each refine-legal
     step of a root episode."""
@@ -78,6 +81,12 @@ class CollectConfig(StageConfig):
         )
         check(self.refine_budget >= 0, "collect.refine_budget", ">= 0", self.refine_budget)
         check(self.mask_blur_sigma >= 0, "collect.mask_blur_sigma", ">= 0", self.mask_blur_sigma)
+        check(
+            0.0 < self.x0_decode_scale <= 1.0,
+            "collect.x0_decode_scale",
+            "in (0, 1]",
+            self.x0_decode_scale,
+        )
         check(0.0 <= self.branch_prob <= 1.0, "collect.branch_prob", "in [0, 1]", self.branch_prob)
         check(
             self.branch_prob == 0.0 or self.refine_budget >= 1,
@@ -113,4 +122,5 @@ class CollectConfig(StageConfig):
             height=self.height,
             width=self.width,
             mask_blur_sigma=self.mask_blur_sigma,
+            x0_decode_scale=self.x0_decode_scale,
         )

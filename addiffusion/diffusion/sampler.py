@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import psutil
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
 from addiffusion.diffusion import backbone, mdp
@@ -56,6 +57,10 @@ class SamplerSettings:
     width: int = 32
     mask_blur_sigma: float = 1.0
     """Gaussian blur of the under-generation mask, in latent pixels."""
+    x0_decode_scale: float = 1.0
+    """Per-step x̂0 is decoded from latents resized by this factor (1: exact). Below 1 the
+    per-step images, features and scores are approximations that cost ~scale² of a decode;
+    :meth:`StepwiseSampler.stop` always decodes the final image at full resolution."""
 
 
 @dataclass
@@ -98,7 +103,7 @@ class StepRecord:
     refines_used: np.ndarray  # (B,) int32
     image_features: np.ndarray  # (B, D_img) float32
     components: dict[str, np.ndarray]  # name -> (B,) float32 raw reward components
-    images: np.ndarray  # (B, H, W, 3) uint8, decoded x̂0
+    images: np.ndarray  # (B, H, W, 3) uint8, decoded x̂0 (H, W scaled by x0_decode_scale)
     x0_latents: np.ndarray  # (B, C, h, w) float16
     wall_time_s: float  # wall time of the whole batched step
     peak_mem_bytes: int  # peak CUDA memory during the step, else process RSS
@@ -251,11 +256,16 @@ class StepwiseSampler:
         # The record's cost covers the k re-denoise iterations too.
         return dataclasses.replace(record, wall_time_s=time.perf_counter() - tic)
 
+    @torch.no_grad()
     def stop(self, episodes: Sequence[Episode]) -> np.ndarray:
-        """End the episodes; the final images are the decoded x̂0 of their current step."""
+        """End the episodes; the final images ``(B, H, W, 3)`` uint8 are the decoded x̂0 of their
+        current step (at full resolution, whatever ``x0_decode_scale``)."""
         for ep in episodes:
             ep.done = True
-        return np.stack([ep.image for ep in episodes])
+        if self.settings.x0_decode_scale == 1.0:
+            return np.stack([ep.image for ep in episodes])
+        images = backbone.decode_latents(self.pipe, torch.cat([ep.x0 for ep in episodes]))
+        return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
     def fork(self, episodes: Sequence[Episode]) -> list[Episode]:
         """Independent copies of the episodes at their current state (for refine branches).
@@ -424,7 +434,9 @@ class StepwiseSampler:
             content = torch.stack([ep.content_tokens for ep in episodes])
             masks = undergeneration_mask(maps, content, self.settings.mask_blur_sigma)
         now = self._tick("denoiser", tic)
-        images = backbone.decode_latents(self.pipe, x0)
+        scale = self.settings.x0_decode_scale
+        small = x0 if scale == 1.0 else F.interpolate(x0, scale_factor=scale, mode="area")
+        images = backbone.decode_latents(self.pipe, small)
         now = self._tick("decode", now)
         features = self.scorer.encode_images(images)
         images_u8 = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

@@ -53,7 +53,9 @@ def test_continue_matches_pipeline_call(
 def test_batched_episodes_at_different_steps_match_solo_runs(
     scheduler: str, tiny_pipe_dir: Path, tiny_clip: ClipScorer
 ) -> None:
-    sampler = StepwiseSampler(load_pipeline(str(tiny_pipe_dir), scheduler, "cpu"), tiny_clip, SETTINGS)
+    sampler = StepwiseSampler(
+        load_pipeline(str(tiny_pipe_dir), scheduler, "cpu"), tiny_clip, SETTINGS
+    )
     solo = []
     for seed in (1, 2):
         eps, _ = sampler.start(["two green squares"], [seed])
@@ -70,3 +72,13 @@ def test_batched_episodes_at_different_steps_match_solo_runs(
     sampler.advance(b)
     torch.testing.assert_close(a[0].latents, solo[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b[0].latents, solo[1], atol=1e-5, rtol=1e-5)
+
+
+def test_reduced_x0_decode_keeps_final_image_full_size(
+    tiny_pipe_dir: Path, tiny_clip: ClipScorer
+) -> None:
+    settings = SamplerSettings(n_max=2, warmup=1, height=32, width=32, x0_decode_scale=0.5)
+    sampler = StepwiseSampler(load_pipeline(str(tiny_pipe_dir), "ddim", "cpu"), tiny_clip, settings)
+    eps, rec = sampler.start(["a red circle"], [1])
+    assert rec.images.shape == (1, 16, 16, 3)
+    assert sampler.stop(eps).shape == (1, 32, 32, 3)
