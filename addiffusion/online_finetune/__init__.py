@@ -3,10 +3,10 @@ actor, and the fine-tuned actor's files (safetensors + hashed manifest).
 
 Public API (imported lazily, so ``addiffusion --help`` does not import SB3 or diffusers):
 ``OnlineFinetuneConfig`` (``.config``), ``SamplerVectorEnv`` (``.env``), ``Sb3VecEnv``
-(``.sb3_adapter``), ``finetune``, ``load_offline_actor`` (``.finetune``),
-``load_finetuned_policy``, ``FinetunedPolicy``, ``build_maskable_ppo`` (``.ppo``), ``MlpActor``,
-``ActorSpec``, ``mlp_actor_from_module`` (``.actor``), ``read_dataset_mdp``, ``build_sampler``
-(``.dataset_mdp``).
+(``.sb3_adapter``), ``finetune`` (``.finetune``), ``load_offline_networks``,
+``load_offline_actor`` (``.offline_init``), ``load_finetuned_policy``, ``FinetunedPolicy``,
+``build_maskable_ppo`` (``.ppo``), ``MlpActor``, ``ActorSpec``, ``mlp_actor_from_module``
+(``.actor``), ``read_dataset_mdp``, ``build_sampler`` (``.dataset_mdp``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ _EXPORTS = {
     "SamplerVectorEnv": "env",
     "Sb3VecEnv": "sb3_adapter",
     "finetune": "finetune",
-    "load_offline_actor": "finetune",
+    "load_offline_actor": "offline_init",
+    "load_offline_networks": "offline_init",
     "load_finetuned_policy": "ppo",
     "FinetunedPolicy": "ppo",
     "build_maskable_ppo": "ppo",

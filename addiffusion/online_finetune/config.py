@@ -38,6 +38,10 @@ class OnlineFinetuneConfig(StageConfig):
     """PPO ratio clip epsilon."""
     ent_coef: float = 0.0
     """Entropy bonus coefficient."""
+    init_critic: bool = True
+    """Start the PPO value network from the offline run's state-value network V (IQL has one,
+    same MLP shape) instead of a fresh init; advantages are then informative from iteration 1.
+    IQL's V is an upper expectile over the data's actions, so it starts optimistic."""
     seed: int = 0
     """Seeds torch, numpy, the prompt order and the episodes' noise seeds."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -24,12 +24,11 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
-from torch import nn
 
-from addiffusion.online_finetune.actor import MlpActor, mlp_actor_from_module
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
 from addiffusion.online_finetune.dataset_mdp import build_sampler, read_dataset_mdp
 from addiffusion.online_finetune.env import SamplerVectorEnv
+from addiffusion.online_finetune.offline_init import load_offline_networks
 from addiffusion.online_finetune.ppo import actor_from_ppo, build_maskable_ppo, save_actor
 from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
 from addiffusion.rewards.config import RewardConfig
@@ -44,47 +43,6 @@ SB3_TO_CLEANRL = {
 }
 LOGGED = ("charts/episodic_return", "charts/episodic_nfe", "losses/approx_kl", "losses/entropy")
 """The per-iteration line printed by ``log``."""
-
-
-def load_offline_actor(offline_dir: Path) -> MlpActor:
-    """The IQL (or BC) actor of an ``offline_rl`` run as an :class:`MlpActor`.
-
-    ``policy.d3`` is unpickled by ``offline_rl.load_policy`` only after its sha256 matches the
-    run's ``manifest.json``. ``actor_logits_module`` folds d3rlpy's observation standardisation
-    into the first layer; it is unfolded here (``W = W' * s``, ``b = b' + W' m``) so that PPO
-    keeps optimising on standardised inputs, as IQL did, and its critic sees them too.
-    """
-    from addiffusion.offline_rl.policy import actor_logits_module, load_policy
-
-    offline_dir = Path(offline_dir)
-    policy = load_policy(offline_dir / "policy.d3", offline_dir / "manifest.json", device="cpu:0")
-    mlp = actor_logits_module(policy)
-    scaler = policy.algo.observation_scaler
-    if scaler is None:
-        actor = mlp_actor_from_module(mlp)
-    else:
-        mean = torch.as_tensor(np.asarray(scaler.mean), dtype=torch.float32).reshape(-1)
-        scale = torch.as_tensor(np.asarray(scaler.std), dtype=torch.float32).reshape(-1)
-        scale = scale + float(scaler.eps)
-        first = mlp[0]
-        assert isinstance(first, nn.Linear)
-        with torch.no_grad():
-            first.bias.copy_(first.bias + first.weight @ mean)
-            first.weight.copy_(first.weight * scale.view(1, -1))
-        actor = mlp_actor_from_module(mlp, mean, scale)
-    # The copy must compute what the trained policy computes; check on observations near the data.
-    rng = np.random.default_rng(0)
-    probe = np.asarray(scaler.mean if scaler is not None else 0.0) + rng.standard_normal(
-        (8, actor.spec.obs_dim)
-    ) * np.asarray(scaler.std if scaler is not None else 1.0)
-    probe = probe.astype(np.float32)
-    with torch.no_grad():  # compared as log-probabilities: d3rlpy's Categorical normalises logits
-        ours = torch.log_softmax(actor(torch.from_numpy(probe)), -1).numpy()
-        theirs = torch.log_softmax(torch.from_numpy(policy.scores(probe)), -1).numpy()
-    err = float(np.abs(ours - theirs).max())
-    if not err <= 1e-3 * max(1.0, float(np.abs(theirs).max())):
-        raise RuntimeError(f"the actor copied from {offline_dir} differs from it by {err:.3g}")
-    return actor
 
 
 class _EpisodeLog(BaseCallback):
@@ -139,7 +97,9 @@ def finetune(
             f"rewards.normalize is true but {mdp.dataset_dir / 'meta' / 'info.json'} records no "
             "component stats; rebuild the dataset or set rewards.normalize: false"
         )
-    actor = load_offline_actor(Path(offline_dir))
+    offline = load_offline_networks(Path(offline_dir))
+    actor = offline.actor
+    critic = offline.critic if cfg.init_critic else None
     torch.manual_seed(cfg.seed)
     sampler = build_sampler(mdp, cfg.device)
     env = SamplerVectorEnv(
@@ -150,7 +110,7 @@ def finetune(
             f"the dataset's observations have dim {mdp.obs_dim}, this sampler's "
             f"{env.single_observation_space.shape[0]}"
         )
-    model = build_maskable_ppo(Sb3VecEnv(env), actor, cfg, sampler.device)
+    model = build_maskable_ppo(Sb3VecEnv(env), actor, cfg, sampler.device, critic=critic)
     model.set_logger(Logger(folder=None, output_formats=[]))  # we write our own metrics
     episodes = _EpisodeLog()
     rows: list[dict[str, Any]] = []
@@ -196,6 +156,7 @@ def finetune(
             },
             "config": cfg.to_dict(),
             "rewards": rewards.to_dict(),
+            "critic_init": "offline V" if critic is not None else "fresh",
         },
     )
     with_eps = [r for r in rows if r["charts/episodes"]]

@@ -38,14 +38,49 @@ def _policy_linears(model: MaskablePPO) -> list[nn.Linear]:
     return [*hidden, model.policy.action_net]
 
 
-def build_maskable_ppo(
-    venv: VecEnv, actor: MlpActor, cfg: OnlineFinetuneConfig, device: str | torch.device
-) -> MaskablePPO:
-    """MaskablePPO with ``net_arch``/activation of ``actor`` and its weights in the policy head.
+def _copy_linears(src: list[nn.Linear], dst: list[nn.Linear]) -> None:
+    with torch.no_grad():  # in place, so the optimizer keeps pointing at the same tensors
+        for s, d in zip(src, dst, strict=True):
+            d.weight.copy_(s.weight)
+            d.bias.copy_(s.bias)
 
-    The value network has the same hidden sizes and a fresh (orthogonal) init.
+
+def _linears(mlp: MlpActor) -> list[nn.Linear]:
+    return [m for m in mlp.hidden if isinstance(m, nn.Linear)] + [mlp.head]
+
+
+def build_maskable_ppo(
+    venv: VecEnv,
+    actor: MlpActor,
+    cfg: OnlineFinetuneConfig,
+    device: str | torch.device,
+    critic: MlpActor | None = None,
+) -> MaskablePPO:
+    """MaskablePPO whose policy (``mlp_extractor.policy_net`` + ``action_net``) is ``actor``:
+    same hidden sizes, activation, observation standardisation (the shared features extractor)
+    and weights. The value network (``mlp_extractor.value_net`` + ``value_net``) is ``critic``
+    (obs -> (B, 1), e.g. IQL's V) when given, else has the actor's hidden sizes and a fresh
+    orthogonal init.
     """
     spec = actor.spec
+    vf_hidden = spec.hidden_sizes
+    if critic is not None:
+        c = critic.spec
+        same_input = c.standardize == spec.standardize and (
+            not c.standardize
+            or (
+                torch.equal(critic.standardize.mean, actor.standardize.mean)
+                and torch.equal(critic.standardize.std, actor.standardize.std)
+            )
+        )
+        if c.n_actions != 1 or c.obs_dim != spec.obs_dim or c.activation != spec.activation:
+            raise ValueError(
+                f"critic must map obs of dim {spec.obs_dim} to one value with the actor's "
+                f"activation {spec.activation!r}; got {c}"
+            )
+        if not same_input:
+            raise ValueError("actor and critic must standardise observations identically")
+        vf_hidden = c.hidden_sizes
     if venv.observation_space.shape != (spec.obs_dim,):
         raise ValueError(
             f"the actor takes observations of dim {spec.obs_dim}, the env gives "
@@ -67,7 +102,7 @@ def build_maskable_ppo(
         device=device,
         verbose=0,
         policy_kwargs={
-            "net_arch": {"pi": list(spec.hidden_sizes), "vf": list(spec.hidden_sizes)},
+            "net_arch": {"pi": list(spec.hidden_sizes), "vf": list(vf_hidden)},
             "activation_fn": ACTIVATIONS[spec.activation],
             "features_extractor_class": StandardizeExtractor,
             "features_extractor_kwargs": {
@@ -76,11 +111,11 @@ def build_maskable_ppo(
             },
         },
     )
-    src = [m for m in actor.hidden if isinstance(m, nn.Linear)] + [actor.head]
-    with torch.no_grad():  # in place, so the optimizer keeps pointing at the same tensors
-        for s, d in zip(src, _policy_linears(model), strict=True):
-            d.weight.copy_(s.weight)
-            d.bias.copy_(s.bias)
+    _copy_linears(_linears(actor), _policy_linears(model))
+    if critic is not None:
+        policy = model.policy
+        value_linears = [m for m in policy.mlp_extractor.value_net if isinstance(m, nn.Linear)]
+        _copy_linears(_linears(critic), [*value_linears, policy.value_net])
     return model
 
 
@@ -94,7 +129,7 @@ def policy_logits(model: MaskablePPO, obs: torch.Tensor) -> torch.Tensor:
 def actor_from_ppo(model: MaskablePPO, spec: ActorSpec) -> MlpActor:
     """The PPO policy head as an :class:`MlpActor` (CPU, float32)."""
     actor = MlpActor(spec)
-    dst = [m for m in actor.hidden if isinstance(m, nn.Linear)] + [actor.head]
+    dst = _linears(actor)
     extractor = model.policy.pi_features_extractor
     with torch.no_grad():
         for s, d in zip(_policy_linears(model), dst, strict=True):

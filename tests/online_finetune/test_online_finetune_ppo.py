@@ -101,3 +101,24 @@ def test_saved_actor_roundtrip_and_tamper(tmp_path, venv: Sb3VecEnv) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         load_finetuned_policy(tmp_path)
+
+
+def test_critic_init(venv: Sb3VecEnv) -> None:
+    dim = venv.observation_space.shape[0]
+    mean, std = torch.randn(dim), torch.rand(dim) + 0.5
+    actor = mlp_actor_from_module(tiny_actor(dim), mean, std)
+    torch.manual_seed(2)
+    v_net = nn.Sequential(nn.Linear(dim, 12), nn.Tanh(), nn.Linear(12, 1))
+    critic = mlp_actor_from_module(v_net, mean, std)
+    model = build_maskable_ppo(venv, actor, CFG, "cpu", critic=critic)
+    assert model.policy.net_arch == {"pi": [16, 8], "vf": [12]}
+    obs = torch.randn(8, dim)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            model.policy.predict_values(obs), v_net((obs - mean) / std), atol=1e-6
+        )
+    with pytest.raises(ValueError, match="one value"):
+        build_maskable_ppo(venv, actor, CFG, "cpu", critic=actor)
+    other = mlp_actor_from_module(v_net, mean + 1, std)
+    with pytest.raises(ValueError, match="standardise observations identically"):
+        build_maskable_ppo(venv, actor, CFG, "cpu", critic=other)

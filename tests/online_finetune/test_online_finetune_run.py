@@ -12,17 +12,22 @@ import torch
 import yaml
 from d3rlpy.constants import ActionSpace
 from d3rlpy.dataset import MDPDataset
+from online_finetune_consts import PROMPTS, STATS
 
 from addiffusion.cli import main
 from addiffusion.offline_rl.config import OfflineRLConfig
 from addiffusion.offline_rl.policy import load_policy
 from addiffusion.offline_rl.train import train_offline
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
-from addiffusion.online_finetune.finetune import finetune, load_offline_actor
-from addiffusion.online_finetune.ppo import load_finetuned_policy
+from addiffusion.online_finetune.env import SamplerVectorEnv
+from addiffusion.online_finetune.finetune import finetune
+from addiffusion.online_finetune.offline_init import load_offline_actor, load_offline_networks
+from addiffusion.online_finetune.ppo import build_maskable_ppo, load_finetuned_policy
+from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
 from addiffusion.rewards.config import RewardConfig
 
 OBS_DIM = 85  # tiny CLIP: 32 image + 32 text + 16 time + 5 quality
+CFG_SMALL = OnlineFinetuneConfig(n_envs=2, n_steps=4, batch_size=4, device="cpu")
 CFG = {"n_envs": 2, "n_steps": 4, "iterations": 2, "batch_size": 4, "n_epochs": 2,
        "device": "cpu", "seed": 1}
 
@@ -50,15 +55,25 @@ def offline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_offline_actor_is_the_iql_policy(offline_dir: Path) -> None:
-    actor = load_offline_actor(offline_dir)
+def test_ppo_starts_as_the_iql_actor_and_value(offline_dir: Path, sampler) -> None:
+    nets = load_offline_networks(offline_dir)
+    actor, critic = nets.actor, nets.critic
     assert actor.spec.hidden_sizes == (16, 16) and actor.spec.standardize
+    assert critic is not None and critic.spec.n_actions == 1
     iql = load_policy(offline_dir / "policy.d3")
     obs = np.random.default_rng(1).standard_normal((16, OBS_DIM)).astype(np.float32)
     mask = np.ones((16, 3), bool)
+    mask[::2, 2] = False
+    impl = iql.algo.impl
     with torch.no_grad():
-        ours = torch.softmax(actor(torch.from_numpy(obs)), -1).numpy()
-    np.testing.assert_allclose(ours, iql.action_probs(obs, mask), atol=1e-5)
+        v_iql = impl.predict_state_value(iql.algo.observation_scaler.transform(torch.from_numpy(obs)))
+        env = SamplerVectorEnv(sampler, PROMPTS, 2, RewardConfig(), STATS, seed=0)
+        ppo = build_maskable_ppo(Sb3VecEnv(env), actor, CFG_SMALL, "cpu", critic=critic)
+        dist = ppo.policy.get_distribution(torch.from_numpy(obs), action_masks=mask)
+        np.testing.assert_allclose(dist.distribution.probs, iql.action_probs(obs, mask), atol=1e-5)
+        values = ppo.policy.predict_values(torch.from_numpy(obs)).view(-1)
+        np.testing.assert_allclose(values, v_iql, rtol=1e-4, atol=1e-5)
+    assert load_offline_actor(offline_dir).spec == actor.spec
 
 
 def test_cli_finetune_writes_loadable_outputs(

@@ -1,0 +1,94 @@
+"""The networks PPO starts from: the actor (and V) of an ``offline_rl`` run as plain MLPs.
+
+``policy.d3`` is unpickled by ``offline_rl.load_policy`` only after its sha256 matches the run's
+``manifest.json``. ``actor_logits_module`` folds d3rlpy's observation standardisation into the
+first layer; it is unfolded here (``W = W' * s``, ``b = b' + W' m``) so that PPO keeps optimising
+on standardised inputs, as IQL did, and its critic sees them too. Both copies are checked against
+the loaded d3rlpy modules before use.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from addiffusion.online_finetune.actor import MlpActor, mlp_actor_from_module
+
+
+@dataclass(frozen=True)
+class OfflineNetworks:
+    actor: MlpActor
+    """obs (B, D) -> logits (B, 3): the IQL (or BC) policy."""
+    critic: MlpActor | None
+    """obs (B, D) -> V(s) (B, 1): IQL's state-value network; None for BC (it has none)."""
+
+
+def _unfold_first_layer(mlp: nn.Sequential, mean: torch.Tensor, scale: torch.Tensor) -> None:
+    first = mlp[0]
+    if not isinstance(first, nn.Linear):
+        raise ValueError(f"expected the actor to start with a Linear layer, got {first!r}")
+    with torch.no_grad():
+        first.bias.copy_(first.bias + first.weight @ mean)
+        first.weight.copy_(first.weight * scale.view(1, -1))
+
+
+def _check(name: str, ours: torch.Tensor, theirs: torch.Tensor, where: Path) -> None:
+    err = float((ours - theirs).abs().max())
+    if not err <= 1e-3 * max(1.0, float(theirs.abs().max())):
+        raise RuntimeError(f"the {name} copied from {where} differs from it by {err:.3g}")
+
+
+def load_offline_networks(offline_dir: Path) -> OfflineNetworks:
+    """Load ``offline_dir/policy.d3`` (hash-checked) and copy its actor and V network."""
+    from addiffusion.offline_rl.policy import actor_logits_module, load_policy
+
+    offline_dir = Path(offline_dir)
+    policy = load_policy(offline_dir / "policy.d3", offline_dir / "manifest.json", device="cpu:0")
+    scaler = policy.algo.observation_scaler
+    dim = policy.observation_dim
+    if scaler is None:
+        mean, scale = None, None
+        probe = np.random.default_rng(0).standard_normal((8, dim))
+    else:
+        mean = torch.as_tensor(np.asarray(scaler.mean), dtype=torch.float32).reshape(-1)
+        scale = torch.as_tensor(np.asarray(scaler.std), dtype=torch.float32).reshape(-1)
+        scale = scale + float(scaler.eps)  # d3rlpy: (x - mean) / (std + eps)
+        # probe observations near the data, where the copies must agree
+        probe = mean.numpy() + np.random.default_rng(0).standard_normal((8, dim)) * scale.numpy()
+    probe_t = torch.as_tensor(probe, dtype=torch.float32)
+
+    mlp = actor_logits_module(policy)
+    if mean is not None and scale is not None:
+        _unfold_first_layer(mlp, mean, scale)
+    actor = mlp_actor_from_module(mlp, mean, scale)
+    with torch.no_grad():  # as log-probabilities: d3rlpy's Categorical may normalise its logits
+        _check(
+            "actor",
+            torch.log_softmax(actor(probe_t), -1),
+            torch.log_softmax(torch.from_numpy(policy.scores(probe_t.numpy())), -1),
+            offline_dir,
+        )
+
+    impl = policy.algo.impl
+    value_func = getattr(impl.modules, "value_func", None) if impl is not None else None
+    critic = None
+    if value_func is not None:
+        layers = [*value_func._encoder._layers, value_func._fc]
+        critic = mlp_actor_from_module(
+            nn.Sequential(*copy.deepcopy(layers)).cpu().float(), mean, scale
+        )
+        with torch.no_grad():
+            x = probe_t.to(impl.device)
+            theirs = value_func(scaler.transform(x) if scaler is not None else x).cpu()
+            _check("state-value network", critic(probe_t), theirs, offline_dir)
+    return OfflineNetworks(actor.eval(), critic.eval() if critic is not None else None)
+
+
+def load_offline_actor(offline_dir: Path) -> MlpActor:
+    """Just the actor of :func:`load_offline_networks`."""
+    return load_offline_networks(offline_dir).actor
