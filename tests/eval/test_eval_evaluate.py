@@ -87,8 +87,8 @@ def write_dataset(
 def _cfg(**kw: object) -> EvalConfig:
     base = dict(
         baseline_steps=[2, 4],
-        stability_thresholds=[0.9],
-        clip_delta_thresholds=[0.01],
+        stability_thresholds=[],
+        clip_delta_thresholds=[],
         seeds_per_prompt=2,
         batch_size=4,
         bootstrap_samples=200,
