@@ -160,7 +160,7 @@ def run_with_branches(
     Returns the roots followed by their branches."""
     episodes, rec = sampler.start([s.prompt.text for s in specs], [s.seed for s in specs])
     text = torch.stack([ep.text_features for ep in episodes]).cpu().numpy()
-    can_refine = sampler.attention is not None  # SD3 has no cross-attention masks
+    can_refine = sampler.attention is not None
     roots = [Trace(s.episode_id, s, None, -1, text[b]) for b, s in enumerate(specs)]
     plans = [branch_steps(cfg, s, can_refine) for s in specs]
     forks: list[tuple[int, int, Episode]] = []  # (root index, step, episode at that step)

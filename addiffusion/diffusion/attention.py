@@ -2,7 +2,8 @@
 
 Capture goes through diffusers' own extension point: :func:`install_attention_capture` sets a
 :class:`CaptureAttnProcessor` on the UNet's cross-attention layers only (``attn2``) with
-``unet.set_attn_processor``; self-attention keeps its stock processor. The capture processor
+``unet.set_attn_processor``; self-attention keeps its stock processor (SD3's joint attention:
+:class:`CaptureJointAttnProcessor` wraps the stock one). The capture processor
 computes cross-attention exactly like diffusers' ``AttnProcessor`` (explicit softmax, so the
 probabilities exist) and, while a :class:`AttentionStore` is recording, adds the conditional
 branch's head-averaged probabilities, resized to latent resolution, into the store.
@@ -127,20 +128,69 @@ class CaptureAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def install_attention_capture(unet: torch.nn.Module) -> AttentionStore:
-    """Set :class:`CaptureAttnProcessor` on every cross-attention layer (``attn2``) of ``unet``
-    through ``set_attn_processor``; other layers keep their processors. Returns the store."""
+class CaptureJointAttnProcessor:
+    """Wraps an MMDiT joint-attention processor (SD3): the output is the wrapped processor's;
+    while recording, the image queries' attention over the *text* keys is added to the store.
+
+    Joint attention softmaxes over image and text keys together; the mask only uses attention
+    re-normalised over text tokens, which equals a softmax over the text keys alone, so only
+    those logits are computed (cheap: L text keys instead of N + L)."""
+
+    def __init__(self, store: AttentionStore, inner: object) -> None:
+        self.store = store
+        self.inner = inner
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        if self.store.recording and encoder_hidden_states is not None:
+            b, n, _ = hidden_states.shape
+            q = attn.to_q(hidden_states)
+            k = attn.add_k_proj(encoder_hidden_states)
+            d = k.shape[-1] // attn.heads
+            q = q.view(b, n, attn.heads, d).transpose(1, 2)
+            k = k.view(b, -1, attn.heads, d).transpose(1, 2)
+            if attn.norm_q is not None:
+                q = attn.norm_q(q)
+            if attn.norm_added_k is not None:
+                k = attn.norm_added_k(k)
+            probs = (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(-1)
+            self.store.add(probs.reshape(b * attn.heads, n, -1), attn.heads)
+        return self.inner(
+            attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+        )
+
+
+def install_attention_capture(denoiser: torch.nn.Module) -> AttentionStore:
+    """Set capture processors through ``set_attn_processor``: :class:`CaptureAttnProcessor` on a
+    UNet's cross-attention layers (``attn2``), :class:`CaptureJointAttnProcessor` around an
+    MMDiT's joint-attention layers (those with text projections); other layers keep their
+    processors. Returns the store the processors record into."""
     store = AttentionStore()
-    procs = dict(unet.attn_processors)
-    cross = [name for name in procs if name.endswith("attn2.processor")]
-    if not cross:
+    procs = dict(denoiser.attn_processors)
+    joint = {
+        f"{name}.processor"
+        for name, module in denoiser.named_modules()
+        if isinstance(module, Attention) and getattr(module, "add_k_proj", None) is not None
+    }
+    cross = [name for name in procs if name.endswith("attn2.processor") and name not in joint]
+    if not cross and not joint:
         raise ValueError(
-            f"{type(unet).__name__} has no cross-attention layers (attn2): refine masks need them"
+            f"{type(denoiser).__name__} has no cross- or joint-attention layers: refine masks "
+            "need them"
         )
     capture = CaptureAttnProcessor(store)
     for name in cross:
         procs[name] = capture
-    unet.set_attn_processor(procs)
+    for name in joint:
+        procs[name] = CaptureJointAttnProcessor(store, procs[name])
+    denoiser.set_attn_processor(procs)
     return store
 
 

@@ -7,9 +7,9 @@ mixing multistep solver state; denoiser calls are still batched, with per-sample
 
 Per step the sampler produces the one-step clean prediction x̂0, decodes it with the VAE, and
 scores it: CLIP image features, CLIP score against the prompt, stability (cosine to the previous
-step's x̂0 features; 0 at step 0) and any extra scorer (e.g. the shapes-world verifier). On UNet
-backbones it also captures cross-attention (:mod:`addiffusion.diffusion.attention`) and keeps the
-episode's under-generation mask, which *refine* re-denoises and every policy may look at.
+step's x̂0 features; 0 at step 0) and any extra scorer (e.g. the shapes-world verifier). It also
+captures the attention of image positions to text tokens (UNet cross-attention, SD3 joint
+attention; :mod:`addiffusion.diffusion.attention`) and keeps the episode's under-generation mask, which *refine* re-denoises and every policy may look at.
 Backbones: SD 1.x/2.x, SDXL and SD3 (:func:`addiffusion.diffusion.backbone.model_family`).
 See :mod:`addiffusion.diffusion.mdp` for the NFE convention.
 """
@@ -138,10 +138,7 @@ class StepwiseSampler:
         probe = copy.deepcopy(pipe.scheduler)
         backbone.set_schedule(pipe, probe, settings.n_max, self.latent_hw, torch.device("cpu"))
         self.sigma_space = not self.flow and float(probe.init_noise_sigma) != 1.0
-        # SD3's joint attention has no separate cross-attention layers to capture.
-        self.attention: AttentionStore | None = (
-            install_attention_capture(self.denoiser) if self.family != "sd3" else None
-        )
+        self.attention: AttentionStore | None = install_attention_capture(self.denoiser)
         self.timings: dict[str, float] = {}
 
     @property
@@ -291,7 +288,7 @@ class StepwiseSampler:
         )
 
     def masks(self, episodes: Sequence[Episode]) -> np.ndarray:
-        """``(B, h, w)`` float32 under-generation masks at the current step (zeros on SD3)."""
+        """``(B, h, w)`` float32 under-generation masks in [0, 1] at the current step."""
         return np.stack(
             [
                 ep.mask.cpu().numpy()

@@ -171,9 +171,15 @@ def test_sd3_flow_matching(tmp_path: Path, tiny_clip: ClipScorer) -> None:
     with pytest.raises(ValueError, match="flowmatch-euler"):
         load_pipeline(str(_save_sd3(tmp_path)), "ddim", "cpu", drop_components=drop)
     pipe = load_pipeline(str(tmp_path / "pipe"), "flowmatch-euler", "cpu", drop_components=drop)
-    sampler = StepwiseSampler(pipe, tiny_clip, SamplerSettings(n_max=N, guidance_scale=3.0))
+    settings = SamplerSettings(n_max=N, refine_budget=1, guidance_scale=3.0)
+    sampler = StepwiseSampler(pipe, tiny_clip, settings)
     assert sampler.family == "sd3"
-    _check_against_call(pipe, sampler)
-    # Flow sigma s = 1 at the first step: the VP-style sigma column is capped, not infinite.
+    _check_against_call(pipe, sampler)  # the joint-attention capture wrapper changes nothing
     eps, rec = sampler.start(["a blue square"], [1])
-    assert rec.sigma[0] > 1.0 and sampler.masks(eps).max() == 0  # no cross-attention in MMDiT
+    # Flow sigma s = 1 at the first step: the VP-style sigma column is capped, not infinite.
+    assert rec.sigma[0] > 1.0
+    sampler.advance(eps)
+    masks = sampler.masks(eps)
+    assert masks.shape == (1, 16, 16) and 0 <= masks.min() and masks.max() <= 1
+    rec = sampler.refine(eps)
+    assert rec.nfe.tolist() == [2 + settings.refine_k + 1] and rec.refines_used.tolist() == [1]
