@@ -180,6 +180,9 @@ class ShardWriter:
             if (arr is None) != (not store) and self._episodes:
                 raise ValueError(f"{where}: {name} given for some episodes of the shard only")
             if arr is not None:
+                want = np.uint8 if name == "thumbnails" else np.float16
+                if arr.dtype != want:  # a silent cast would turn [0, 1] floats into black images
+                    raise ValueError(f"{where}: {name} must be {np.dtype(want)}, got {arr.dtype}")
                 if arr.shape[0] != n or (store and arr.shape[1:] != store[0].shape[1:]):
                     raise ValueError(f"{where}: {name} shape {arr.shape} does not fit")
         text_row = len(self._episodes)

@@ -66,6 +66,9 @@ def test_writer_rejects_bad_input_with_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"shard 3 episode '000001-0': image_features must be "
                        r"\(3, 2\), got \(3, 5\)"):
         w.add_episode(ep, steps, np.zeros((3, 5)), np.zeros(2))
+    with pytest.raises(ValueError, match="thumbnails must be uint8, got float32"):
+        w.add_episode(ep, steps, np.zeros((3, 2)), np.zeros(2),
+                      thumbnails=np.zeros((3, 4, 4, 3), np.float32))
     del steps[1]["clip_score"]
     with pytest.raises(ValueError, match=r"step row 1: lacks field\(s\) \['clip_score'\]"):
         w.add_episode(ep, steps, np.zeros((3, 2)), np.zeros(2))
