@@ -36,6 +36,14 @@ def test_spaces_reset_and_masks(sampler) -> None:
         env.step(np.array([0, 0, 0]))
 
 
+def test_prompts_cycle_through_the_list(sampler) -> None:
+    env = make_env(sampler, n=len(PROMPTS) + 1)
+    env.reset(seed=0)
+    first = [ep.prompt for ep in env.episodes]
+    assert sorted(first[: len(PROMPTS)]) == sorted(PROMPTS)  # one pass before any repeat
+    assert len({ep.seed for ep in env.episodes}) == len(first)
+
+
 def test_same_seed_same_episodes(sampler) -> None:
     a, _ = make_env(sampler, seed=3).reset(seed=3)
     b, _ = make_env(sampler, seed=3).reset()
