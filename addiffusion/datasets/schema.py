@@ -20,6 +20,12 @@ Shard layout (one writer per shard; written under ``<name>.tmp-<pid>`` and renam
 
 Episodes are assigned to shards by a deterministic global order (prompt × seed), so the shard
 index does not depend on the number of collector processes.
+
+Refine branches are episodes of their own: ``parent_episode_id`` names the episode they left and
+``branch_step`` the parent's step where refine was taken; their ``step`` values continue the
+schedule from ``branch_step + 1`` (contiguous up to ``branch_step + num_steps``). Roots start at
+step 0. A built dataset's episodes table adds ``shard`` (int64, source shard index) and
+``rl_split`` (string: ``train`` / ``val`` / ``heldout``; validation chosen by prompt).
 """
 
 from __future__ import annotations
