@@ -122,8 +122,7 @@ def build_episodes(dataset_dir: Path, rewards_path: Path, split: str = "train"
     legal_stop = mdp.action_mask(steps["step"].to_numpy(), int(s["n_max"]), int(s["warmup"]),
                                  steps["refines_used"].to_numpy(),
                                  int(s["refine_budget"]))[:, mdp.STOP]
-    row_of = {(e, int(i)): k for k, (e, i) in enumerate(zip(steps["episode_id"], steps["step"],
-                                                            strict=True))}
+    step_no = steps["step"].to_numpy()
     r_cont = steps["r_continue"].to_numpy()
     r_stop = steps["r_stop"].to_numpy()
     r_enter = steps["r_enter"].to_numpy()
@@ -132,6 +131,7 @@ def build_episodes(dataset_dir: Path, rewards_path: Path, split: str = "train"
         pl.col("_i").first().alias("lo"), pl.col("_i").last().alias("hi"),
         pl.col("prompt_id").first(), pl.col("parent_episode_id").first(),
         pl.col("branch_step").first(), pl.col("action").last().alias("last_action"))
+    start_of = dict(zip(bounds["episode_id"].to_list(), bounds["lo"].to_list(), strict=True))
     for ep in bounds.iter_rows(named=True):
         lo, hi = int(ep["lo"]), int(ep["hi"])
         eps = out.setdefault(int(ep["prompt_id"]), [])
@@ -140,7 +140,8 @@ def build_episodes(dataset_dir: Path, rewards_path: Path, split: str = "train"
         actions = [mdp.CONTINUE] * (hi - lo) + [mdp.STOP]
         rewards = [*np.nan_to_num(r_cont[lo:hi]), r_stop[hi] if terminated else 0.0]
         if ep["parent_episode_id"] is not None:
-            parent = row_of.get((ep["parent_episode_id"], int(ep["branch_step"])))
+            p0 = start_of.get(ep["parent_episode_id"])
+            parent = None if p0 is None else int(p0 + ep["branch_step"] - step_no[p0])
             if parent is not None and not np.isnan(r_enter[lo]):
                 rows, actions = [parent, *rows], [mdp.REFINE, *actions]
                 rewards = [r_enter[lo], *rewards]
