@@ -165,16 +165,16 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
 
         # 2. stop: terminal bonus on the current x̂0, then same-step autoreset
         done = actions == mdp.STOP
-        infos: dict[str, Any] = {}
-        if done.any():
-            idx = np.flatnonzero(done)
-            rewards[idx] = stop_reward(self._q[idx], self.rewards)
-            final_obs = np.zeros((n, *self.single_observation_space.shape), np.float32)
-            final_obs[idx] = self.sampler.observations([self.episodes[i] for i in idx])
-            self.sampler.stop([self.episodes[i] for i in idx])
+        stopped = np.flatnonzero(done)
+        rewards[stopped] = stop_reward(self._q[stopped], self.rewards)
         self._ret += rewards
         self._len += 1
-        if done.any():
+        infos: dict[str, Any] = {}
+        if stopped.size:
+            eps = [self.episodes[i] for i in stopped]
+            final_obs = np.zeros((n, *self.single_observation_space.shape), np.float32)
+            final_obs[stopped] = self.sampler.observations(eps)
+            self.sampler.stop(eps)
             infos["final_obs"], infos["_final_obs"] = final_obs, done.copy()
             infos["episode"] = {
                 "r": np.where(done, self._ret, 0.0).astype(np.float32),
@@ -182,7 +182,7 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
                 "nfe": np.where(done, [ep.nfe for ep in self.episodes], 0).astype(np.int64),
             }
             infos["_episode"] = done.copy()
-            self._start(list(idx))
+            self._start(list(stopped))
         obs = self.sampler.observations(self.episodes)
         return obs, rewards, done, np.zeros(n, bool), infos
 
