@@ -5,6 +5,7 @@ through the same ``from_pretrained`` path) used by unit tests and the first defa
 
 from __future__ import annotations
 
+import copy
 import json
 import string
 import tempfile
@@ -39,6 +40,9 @@ SCHEDULERS = {
 FLOW_SCHEDULERS = frozenset({"flowmatch-euler"})
 
 Family = Literal["sd", "sdxl", "sd3"]
+NoiseSpace = Literal["vp", "sigma", "flow"]
+FLOW_SIGMA_CAP = 1e4
+"""Flow-matching noise level s/(1-s) is infinite at s = 1; the ``sigma`` column caps it here."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -297,3 +301,75 @@ def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tens
     shift = vae.config.get("shift_factor", None) or 0.0
     x = latents.to(vae.dtype) / vae.config.scaling_factor + shift
     return (vae.decode(x, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+# Noise-level bookkeeping of the three kinds of schedulers: "vp" (DDIM, DPM++, UniPC: x_t =
+# sqrt(ᾱ) x0 + sqrt(1-ᾱ) n), "sigma" (Euler: x_t = x0 + σ n, model input scaled) and "flow"
+# (flow matching: x_t = (1-s) x0 + s n, the model predicts v = n - x0). ``step`` is the schedule
+# index i of a scheduler on which ``set_timesteps`` was called.
+
+
+def noise_space(scheduler: object) -> NoiseSpace:
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return "flow"
+    # Sigma-space schedulers (Euler, Heun, LMS...) scale their samples (init_noise_sigma > 1);
+    # VP ones (DDIM, DPM++, UniPC) don't.
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(2)
+    return "sigma" if float(probe.init_noise_sigma) != 1.0 else "vp"
+
+
+def _sched_sigma(scheduler: object, step: int, device: torch.device) -> torch.Tensor:
+    return scheduler.sigmas[step].to(device, torch.float32)
+
+
+def _alpha_bar(scheduler: object, step: int, device: torch.device) -> torch.Tensor:
+    t = int(scheduler.timesteps[step])
+    return scheduler.alphas_cumprod[t].to(device, torch.float32)
+
+
+def vp_sigma(scheduler: object, step: int, space: NoiseSpace) -> float:
+    """Noise level at step i in the VP convention sqrt((1 - ᾱ) / ᾱ) (the ``sigma`` column)."""
+    cpu = torch.device("cpu")
+    if space == "flow":
+        s = float(_sched_sigma(scheduler, step, cpu))
+        return FLOW_SIGMA_CAP if s >= 1.0 else min(s / (1.0 - s), FLOW_SIGMA_CAP)
+    if space == "sigma":
+        return float(_sched_sigma(scheduler, step, cpu))
+    ab = _alpha_bar(scheduler, step, cpu)
+    return float(((1 - ab) / ab).sqrt())
+
+
+def predict_x0(
+    scheduler: object, step: int, space: NoiseSpace, x: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """One-step clean prediction from latents ``x`` and the guided model output ``out`` (both
+    (B, C, h, w)) at step i, for flow / eps / v / sample models. Returns float32."""
+    x, out = x.float(), out.float()
+    if space == "flow":
+        return x - _sched_sigma(scheduler, step, x.device) * out
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return out
+    if space == "sigma":
+        sigma = _sched_sigma(scheduler, step, x.device)
+        if kind == "epsilon":
+            return x - sigma * out
+        return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    ab = _alpha_bar(scheduler, step, x.device)
+    if kind == "epsilon":
+        return (x - (1 - ab).sqrt() * out) / ab.sqrt()
+    return ab.sqrt() * x - (1 - ab).sqrt() * out
+
+
+def renoise(
+    scheduler: object, step: int, space: NoiseSpace, x0: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """The latent at step i's noise level for clean ``x0`` and unit ``noise`` (B, C, h, w)."""
+    if space == "flow":
+        s = _sched_sigma(scheduler, step, x0.device)
+        return (1 - s) * x0 + s * noise
+    if space == "sigma":
+        return x0 + _sched_sigma(scheduler, step, x0.device) * noise
+    ab = _alpha_bar(scheduler, step, x0.device)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise

@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline
 
 from addiffusion.diffusion import backbone, mdp
 from addiffusion.diffusion.attention import (
@@ -39,9 +39,6 @@ from addiffusion.rewards.clip import ClipScorer
 
 ExtraScorer = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 """``(images (B, H, W, 3) uint8, prompts) -> (B,) float32`` raw reward component."""
-
-FLOW_SIGMA_CAP = 1e4
-"""Flow-matching noise level s/(1-s) is infinite at s = 1; the ``sigma`` column caps it here."""
 
 
 @dataclass(frozen=True)
@@ -133,11 +130,8 @@ class StepwiseSampler:
         self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.latent_hw = (settings.height // self.vae_scale, settings.width // self.vae_scale)
-        self.flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
-        # Sigma-space schedulers (Euler) scale their samples; VP ones (DDIM, DPM++, UniPC) don't.
-        probe = copy.deepcopy(pipe.scheduler)
-        backbone.set_schedule(pipe, probe, settings.n_max, self.latent_hw, torch.device("cpu"))
-        self.sigma_space = not self.flow and float(probe.init_noise_sigma) != 1.0
+        self.space = backbone.noise_space(pipe.scheduler)
+        self.flow = self.space == "flow"
         self.attention: AttentionStore | None = install_attention_capture(self.denoiser)
         self.timings: dict[str, float] = {}
 
@@ -313,56 +307,17 @@ class StepwiseSampler:
             refines_used=np.array([ep.refines_used for ep in episodes]),
         )
 
-    # --- noise-level bookkeeping: VP (ᾱ), sigma-space (Euler) and flow matching (SD3) ---
-
     def _t_frac(self, ep: Episode) -> float:
         return float(ep.scheduler.timesteps[ep.step]) / self.num_train_timesteps
 
-    def _alpha_bar(self, ep: Episode) -> torch.Tensor:
-        t = int(ep.scheduler.timesteps[ep.step])
-        return ep.scheduler.alphas_cumprod[t].to(self.device, torch.float32)
-
-    def _sched_sigma(self, ep: Episode) -> torch.Tensor:
-        return ep.scheduler.sigmas[ep.step].to(self.device, torch.float32)
-
     def _sigma(self, ep: Episode) -> float:
-        """Noise level in the VP convention sqrt((1 - ᾱ) / ᾱ) (the ``sigma`` column)."""
-        if self.flow:
-            s = float(self._sched_sigma(ep))
-            return FLOW_SIGMA_CAP if s >= 1.0 else min(s / (1.0 - s), FLOW_SIGMA_CAP)
-        if self.sigma_space:
-            return float(self._sched_sigma(ep))
-        ab = self._alpha_bar(ep)
-        return float(((1 - ab) / ab).sqrt())
+        return backbone.vp_sigma(ep.scheduler, ep.step, self.space)
 
     def _predict_x0(self, ep: Episode, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """One-step clean prediction from latents ``x`` and the guided denoiser output ``out``
-        (both (1, C, h, w)), for flow / eps / v / sample models. Returns float32."""
-        x, out = x.float(), out.float()
-        if self.flow:  # x_t = (1 - s) x0 + s n, the model predicts v = n - x0
-            return x - self._sched_sigma(ep) * out
-        kind = ep.scheduler.config.prediction_type
-        if kind == "sample":
-            return out
-        if self.sigma_space:
-            sigma = self._sched_sigma(ep)
-            if kind == "epsilon":
-                return x - sigma * out
-            return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-        ab = self._alpha_bar(ep)
-        if kind == "epsilon":
-            return (x - (1 - ab).sqrt() * out) / ab.sqrt()
-        return ab.sqrt() * x - (1 - ab).sqrt() * out
+        return backbone.predict_x0(ep.scheduler, ep.step, self.space, x, out)
 
     def _renoise(self, ep: Episode, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The latent at the current step's noise level for clean ``x0`` and ``noise``."""
-        if self.flow:
-            s = self._sched_sigma(ep)
-            return (1 - s) * x0 + s * noise
-        if self.sigma_space:
-            return x0 + self._sched_sigma(ep) * noise
-        ab = self._alpha_bar(ep)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return backbone.renoise(ep.scheduler, ep.step, self.space, x0, noise)
 
     def _refine_noise(self, ep: Episode, j: int) -> torch.Tensor:
         # Seeded by (episode seed, step, refine, iteration): a branch replays bit for bit.
