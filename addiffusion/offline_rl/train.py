@@ -7,7 +7,7 @@ Output folder of one run (``out_dir``)::
     metrics.json       final losses, validation metrics, stop-decision evaluation (+ baselines)
     training.csv       one row per epoch: losses and validation metrics (for ``dvc plots``)
     logs/<algo>/       d3rlpy's FileAdapter log (params.json, one CSV per metric)
-    baselines/<name>/  the same files for each baseline in ``cfg.baselines``
+    baselines/<name>/  the same files for each baseline in ``cfg.baselines`` (folder always made)
 """
 
 from __future__ import annotations
@@ -253,6 +253,8 @@ def train_offline(
             f"val observations have dim {check_buffer(val, 'val')}, train ones {obs_dim}"
         )
     summary = _train_one(train, val, cfg, out_dir, log, show_progress)
+    # Always present (maybe empty), so a pipeline can declare it as an output.
+    (out_dir / "baselines").mkdir(exist_ok=True)
     if cfg.baselines:
         summary["baselines"] = {
             name: _train_one(
