@@ -71,9 +71,11 @@ def _run_batch(
     seeds: Sequence[int],
     name: str,
 ) -> tuple[list[Episode], list[dict[str, float]], list[np.ndarray], int]:
+    """One batch to the end: its episodes, final components and images (in input order) and the
+    number of masked actions replaced."""
     episodes, _ = sampler.start(prompts, seeds)
-    finals: list[dict[str, float] | None] = [None] * len(episodes)
-    images: list[np.ndarray | None] = [None] * len(episodes)
+    finals: dict[int, dict[str, float]] = {}
+    images: dict[int, np.ndarray] = {}
     masked = 0
     active = list(range(len(episodes)))
     while active:
@@ -96,7 +98,8 @@ def _run_batch(
         if refining:
             sampler.refine([episodes[i] for i in refining])
         active = going + refining
-    return episodes, finals, images, masked  # type: ignore[return-value]
+    order = range(len(episodes))
+    return episodes, [finals[i] for i in order], [images[i] for i in order], masked
 
 
 def run_method(

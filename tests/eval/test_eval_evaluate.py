@@ -48,7 +48,8 @@ def write_dataset(
         "backbone": str(pipe),
         "scheduler": "ddim",
         "scorer": str(clip),
-        "components": ["clip_score", "stability"],
+        # The shapes world's verifier is a component whenever its captions are used.
+        "components": ["clip_score", "stability", "verifier"],
         "sampler": {
             "n_max": n_max,
             "warmup": WARMUP,
@@ -62,6 +63,7 @@ def write_dataset(
         "component_stats": {
             "clip_score": {"mean": 0.0, "std": 0.1},
             "stability": {"mean": 0.5, "std": 0.2},
+            "verifier": {"mean": 0.2, "std": 0.3},
         },
     }
     (root / "meta" / "info.json").write_text(json.dumps(info))
@@ -161,10 +163,13 @@ def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
     m = loaded["stop-at-2"]
     assert m["clip_score_ci_low"] <= m["clip_score_diff"] <= m["clip_score_ci_high"]
     assert set(m["by_category"]) == {"simple", "medium", "complex"}
+    assert 0.0 <= m["verifier"] <= 1.0 and 0.0 <= m["verifier_acc"] <= 1.0
+    assert "verifier_acc" in m["by_category"]["simple"] and "verifier_p" in m
     with (out / "pareto.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == list(metrics)
     assert float(rows[0]["nfe"]) == 2.0 and rows[0]["kind"] == "baseline"
+    assert all(0.0 <= float(r["verifier"]) <= 1.0 for r in rows)
     for png in ("pareto.png", "samples.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
