@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -78,3 +79,17 @@ def test_bad_params_are_reported(tmp_path: Path) -> None:
     argv = ["offline-rl", "train", "--dataset", "d", "--rewards", "r", "--out", str(tmp_path)]
     with pytest.raises(ConfigError, match=r"offline_rl.expectile must be in \(0, 1\), got 1.5"):
         main([*argv, "--params", str(params)])
+
+
+def test_stop_outcomes_found_in_converted_data(dataset_and_rewards: tuple[Path, Path]) -> None:
+    """The stop evaluation finds every counterfactual stop the converter wrote (warm-up: none)."""
+    from addiffusion.datasets.d3rlpy_convert import to_replay_buffers
+    from addiffusion.offline_rl.stop_eval import stop_trajectories
+
+    train, _ = to_replay_buffers(*dataset_and_rewards, 0.25, 0)
+    trajs = stop_trajectories(train.episodes)
+    assert len(trajs) == 6
+    for t in trajs:
+        assert len(t.observations) == 5
+        assert np.isnan(t.stop_rewards[0])  # warm-up step: stop illegal, never recorded
+        assert np.isfinite(t.stop_rewards[1:]).all()
