@@ -20,7 +20,7 @@ TINY = ModelSizes(
 
 
 def _cfg(**kw) -> ShapesConfig:
-    base = dict(n_train_scenes=40, vae_steps=2, vae_batch=4, clip_steps=2, clip_batch=4,
+    base = dict(n_train_scenes=40, vae_steps=2, decoder_steps=2, vae_batch=4, clip_steps=2, clip_batch=4,
                 unet_steps=2, unet_batch=4, device="cpu")
     return ShapesConfig.from_dict({**base, **kw})
 

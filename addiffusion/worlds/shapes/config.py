@@ -23,6 +23,8 @@ class ShapesConfig(StageConfig):
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    decoder_steps: int = 1200  # decoder-only fine-tune after the VAE phase (encoder frozen)
+    decoder_lr: float = 5e-4
     clip_steps: int = 1000
     clip_batch: int = 64
     clip_lr: float = 1e-3
@@ -40,9 +42,9 @@ class ShapesConfig(StageConfig):
     def __post_init__(self) -> None:
         for key in ("n_train_scenes", "vae_batch", "clip_batch", "unet_batch", "bench_prompts"):
             check(getattr(self, key) >= 1, f"shapes.{key}", ">= 1", getattr(self, key))
-        for key in ("vae_steps", "clip_steps", "unet_steps"):
+        for key in ("vae_steps", "decoder_steps", "clip_steps", "unet_steps"):
             check(getattr(self, key) >= 0, f"shapes.{key}", ">= 0", getattr(self, key))
-        for key in ("vae_lr", "clip_lr", "unet_lr", "checkpoint_minutes"):
+        for key in ("vae_lr", "decoder_lr", "clip_lr", "unet_lr", "checkpoint_minutes"):
             check(getattr(self, key) > 0, f"shapes.{key}", "> 0", getattr(self, key))
         check(0 <= self.ema_decay < 1, "shapes.ema_decay", "in [0, 1)", self.ema_decay)
         check(0 <= self.cond_dropout < 1, "shapes.cond_dropout", "in [0, 1)", self.cond_dropout)
