@@ -23,7 +23,7 @@ class ShapesConfig(StageConfig):
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    decoder_steps: int = 1200  # decoder-only fine-tune after the VAE phase (encoder frozen)
+    decoder_steps: int = 600  # decoder-only fine-tune after the VAE phase (encoder frozen)
     decoder_lr: float = 5e-4
     clip_steps: int = 1000
     clip_batch: int = 64
