@@ -148,3 +148,15 @@ def test_warmup_respected(run_dir: Path) -> None:
     mask = stop_mask(np.arange(N_STEPS))
     assert (policy.act(obs, mask)[:WARMUP] == 0).all()
     assert policy.act(obs, mask)[-1] == 1  # the last step only allows stop
+
+
+def test_empty_validation_and_bad_buffers(tmp_path: Path) -> None:
+    from addiffusion.datasets.d3rlpy_convert import make_buffer as convert_buffer
+
+    cfg = OfflineRLConfig(n_steps=10, n_steps_per_epoch=10, hidden_units=[4], batch_size=8)
+    empty_val = convert_buffer([], OBS_DIM)  # e.g. datasets.val_fraction = 0
+    metrics = train_offline(make_buffer(2, seed=0), empty_val, cfg, tmp_path / "a", log=False)
+    assert metrics["val"] == {"stop": None} and metrics["train_stop"]["n_episodes"] == 2
+    assert (tmp_path / "a" / "baselines").is_dir() and not (tmp_path / "a" / "logs").exists()
+    with pytest.raises(ValueError, match="train buffer has no episodes"):
+        train_offline(empty_val, None, cfg, tmp_path / "b")
