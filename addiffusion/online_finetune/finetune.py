@@ -7,8 +7,11 @@ Output folder (``out_dir``)::
     metrics.json        final metrics + one row per iteration (CleanRL-style names)
     training.csv        the per-iteration rows, for ``dvc plots``
 
-Iteration k's rollout is collected by the policy *before* its k-th update, so iteration 1's
-``charts/episodic_return`` is the IQL actor's own (sampled) return on the live MDP.
+The PPO policy starts as the offline actor (same MLP, same weights, same observation
+standardisation); its value network starts as the offline run's V when ``cfg.init_critic`` (IQL
+has one; BC does not). Iteration k's rollout is collected by the policy *before* its k-th update,
+so iteration 1's ``charts/episodic_return`` is the IQL actor's own (sampled) return on the live
+MDP.
 """
 
 from __future__ import annotations
