@@ -34,11 +34,15 @@ def write_metrics(metrics: Mapping[str, Any], path: Path) -> None:
 
 
 def write_pareto_csv(metrics: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    """One row per method (``PARETO_COLUMNS``; ``verifier`` only when the dataset has it)."""
+    columns = [
+        c for c in PARETO_COLUMNS if c != "verifier" or any(c in m for m in metrics.values())
+    ]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(PARETO_COLUMNS)
+        w.writerow(columns)
         for name, m in metrics.items():
-            row = [name, m["kind"]] + [m.get(c, "") for c in PARETO_COLUMNS[2:]]
+            row = [name, m["kind"]] + [m.get(c, "") for c in columns[2:]]
             w.writerow(["" if isinstance(v, float) and not math.isfinite(v) else v for v in row])
 
 

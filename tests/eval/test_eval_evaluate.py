@@ -280,6 +280,10 @@ def test_collect_build_eval_end_to_end(tiny_models: tuple[Path, Path], tmp_path:
     stats = json.loads((ds / "meta" / "info.json").read_text())["component_stats"]["clip_score"]
     expected = (m["ddim-3"]["clip_score"] - stats["mean"]) / stats["std"]
     assert m["ddim-3"]["quality"] == pytest.approx(expected, rel=1e-6)
+    # Builtin prompts have no verifier: neither a metric nor a plot column.
+    assert "verifier" not in m["ddim-3"]
+    header = (tmp_path / "out" / "pareto.csv").read_text().splitlines()[0]
+    assert header == "method,kind,nfe,nfe_std,clip_score,quality"
 
 
 def test_cli_evaluates_real_offline_and_online_policies(dataset: Path, tmp_path: Path) -> None:
