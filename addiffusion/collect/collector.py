@@ -9,6 +9,7 @@ complete shards, so every episode lands exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,12 @@ BEHAVIOR_POLICY = (
     "legal the policy refines with probability branch_prob (recorded as a branch episode "
     "'<root>-b<i>' whose first row is the state after the refine at step i+1), else continues; "
     "at most max_branches branches per root, none from branches"
+)
+
+REFINE_DEFINITION = (
+    "k re-denoise iterations at t_i inside a soft under-generation mask (cross-attention of "
+    "neglected content tokens, Gaussian-blurred in latent space; outside the mask the latent is "
+    "kept), then a solver step to t_{i+1}; k NFE plus the evaluation at t_{i+1}"
 )
 
 
@@ -84,26 +91,19 @@ def build_sampler(cfg: CollectConfig) -> StepwiseSampler:
 
 
 def shard_info(cfg: CollectConfig, sampler: StepwiseSampler) -> dict:
-    s = cfg.sampler
     return {
         "components": sampler.component_names,
         "image_dim": sampler.scorer.dim,
         "text_dim": sampler.scorer.dim,
         "backbone": cfg.model,
         "scheduler": cfg.scheduler,
+        "drop_components": list(cfg.drop_components),
         "scorer": cfg.scorer,
         "num_train_timesteps": sampler.num_train_timesteps,
-        "sampler": {
-            "n_max": s.n_max,
-            "warmup": s.warmup,
-            "refine_budget": s.refine_budget,
-            "refine_k": s.refine_k,
-            "guidance_scale": s.guidance_scale,
-            "height": s.height,
-            "width": s.width,
-            "mask_blur_sigma": s.mask_blur_sigma,
-            "x0_decode_scale": s.x0_decode_scale,
-        },
+        # Every SamplerSettings field, so a consumer rebuilds the exact sampler.
+        "sampler": dataclasses.asdict(cfg.sampler),
+        "family": sampler.family,
+        "refine": REFINE_DEFINITION,
         "action_map": {name: i for i, name in enumerate(mdp.ACTION_NAMES)},
         "nfe_convention": NFE_CONVENTION,
         "behavior_policy": {
