@@ -19,6 +19,13 @@ def _collect(args: argparse.Namespace) -> int:
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world:
         raise SystemExit(f"rank must be in [0, world_size) = [0, {world}), got {rank}")
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and cfg.device != "cpu":
+        import torch
+
+        # One process per GPU: "cuda" (and "auto") then mean this process's own GPU.
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(local_rank) % torch.cuda.device_count())
     s = collect(cfg, Path(args.store), rank=rank, world_size=world, progress=not args.quiet)
     print(
         f"collect: {s.shards_written} shards written, {s.shards_skipped} already complete, "
