@@ -5,6 +5,20 @@ features of x̂0, so one trajectory holds the outcome of every stop decision (st
 decoding x̂0_i). Episodes are ordered globally (prompt × seed) and cut into shards of
 ``shard_size``; rank r of W processes writes shards r, r+W, ...; a restarted collector skips
 complete shards, so every episode lands exactly once.
+
+Refine branches (the only action that needs new denoising): at the root's sampled steps i (see
+:func:`branch_steps`) a fork of the episode takes refine and continues to ``n_max``. It is stored
+in the root's shard as its own episode ``<root id>-b<i>`` with ``parent_episode_id = <root id>``
+and ``branch_step = i``; its rows are steps i+1 .. n_max-1, the first being s'_{i+1}, the state
+after the refine (``nfe = i + 2 + k``, ``refines_used = 1``). The root's own row at step i keeps
+``action = CONTINUE`` (the root did continue). A consumer rebuilds the refine transition as
+
+    (s_i, REFINE, s'_{i+1}) = (root row (parent_episode_id, step = branch_step),
+                               action 2, branch row (episode_id, step = branch_step + 1)),
+
+its reward from the components of those two rows and the NFE difference (1 + k), and its
+behaviour probability ``info["behavior_policy"]["branch_prob"]``; the branch's later rows are
+ordinary continue / stop steps.
 """
 
 from __future__ import annotations
