@@ -129,7 +129,13 @@ def evaluate(
     methods = _methods(cfg, policies)
 
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(held.info["backbone"], held.info["scheduler"], str(device))
+    # Loaded exactly as the collector loaded it (components it dropped stay dropped).
+    pipe = load_pipeline(
+        held.info["backbone"],
+        held.info["scheduler"],
+        str(device),
+        drop_components=tuple(held.info.get("drop_components", ())),
+    )
     scorer = ClipScorer(held.info["scorer"], device)
     _check_observation_layout(held, scorer)
     extra = _extra_scorers(held)
