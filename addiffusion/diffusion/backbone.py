@@ -87,7 +87,11 @@ def load_pipeline(
     cls, kwargs = SCHEDULERS[scheduler]
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(resolve_device(device))
+    pipe = pipe.to(resolve_device(device))
+    if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        # SDXL's VAE overflows in float16 (its config says so); every x̂0 decode runs in float32.
+        pipe.vae.to(torch.float32)
+    return pipe
 
 
 def _write_char_tokenizer(out_dir: Path) -> CLIPTokenizer:

@@ -95,3 +95,26 @@ def test_undergeneration_mask_marks_where_neglected_tokens_live() -> None:
     assert 0 < soft[0, 3, 3] < 0.5  # soft edge
     # Without content tokens there is nothing to be under-generated.
     assert undergeneration_mask(maps, torch.zeros(1, 4, dtype=torch.bool)).max() == 0
+
+
+def test_refine_batched_at_different_steps_equals_solo(
+    tiny_pipe_dir: Path, tiny_clip: ClipScorer
+) -> None:
+    sampler = _sampler(tiny_pipe_dir, tiny_clip)
+
+    def at_step(seed: int, steps: int) -> list:
+        eps, _ = sampler.start(PROMPTS[:1], [seed])
+        for _ in range(steps):
+            sampler.advance(eps)
+        return eps
+
+    solo = []
+    for seed, steps in ((1, 1), (2, 2)):
+        eps = at_step(seed, steps)
+        sampler.refine(eps)
+        solo.append(eps[0].latents)
+    a, b = at_step(1, 1), at_step(2, 2)
+    rec = sampler.refine([a[0], b[0]])
+    assert rec.step.tolist() == [2, 3]
+    torch.testing.assert_close(a[0].latents, solo[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b[0].latents, solo[1], atol=1e-5, rtol=1e-5)
