@@ -48,6 +48,10 @@ def load_online_policy(online_dir: Path) -> object:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     params = read_params(args.params)
     cfg = EvalConfig.from_params(params)
     reward_cfg = RewardConfig.from_params(params)
@@ -95,5 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--online", default=None, help="online-finetune output folder (optional)")
     p.add_argument("--out", default="results/eval", help="output folder (default: %(default)s)")
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default: 0 = torch's choice)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)

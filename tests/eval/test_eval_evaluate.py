@@ -221,7 +221,7 @@ def test_cli_runs_from_params(dataset: Path, tmp_path: Path, capsys: pytest.Capt
     )
     out = tmp_path / "out"
     argv = ["eval", "--dataset", str(dataset), "--out", str(out), "--params", str(params)]
-    assert main([*argv, "--quiet"]) == 0
+    assert main([*argv, "--quiet", "--threads", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["ddim-3"] and metrics["ddim-3"]["n"] == 2
     assert "ddim-3" in capsys.readouterr().out
