@@ -166,6 +166,12 @@ def branch_steps(cfg: CollectConfig, spec: EpisodeSpec, can_refine: bool) -> lis
     ]
 
 
+def _end(episodes: list[Episode]) -> None:
+    # Stop without sampler.stop's final decode: the last step's x̂0 is already recorded.
+    for ep in episodes:
+        ep.done = True
+
+
 def run_with_branches(
     sampler: StepwiseSampler, cfg: CollectConfig, specs: list[EpisodeSpec]
 ) -> list[Trace]:
@@ -186,7 +192,7 @@ def run_with_branches(
                 forks.append((b, i, sampler.fork([episodes[b]])[0]))
         if i < n - 1:
             rec = sampler.advance(episodes)
-    sampler.stop(episodes)
+    _end(episodes)
     branches: list[Trace] = []
     for j in range(0, len(forks), cfg.batch_size):
         chunk = forks[j : j + cfg.batch_size]
@@ -203,7 +209,7 @@ def run_with_branches(
             live = [k for k in live if eps[k].step < n - 1]
             if live:
                 rec = sampler.advance([eps[k] for k in live])
-        sampler.stop(eps)
+        _end(eps)
         branches.extend(traces)
     return roots + branches
 
