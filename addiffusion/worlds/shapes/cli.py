@@ -20,6 +20,13 @@ def _train(args: argparse.Namespace) -> None:
     train(cfg, Path(args.out), max_minutes=args.max_minutes)
 
 
+def _ship(args: argparse.Namespace) -> None:
+    from addiffusion.worlds.shapes.models import ship
+
+    for f in ship(args.src, args.dst):
+        print(f"{f} ({f.stat().st_size / 1e6:.2f} MB)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("shapes", help="the built-in shapes world (train its models)")
     shapes_sub = parser.add_subparsers(dest="shapes_command", required=True, metavar="<command>")
@@ -30,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop the UNet phase (and export) after this many minutes in all")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=_train)
+    p = shapes_sub.add_parser("ship", help="copy a run's pipeline/ and clip/ with float16 weights")
+    p.add_argument("--src", required=True, help="training output folder")
+    p.add_argument("--dst", default="assets/shapes", help="where the shipped weights go")
+    p.set_defaults(func=_ship)
 
 
 def main(argv: list[str] | None = None) -> None:
