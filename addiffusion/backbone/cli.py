@@ -6,13 +6,15 @@ import argparse
 from pathlib import Path
 
 from addiffusion.config import read_params
-from addiffusion.diffusion.backbone import save_tiny_pipeline
 from addiffusion.diffusion.config import BackboneConfig
-from addiffusion.rewards.clip import save_tiny_clip
 
 
 def _build_tiny(args: argparse.Namespace) -> int:
     cfg = BackboneConfig.from_params(read_params(args.params))
+    # Heavy imports here, not at module level: `addiffusion --help` imports every stage's CLI.
+    from addiffusion.diffusion.backbone import save_tiny_pipeline
+    from addiffusion.rewards.clip import save_tiny_clip
+
     save_tiny_pipeline(Path(args.out), cfg.tiny_seed)
     save_tiny_clip(Path(args.clip_out), cfg.tiny_seed)
     print(f"wrote {args.out} (diffusers pipeline) and {args.clip_out} (open_clip model)")

@@ -23,18 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 
-from addiffusion.collect.collector import (
-    _write_trace,
-    build_sampler,
-    plan_episodes,
-    run_with_branches,
-    shard_info,
-)
 from addiffusion.collect.config import CollectConfig
-from addiffusion.datasets.store import ShardWriter
-from addiffusion.diffusion.attention import CaptureAttnProcessor
 
 PHASES = ("denoiser", "decode", "clip", "scorers")
 
@@ -47,6 +37,19 @@ def _sync(device: torch.device) -> None:
 def run_bench(cfg: CollectConfig, batch: int, repeats: int) -> dict[str, float]:
     """Median seconds of plain generation and of recorded collection for one batch, the
     per-phase split of collection, and ``collect_overhead_ratio``."""
+    # Imported here, not at module level: `addiffusion --help` registers every benchmark.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from addiffusion.collect.collector import (
+        _write_trace,
+        build_sampler,
+        plan_episodes,
+        run_with_branches,
+        shard_info,
+    )
+    from addiffusion.datasets.store import ShardWriter
+    from addiffusion.diffusion.attention import CaptureAttnProcessor
+
     # Roots only: branches would add steps that plain generation does not take.
     cfg = dataclasses.replace(cfg, branch_prob=0.0, batch_size=batch)
     specs = plan_episodes(cfg)[:batch]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from addiffusion.config import StageConfig, check
-from addiffusion.diffusion.backbone import SCHEDULERS
-from addiffusion.diffusion.sampler import SamplerSettings
+
+if TYPE_CHECKING:
+    from addiffusion.diffusion.sampler import SamplerSettings
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class CollectConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
+        # Imported here: `addiffusion --help` imports every config module, and diffusers is slow.
+        from addiffusion.diffusion.backbone import SCHEDULERS
+
         check(
             self.scheduler in SCHEDULERS,
             "collect.scheduler",
@@ -113,6 +117,8 @@ class CollectConfig(StageConfig):
 
     @property
     def sampler(self) -> SamplerSettings:
+        from addiffusion.diffusion.sampler import SamplerSettings
+
         return SamplerSettings(
             n_max=self.n_max,
             warmup=self.warmup,

@@ -103,7 +103,7 @@ def _write_char_tokenizer(out_dir: Path) -> CLIPTokenizer:
     (out_dir / "merges.txt").write_text("#version: 0.2\n")
     # transformers 5: without model_max_length, padding to max length overflows.
     return CLIPTokenizer(
-        str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=32
+        str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=77
     )
 
 

@@ -6,7 +6,7 @@ schedule point ``t_i``: the one-step clean prediction x̂0_i exists and ``nfe = 
 * ``CONTINUE`` (0): one solver step to ``t_{i+1}`` and one denoiser evaluation there (1 NFE).
 * ``STOP`` (1): decode x̂0_i; the episode ends.
 * ``REFINE`` (2): re-denoise masked regions for ``k`` iterations (``k`` NFE), then re-noise to
-  ``t_{i+1}``.
+  ``t_{i+1}`` and evaluate there like continue does (1 NFE): ``k + 1`` NFE in all.
 
 NFE convention: one NFE is one denoiser (UNet / transformer) evaluation *per image*, with classifier
 -free guidance's conditional and unconditional branches batched into one evaluation and counted
