@@ -37,8 +37,9 @@ from addiffusion.collect.prompts import PromptRecord, load_prompts
 from addiffusion.datasets.store import ShardWriter, completed_shards
 from addiffusion.diffusion import mdp
 from addiffusion.diffusion.backbone import load_pipeline, resolve_device
-from addiffusion.diffusion.sampler import Episode, ExtraScorer, StepRecord, StepwiseSampler
+from addiffusion.diffusion.sampler import Episode, StepRecord, StepwiseSampler
 from addiffusion.rewards.clip import ClipScorer
+from addiffusion.rewards.extra import build_extra_scorers
 
 NFE_CONVENTION = (
     "one denoiser evaluation per image per step; CFG's two branches batched, counted once"
@@ -87,21 +88,24 @@ def plan_episodes(cfg: CollectConfig) -> list[EpisodeSpec]:
     ]
 
 
-def extra_scorers_for(cfg: CollectConfig) -> dict[str, ExtraScorer]:
-    """The shapes world's exact verifier is a raw component whenever its prompts are used."""
-    if cfg.prompts != "shapes":
-        return {}
-    from addiffusion.worlds.shapes.verifier import verify
+def extra_components(cfg: CollectConfig) -> list[str]:
+    """The shapes world's exact verifier whenever its prompts are used, plus ``collect.scorers``."""
+    return (["verifier"] if cfg.prompts == "shapes" else []) + list(cfg.scorers)
 
-    return {"verifier": lambda images, prompts: verify(images, list(prompts)).score}
+
+def extra_scorer_models(cfg: CollectConfig) -> dict[str, str]:
+    return {
+        "imagereward": cfg.imagereward,
+        "pickscore": cfg.pickscore_model,
+        "pickscore_processor": cfg.pickscore_processor,
+    }
 
 
 def build_sampler(cfg: CollectConfig) -> StepwiseSampler:
     device = resolve_device(cfg.device)
     pipe = load_pipeline(cfg.model, cfg.scheduler, str(device), drop_components=cfg.drop_components)
-    return StepwiseSampler(
-        pipe, ClipScorer(cfg.scorer, device), cfg.sampler, extra_scorers_for(cfg)
-    )
+    extra = build_extra_scorers(extra_components(cfg), extra_scorer_models(cfg), device)
+    return StepwiseSampler(pipe, ClipScorer(cfg.scorer, device), cfg.sampler, extra)
 
 
 def shard_info(cfg: CollectConfig, sampler: StepwiseSampler) -> dict:
@@ -113,6 +117,7 @@ def shard_info(cfg: CollectConfig, sampler: StepwiseSampler) -> dict:
         "scheduler": cfg.scheduler,
         "drop_components": list(cfg.drop_components),
         "scorer": cfg.scorer,
+        "extra_scorer_models": extra_scorer_models(cfg),
         "num_train_timesteps": sampler.num_train_timesteps,
         # Every SamplerSettings field, so a consumer rebuilds the exact sampler.
         "sampler": dataclasses.asdict(cfg.sampler),

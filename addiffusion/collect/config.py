@@ -46,6 +46,15 @@ class CollectConfig(StageConfig):
     """At most this many refine branches per root episode."""
     drop_components: tuple[str, ...] = ()
     """Pipeline components loaded as None (e.g. SD3's ``text_encoder_3``, ``tokenizer_3``)."""
+    scorers: tuple[str, ...] = ()
+    """Extra learned scorers recorded as raw components: any of imagereward, pickscore (real
+    backbones; the shapes world's verifier is added by itself for ``prompts: shapes``)."""
+    imagereward: str = "THUDM/ImageReward"
+    """ImageReward checkpoint: Hub id, folder with ImageReward.pt (+ med_config.json) or .pt file."""
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    """PickScore CLIPModel: Hub id or save_pretrained folder."""
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """PickScore's CLIPProcessor: Hub id or folder."""
     prompts: str = "builtin"
     """``builtin``, ``shapes`` (the shapes world's tiers), a prompt file or folder (DrawBench .csv,
     PartiPrompts .tsv, COCO captions .json, GenEval .jsonl, T2I-CompBench folder of .txt, plain
@@ -70,6 +79,8 @@ class CollectConfig(StageConfig):
         # Imported here: `addiffusion --help` imports every config module, and diffusers is slow.
         from addiffusion.diffusion.backbone import SCHEDULERS
 
+        bad = sorted(set(self.scorers) - {"imagereward", "pickscore"})
+        check(not bad, "collect.scorers", "a list of imagereward, pickscore", list(self.scorers))
         check(
             self.scheduler in SCHEDULERS,
             "collect.scheduler",

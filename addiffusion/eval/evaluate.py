@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from addiffusion.diffusion.backbone import load_pipeline, resolve_device
 from addiffusion.diffusion.mdp import ObservationLayout
-from addiffusion.diffusion.sampler import ExtraScorer, StepwiseSampler
+from addiffusion.diffusion.sampler import StepwiseSampler
 from addiffusion.eval import report
 from addiffusion.eval.config import EvalConfig
 from addiffusion.eval.heldout import HeldoutSet, load_heldout
@@ -32,26 +32,10 @@ from addiffusion.eval.policies import ClipDeltaStop, Policy, StabilityStop
 from addiffusion.eval.rollout import ALWAYS_CONTINUE, MethodRun, run_method
 from addiffusion.rewards.clip import ClipScorer
 from addiffusion.rewards.config import RewardConfig
+from addiffusion.rewards.extra import build_extra_scorers
 from addiffusion.rewards.reward import quality
 
 OUTPUTS = ("metrics.json", "pareto.csv", "pareto.png", "samples.png", "report.md")
-
-
-def _extra_scorers(held: HeldoutSet) -> dict[str, ExtraScorer]:
-    """Score with every extra component the dataset recorded (so Q is defined the same way)."""
-    extra: dict[str, ExtraScorer] = {}
-    for name in held.components:
-        if name in ("clip_score", "stability"):
-            continue
-        if name != "verifier":
-            raise ValueError(
-                f"meta/info.json lists component {name!r}, which evaluation cannot compute "
-                "(known: clip_score, stability, verifier)"
-            )
-        from addiffusion.worlds.shapes.verifier import verify
-
-        extra["verifier"] = lambda images, prompts: verify(images, list(prompts)).score
-    return extra
 
 
 def _check_observation_layout(held: HeldoutSet, scorer: ClipScorer) -> None:
@@ -138,7 +122,8 @@ def evaluate(
     )
     scorer = ClipScorer(held.info["scorer"], device)
     _check_observation_layout(held, scorer)
-    extra = _extra_scorers(held)
+    # Every extra component the dataset recorded, so Q is defined the same way.
+    extra = build_extra_scorers(held.components, held.info.get("extra_scorer_models", {}), device)
     prompts = [it.prompt for it in held.items]
     seeds = [it.seed for it in held.items]
     n_methods = len(cfg.baseline_steps) + len(methods)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from addiffusion.diffusion.sampler import ExtraScorer, SamplerSettings, StepwiseSampler
+from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class DatasetMDP:
     train_prompts: tuple[str, ...]
     drop_components: tuple[str, ...] = ()
     """Pipeline components the collector loaded as None (e.g. SD3's T5), if it recorded any."""
+    extra_scorer_models: dict[str, str] = field(default_factory=dict)
+    """Model ids of the extra scorers (ImageReward, PickScore) the collector used."""
 
 
 def _require(info: dict[str, Any], key: str, path: Path) -> Any:
@@ -120,36 +122,21 @@ def read_dataset_mdp(dataset_dir: Path) -> DatasetMDP:
         obs_dim=int(obs_dim) if obs_dim is not None else None,
         train_prompts=train_prompts(dataset_dir),
         drop_components=tuple(info.get("drop_components", ())),
+        extra_scorer_models=dict(info.get("extra_scorer_models", {})),
     )
-
-
-def extra_scorers(components: tuple[str, ...]) -> dict[str, ExtraScorer]:
-    """Scorers for the components beyond CLIP score and stability (the sampler's own)."""
-    out: dict[str, ExtraScorer] = {}
-    for name in components:
-        if name in ("clip_score", "stability"):
-            continue
-        if name == "verifier":
-            from addiffusion.worlds.shapes.verifier import verify
-
-            out[name] = lambda images, prompts: verify(images, list(prompts)).score
-        else:
-            raise ValueError(
-                f"the dataset records reward component {name!r}, which online fine-tuning "
-                "cannot compute (known: clip_score, stability, verifier)"
-            )
-    return out
 
 
 def build_sampler(mdp: DatasetMDP, device: str) -> StepwiseSampler:
     """The dataset's sampler (backbone, scheduler, scorer, settings) on ``device``."""
     from addiffusion.diffusion.backbone import load_pipeline, resolve_device
     from addiffusion.rewards.clip import ClipScorer
+    from addiffusion.rewards.extra import build_extra_scorers
 
     dev = resolve_device(device)
     pipe = load_pipeline(
         mdp.backbone, mdp.scheduler, str(dev), drop_components=mdp.drop_components
     )
     return StepwiseSampler(
-        pipe, ClipScorer(mdp.scorer, dev), mdp.settings, extra_scorers(mdp.components)
+        pipe, ClipScorer(mdp.scorer, dev), mdp.settings,
+        build_extra_scorers(mdp.components, mdp.extra_scorer_models, dev),
     )
