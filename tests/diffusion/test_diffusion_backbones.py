@@ -35,7 +35,7 @@ def _clip_cfg(vocab: int) -> CLIPTextConfig:
         num_attention_heads=4,
         num_hidden_layers=2,
         vocab_size=vocab,
-        max_position_embeddings=32,
+        max_position_embeddings=77,
         projection_dim=32,
     )
 
