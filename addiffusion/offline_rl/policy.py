@@ -7,7 +7,6 @@ after its sha256 matches the ``manifest.json`` its training run wrote beside it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from d3rlpy.models.torch import CategoricalPolicy
 from torch import nn
 
 import addiffusion.offline_rl.discrete_iql  # noqa: F401  (registers discrete_iql for load_learnable)
+from addiffusion.datasets.store import sha256_file
 
 MANIFEST_FORMAT = "addiffusion.offline_rl.manifest/1"
 D3RLPY_TYPES = {"iql": "discrete_iql", "cql": "discrete_cql", "bc": "discrete_bc"}
@@ -28,14 +28,6 @@ D3RLPY_TYPES = {"iql": "discrete_iql", "cql": "discrete_cql", "bc": "discrete_bc
 
 class PolicyLoadError(RuntimeError):
     """A policy file is missing, does not match its manifest, or is of the wrong kind."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class OfflinePolicy:

@@ -34,6 +34,7 @@ from d3rlpy.metrics import (
 from d3rlpy.models.encoders import VectorEncoderFactory
 from d3rlpy.preprocessing import StandardObservationScaler
 
+from addiffusion.datasets.store import sha256_file
 from addiffusion.diffusion.mdp import N_ACTIONS, REFINE
 from addiffusion.offline_rl.config import Algo, OfflineRLConfig
 from addiffusion.offline_rl.discrete_iql import DiscreteIQLConfig
@@ -41,7 +42,6 @@ from addiffusion.offline_rl.policy import (
     D3RLPY_TYPES,
     MANIFEST_FORMAT,
     OfflinePolicy,
-    sha256_file,
 )
 from addiffusion.offline_rl.stop_eval import evaluate_stops
 

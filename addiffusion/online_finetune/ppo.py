@@ -8,7 +8,6 @@ Saved actor (no pickle anywhere)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from sb3_contrib import MaskablePPO
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
+from addiffusion.datasets.store import sha256_file
 from addiffusion.online_finetune.actor import (
     ACTIVATIONS,
     ActorSpec,
@@ -140,14 +140,6 @@ def actor_from_ppo(model: MaskablePPO, spec: ActorSpec) -> MlpActor:
     return actor.eval()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_actor(actor: MlpActor, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``actor.safetensors`` + ``manifest.json``; returns the manifest path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +152,7 @@ def save_actor(actor: MlpActor, out_dir: Path, extra: dict[str, Any] | None = No
         "obs_dim": actor.spec.obs_dim,
         "action_map": {"continue": 0, "stop": 1, "refine": 2},
         "weights": WEIGHTS_FILE,
-        "sha256": _sha256(weights),
+        "sha256": sha256_file(weights),
         **(extra or {}),
     }
     path = out_dir / "manifest.json"
@@ -219,7 +211,7 @@ def load_finetuned_policy(out_dir: Path) -> FinetunedPolicy:
             f"{manifest.get('format')!r} version {manifest.get('version')!r}"
         )
     weights = out_dir / manifest["weights"]
-    digest = _sha256(weights)
+    digest = sha256_file(weights)
     if digest != manifest["sha256"]:
         raise ValueError(
             f"{weights}: sha256 {digest} does not match {path} ({manifest['sha256']}); "
