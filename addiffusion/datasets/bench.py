@@ -40,25 +40,31 @@ def write_relabel_dataset(out: Path, n_steps: int, n_max: int, seed: int = 0) ->
     step = first[rep] + offset
     is_branch = rep >= n_roots
     frac = (step + 1) / n_max
-    steps = pl.DataFrame({
-        "episode_id": pl.Series(ids).gather(rep),
-        "step": step.astype(np.int32),
-        "nfe": (step + 1 + 2 * is_branch).astype(np.int32),
-        "clip_score": (0.3 * np.sqrt(frac) + 0.02 * rng.standard_normal(step.size)).astype(
-            np.float32),
-        "stability": (frac + 0.01 * rng.standard_normal(step.size)).astype(np.float32),
-    })
+    steps = pl.DataFrame(
+        {
+            "episode_id": pl.Series(ids).gather(rep),
+            "step": step.astype(np.int32),
+            "nfe": (step + 1 + 2 * is_branch).astype(np.int32),
+            "clip_score": (0.3 * np.sqrt(frac) + 0.02 * rng.standard_normal(step.size)).astype(
+                np.float32
+            ),
+            "stability": (frac + 0.01 * rng.standard_normal(step.size)).astype(np.float32),
+        }
+    )
     parents = [None] * n_roots + [roots[p] for p in branched]
-    episodes = pl.DataFrame({
-        "episode_id": ids, "parent_episode_id": pl.Series(parents, dtype=pl.String),
-        "branch_step": [-1] * n_roots + [b] * len(branched),
-    }, schema_overrides={"branch_step": pl.Int32})
+    episodes = pl.DataFrame(
+        {
+            "episode_id": ids,
+            "parent_episode_id": pl.Series(parents, dtype=pl.String),
+            "branch_step": [-1] * n_roots + [b] * len(branched),
+        },
+        schema_overrides={"branch_step": pl.Int32},
+    )
     for name, table in (("steps", steps), ("episodes", episodes)):
         (out / "data" / name).mkdir(parents=True)
         table.write_parquet(out / "data" / name / "train-00000.parquet")
     info = synthetic_info(n_max, image_dim=8, text_dim=4)
-    info["component_stats"] = component_stats(
-        {c: steps[c].to_numpy() for c in info["components"]})
+    info["component_stats"] = component_stats({c: steps[c].to_numpy() for c in info["components"]})
     (out / "meta").mkdir()
     (out / "meta" / "info.json").write_text(json.dumps(info))
     return steps.height
@@ -72,18 +78,23 @@ def _run(args: argparse.Namespace) -> int:
         tic = time.perf_counter()
         summary = relabel(root / "dataset", cfg, root / "rewards.parquet")
         seconds = time.perf_counter() - tic
-    print(f"relabel: {n} steps ({summary['refine_edges']} refine edges), "
-          f"{n / seconds / 1e6:.2f} M steps/s")
+    print(
+        f"relabel: {n} steps ({summary['refine_edges']} refine edges), "
+        f"{n / seconds / 1e6:.2f} M steps/s"
+    )
     print(f"relabel_seconds={seconds:.2f}")
     return 0
 
 
 def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "relabel", help="time `datasets relabel` on a synthetic dataset",
+        "relabel",
+        help="time `datasets relabel` on a synthetic dataset",
         description="Writes a synthetic relabel-ready dataset of --steps steps (untimed), times "
-        "`datasets relabel` on it and prints relabel_seconds=<x.xx>.")
+        "`datasets relabel` on it and prints relabel_seconds=<x.xx>.",
+    )
     p.add_argument("--steps", type=int, default=1_000_000, help="steps (default: %(default)s)")
-    p.add_argument("--n-max", type=int, default=50, help="steps per root episode "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--n-max", type=int, default=50, help="steps per root episode (default: %(default)s)"
+    )
     p.set_defaults(func=_run)

@@ -53,8 +53,18 @@ from addiffusion.diffusion.mdp import ObservationLayout
 from addiffusion.rewards.reward import component_stats
 
 LAYOUT_VERSION = 1
-SHARED_INFO_KEYS = ("components", "image_dim", "text_dim", "backbone", "scheduler", "scorer",
-                    "num_train_timesteps", "sampler", "action_map", "nfe_convention")
+SHARED_INFO_KEYS = (
+    "components",
+    "image_dim",
+    "text_dim",
+    "backbone",
+    "scheduler",
+    "scorer",
+    "num_train_timesteps",
+    "sampler",
+    "action_map",
+    "nfe_convention",
+)
 """Shard metadata that must agree across the shards of one dataset."""
 
 
@@ -92,8 +102,11 @@ def _merged_tables(shards: list[Shard], cfg: DatasetsConfig) -> tuple[pl.DataFra
     text_off = feat_off = 0
     for s in shards:
         k = int(s.info["shard_index"])
-        eps.append(s.episodes.with_columns(pl.col("text_row") + text_off,
-                                           pl.lit(k, dtype=pl.Int64).alias("shard")))
+        eps.append(
+            s.episodes.with_columns(
+                pl.col("text_row") + text_off, pl.lit(k, dtype=pl.Int64).alias("shard")
+            )
+        )
         steps.append(s.steps.with_columns(pl.col("feature_row") + feat_off))
         text_off += s.episodes.height
         feat_off += s.steps.height
@@ -101,19 +114,31 @@ def _merged_tables(shards: list[Shard], cfg: DatasetsConfig) -> tuple[pl.DataFra
     dup = episodes.filter(pl.col("episode_id").is_duplicated())
     if dup.height:
         first = dup.row(0, named=True)
-        raise BuildError(f"episode_id {first['episode_id']!r} appears in more than one shard "
-                         f"(e.g. shard {first['shard']}); collect wrote overlapping shards")
+        raise BuildError(
+            f"episode_id {first['episode_id']!r} appears in more than one shard "
+            f"(e.g. shard {first['shard']}); collect wrote overlapping shards"
+        )
     train_ids = episodes.filter(pl.col("split") == "train")["prompt_id"].to_numpy()
     val = prompt_val_split(train_ids, cfg.val_fraction, cfg.split_seed)
     episodes = episodes.with_columns(
-        pl.when(pl.col("split") != "train").then(pl.col("split"))
-        .when(pl.col("prompt_id").is_in(sorted(val))).then(pl.lit("val"))
-        .otherwise(pl.lit("train")).alias("rl_split"))
+        pl.when(pl.col("split") != "train")
+        .then(pl.col("split"))
+        .when(pl.col("prompt_id").is_in(sorted(val)))
+        .then(pl.lit("val"))
+        .otherwise(pl.lit("train"))
+        .alias("rl_split")
+    )
     return episodes, pl.concat(steps, how="vertical")
 
 
-def _write_tables(out: Path, name: str, table: pl.DataFrame, split_of: pl.DataFrame,
-                  schema: pa.Schema, chunk_rows: int) -> dict[str, int]:
+def _write_tables(
+    out: Path,
+    name: str,
+    table: pl.DataFrame,
+    split_of: pl.DataFrame,
+    schema: pa.Schema,
+    chunk_rows: int,
+) -> dict[str, int]:
     folder = out / "data" / name
     folder.mkdir(parents=True)
     table = table.join(split_of, on="episode_id", how="left", maintain_order="left")
@@ -144,7 +169,7 @@ class _BlockWriter:
             return
         data = np.concatenate(self.buf)
         n = len(data) if final else (len(data) // self.block) * self.block
-        self.arr[self.pos:self.pos + n] = data[:n]
+        self.arr[self.pos : self.pos + n] = data[:n]
         self.pos += n
         self.buf = [data[n:]] if n < len(data) else []
 
@@ -164,8 +189,13 @@ def _write_arrays(out: Path, shards: list[Shard], cfg: DatasetsConfig) -> dict[s
         scale = max(1, int(np.prod(tail)) // 256)
         chunk = max(1, cfg.zarr_chunk_rows // scale)
         shard_rows = chunk * max(1, cfg.zarr_shard_rows // cfg.zarr_chunk_rows)
-        arr = group.create_array(name, shape=(rows, *tail), dtype=first.dtype,
-                                 chunks=(chunk, *tail), shards=(shard_rows, *tail))
+        arr = group.create_array(
+            name,
+            shape=(rows, *tail),
+            dtype=first.dtype,
+            chunks=(chunk, *tail),
+            shards=(shard_rows, *tail),
+        )
         writer = _BlockWriter(arr, shard_rows)
         for s in shards:
             writer.add(np.asarray(s.features[name][...]))
@@ -174,8 +204,9 @@ def _write_arrays(out: Path, shards: list[Shard], cfg: DatasetsConfig) -> dict[s
     return shapes
 
 
-def _write_webdataset(out: Path, shards: list[Shard], episodes: pl.DataFrame,
-                      steps: pl.DataFrame, schema: pa.Schema) -> None:
+def _write_webdataset(
+    out: Path, shards: list[Shard], episodes: pl.DataFrame, steps: pl.DataFrame, schema: pa.Schema
+) -> None:
     folder = out / "webdataset"
     folder.mkdir()
     for s in shards:
@@ -192,17 +223,28 @@ def _write_webdataset(out: Path, shards: list[Shard], episodes: pl.DataFrame,
             write_episode_samples(tar, ep.to_arrow(), st.select(schema.names).to_arrow(), thumbs)
 
 
-def _info(shards: list[Shard], episodes: pl.DataFrame, steps: pl.DataFrame,
-          shapes: dict[str, list[int]], cfg: DatasetsConfig) -> dict[str, Any]:
+def _info(
+    shards: list[Shard],
+    episodes: pl.DataFrame,
+    steps: pl.DataFrame,
+    shapes: dict[str, list[int]],
+    cfg: DatasetsConfig,
+) -> dict[str, Any]:
     ref = shards[0].info
     components = list(ref["components"])
-    train_steps = steps.join(episodes.filter(pl.col("split") == "train").select("episode_id"),
-                             on="episode_id", how="semi")
+    train_steps = steps.join(
+        episodes.filter(pl.col("split") == "train").select("episode_id"),
+        on="episode_id",
+        how="semi",
+    )
     stats_rows = train_steps if train_steps.height else steps
     layout = ObservationLayout(int(ref["image_dim"]), int(ref["text_dim"]))
-    extra = {k: v for k, v in ref.items()
-             if k not in {"files", "shard_index", "n_episodes", "n_steps", "schema_version"}
-             and not k.startswith("has_")}
+    extra = {
+        k: v
+        for k, v in ref.items()
+        if k not in {"files", "shard_index", "n_episodes", "n_steps", "schema_version"}
+        and not k.startswith("has_")
+    }
     return {
         **extra,
         "schema_version": SCHEMA_VERSION,
@@ -210,8 +252,7 @@ def _info(shards: list[Shard], episodes: pl.DataFrame, steps: pl.DataFrame,
         "observation": layout.to_dict(),
         "observation_order": ["image_features", "text_features", "time_embedding", "quality"],
         "components": components,
-        "component_stats": component_stats(
-            {c: stats_rows[c].to_numpy() for c in components}),
+        "component_stats": component_stats({c: stats_rows[c].to_numpy() for c in components}),
         "component_stats_split": "train" if train_steps.height else "all",
         "arrays": shapes,
         "counts": {
@@ -220,7 +261,8 @@ def _info(shards: list[Shard], episodes: pl.DataFrame, steps: pl.DataFrame,
             "root_episodes": episodes.filter(pl.col("parent_episode_id").is_null()).height,
             "steps": steps.height,
             "episodes_per_rl_split": dict(
-                episodes.group_by("rl_split").len().sort("rl_split").iter_rows()),
+                episodes.group_by("rl_split").len().sort("rl_split").iter_rows()
+            ),
         },
         "rl_split": {"val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "by": "prompt_id"},
         "source_shards": [int(s.info["shard_index"]) for s in shards],
@@ -241,13 +283,16 @@ def build_dataset(store_dir: Path, out_dir: Path, cfg: DatasetsConfig) -> Path:
     store_dir, out_dir = Path(store_dir), Path(out_dir)
     paths = shard_paths(store_dir)
     if not paths:
-        raise BuildError(f"{store_dir} holds no complete shard (shard-NNNNN/ with shard.json); "
-                         "run `addiffusion collect` first")
+        raise BuildError(
+            f"{store_dir} holds no complete shard (shard-NNNNN/ with shard.json); "
+            "run `addiffusion collect` first"
+        )
     problems = [p for path in paths for p in validate_shard(path)]
     if problems:
         listing = "\n  ".join(str(p) for p in problems[:20])
-        raise BuildError(f"{len(problems)} problem(s) in {store_dir}; nothing was written:\n  "
-                         f"{listing}")
+        raise BuildError(
+            f"{len(problems)} problem(s) in {store_dir}; nothing was written:\n  {listing}"
+        )
     shards = [read_shard(p) for p in paths]
     _check_consistent(shards)
     episodes, steps = _merged_tables(shards, cfg)
@@ -257,8 +302,10 @@ def build_dataset(store_dir: Path, out_dir: Path, cfg: DatasetsConfig) -> Path:
     tmp.mkdir()
     try:
         (tmp / "meta").mkdir()
-        ep_schema = pa.schema(list(EPISODES_SCHEMA) + [pa.field("shard", pa.int64()),
-                                                       pa.field("rl_split", pa.string())])
+        ep_schema = pa.schema(
+            list(EPISODES_SCHEMA)
+            + [pa.field("shard", pa.int64()), pa.field("rl_split", pa.string())]
+        )
         st_schema = steps_schema(list(shards[0].info["components"]))
         split_of = episodes.select("episode_id", pl.col("split").alias("_split"))
         counts = _write_tables(tmp, "episodes", episodes, split_of, ep_schema, cfg.chunk_rows)

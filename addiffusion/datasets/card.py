@@ -17,11 +17,13 @@ import yaml
 def hub_configs(splits: list[str], webdataset: bool) -> list[dict[str, Any]]:
     configs: list[dict[str, Any]] = []
     for name in ("episodes", "steps"):
-        configs.append({
-            "config_name": name,
-            "data_files": [{"split": s, "path": f"data/{name}/{s}-*.parquet"} for s in splits],
-            **({"default": True} if name == "episodes" else {}),
-        })
+        configs.append(
+            {
+                "config_name": name,
+                "data_files": [{"split": s, "path": f"data/{name}/{s}-*.parquet"} for s in splits],
+                **({"default": True} if name == "episodes" else {}),
+            }
+        )
     # No "webdataset" config: `datasets` infers one builder per repository (Parquet here), so a
     # tar config would be read as Parquet. The tars load with the webdataset builder directly.
     del webdataset
@@ -32,8 +34,13 @@ def dataset_card(info: dict[str, Any], splits: list[str], webdataset: bool) -> s
     """Markdown with YAML front matter for the Hub."""
     front = {
         "configs": hub_configs(splits, webdataset),
-        "tags": ["diffusion", "text-to-image", "offline-reinforcement-learning", "trajectories",
-                 "addiffusion"],
+        "tags": [
+            "diffusion",
+            "text-to-image",
+            "offline-reinforcement-learning",
+            "trajectories",
+            "addiffusion",
+        ],
         "license": "other",
     }
     counts = info["counts"]
@@ -44,18 +51,18 @@ def dataset_card(info: dict[str, Any], splits: list[str], webdataset: bool) -> s
 
 # addiffusion denoising trajectories
 
-Whole denoising runs of `{info.get('backbone')}` ({info.get('scheduler')} scheduler) recorded by
+Whole denoising runs of `{info.get("backbone")}` ({info.get("scheduler")} scheduler) recorded by
 `addiffusion collect`: at **every** step the CLIP features of the one-step clean prediction x̂0
-and the raw reward components ({', '.join(info['components'])}, scored by `{info.get('scorer')}`).
+and the raw reward components ({", ".join(info["components"])}, scored by `{info.get("scorer")}`).
 Stopping at step *i* means decoding x̂0 at step *i*, so each trajectory holds the outcome of every
 stop decision. Rewards are not stored: `addiffusion datasets relabel` derives them from the raw
 components for any weights / NFE penalty.
 
-- {counts['episodes']} episodes ({counts['root_episodes']} roots), {counts['steps']} steps,
-  from {counts['shards']} collector shards
+- {counts["episodes"]} episodes ({counts["root_episodes"]} roots), {counts["steps"]} steps,
+  from {counts["shards"]} collector shards
 - sampler: `{sampler}`
-- actions: {json.dumps(info.get('action_map', {}))}; NFE: {info.get('nfe_convention', '')}
-- schema version {info['schema_version']}, layout version {info['layout_version']}
+- actions: {json.dumps(info.get("action_map", {}))}; NFE: {info.get("nfe_convention", "")}
+- schema version {info["schema_version"]}, layout version {info["layout_version"]}
 
 ## Layout
 

@@ -34,8 +34,9 @@ class DatasetsConfig(StageConfig):
     """Copy x̂0 latents (float16, large) into ``features.zarr`` when every shard has them."""
 
     def __post_init__(self) -> None:
-        check(0.0 <= self.val_fraction < 1.0, "datasets.val_fraction", "in [0, 1)",
-              self.val_fraction)
+        check(
+            0.0 <= self.val_fraction < 1.0, "datasets.val_fraction", "in [0, 1)", self.val_fraction
+        )
         check(self.chunk_rows >= 1, "datasets.chunk_rows", ">= 1", self.chunk_rows)
         check(self.zarr_chunk_rows >= 1, "datasets.zarr_chunk_rows", ">= 1", self.zarr_chunk_rows)
         check(

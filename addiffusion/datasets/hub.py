@@ -31,8 +31,12 @@ class DatasetProblems(ValueError):
 
 
 def push_to_hub(
-    dataset_dir: Path, repo_id: str, token: str | None = None, private: bool = False,
-    revision: str | None = None, commit_message: str = "Upload addiffusion trajectory dataset",
+    dataset_dir: Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str = "Upload addiffusion trajectory dataset",
 ) -> str:
     """Validate ``dataset_dir`` and upload it as a Hub dataset repo; returns the commit URL."""
     from huggingface_hub import HfApi
@@ -43,23 +47,35 @@ def push_to_hub(
         raise DatasetProblems(f"refusing to push {dataset_dir}", problems)
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(dataset_dir), repo_id=repo_id, repo_type="dataset",
-                             allow_patterns=ALLOW_PATTERNS, revision=revision,
-                             commit_message=commit_message)
+    info = api.upload_folder(
+        folder_path=str(dataset_dir),
+        repo_id=repo_id,
+        repo_type="dataset",
+        allow_patterns=ALLOW_PATTERNS,
+        revision=revision,
+        commit_message=commit_message,
+    )
     return str(getattr(info, "commit_url", info))
 
 
-def load(path_or_repo_id: str | Path, revision: str | None = None,
-         cache_dir: str | Path | None = None) -> Path:
+def load(
+    path_or_repo_id: str | Path, revision: str | None = None, cache_dir: str | Path | None = None
+) -> Path:
     """A verified local dataset folder: ``path_or_repo_id`` itself when it is a folder, else a
     Hub dataset repo downloaded with ``snapshot_download`` (data formats only)."""
     local = Path(path_or_repo_id)
     if not local.is_dir():
         from huggingface_hub import snapshot_download
 
-        local = Path(snapshot_download(str(path_or_repo_id), repo_type="dataset",
-                                       revision=revision, cache_dir=cache_dir,
-                                       allow_patterns=ALLOW_PATTERNS))
+        local = Path(
+            snapshot_download(
+                str(path_or_repo_id),
+                repo_type="dataset",
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=ALLOW_PATTERNS,
+            )
+        )
     problems = validate_dataset(local)
     if problems:
         raise DatasetProblems(f"dataset {path_or_repo_id}", problems)
@@ -74,12 +90,15 @@ def iter_episodes(dataset_dir: Path) -> Iterator[dict[str, Any]]:
 
     tars = sorted(str(p) for p in (Path(dataset_dir) / "webdataset").glob("*.tar"))
     if not tars:
-        raise FileNotFoundError(f"{dataset_dir}/webdataset/ holds no tars (build with "
-                                "datasets.write_webdataset: true)")
+        raise FileNotFoundError(
+            f"{dataset_dir}/webdataset/ holds no tars (build with datasets.write_webdataset: true)"
+        )
     for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False):
         if "json" not in sample:
             raise ValueError(f"{sample.get('__url__')}: sample {sample['__key__']!r} has no json")
         record = json.loads(sample["json"])
         png = sample.get("png")
-        record["filmstrip"] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) if png else None
+        record["filmstrip"] = (
+            np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) if png else None
+        )
         yield record

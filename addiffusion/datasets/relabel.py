@@ -32,8 +32,10 @@ REWARD_COLUMNS = ("q", "r_continue", "r_stop", "r_refine", "r_enter")
 def read_info(dataset_dir: Path) -> dict[str, Any]:
     path = Path(dataset_dir) / "meta" / "info.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {dataset_dir} is not a built dataset (run "
-                                "`addiffusion datasets build`)")
+        raise FileNotFoundError(
+            f"{path} not found: {dataset_dir} is not a built dataset (run "
+            "`addiffusion datasets build`)"
+        )
     return json.loads(path.read_text())
 
 
@@ -49,7 +51,9 @@ def scan_table(dataset_dir: Path, name: str) -> pl.LazyFrame:
 
 
 def compute_rewards(
-    steps: pl.DataFrame, episodes: pl.DataFrame, cfg: RewardConfig,
+    steps: pl.DataFrame,
+    episodes: pl.DataFrame,
+    cfg: RewardConfig,
     stats: dict[str, dict[str, float]] | None,
 ) -> pl.DataFrame:
     """steps: episode_id, step, nfe + component columns; episodes: episode_id,
@@ -75,10 +79,12 @@ def compute_rewards(
     steps_np = steps["step"].to_numpy()
     r_refine = np.full(len(q), np.nan)
     r_enter = np.full(len(q), np.nan)
-    branches = (episodes.filter(pl.col("parent_episode_id").is_not_null())
-                .sort("episode_id", descending=True))  # smallest id written last: it wins
-    for bid, parent, bstep in branches.select("episode_id", "parent_episode_id",
-                                              "branch_step").iter_rows():
+    branches = episodes.filter(pl.col("parent_episode_id").is_not_null()).sort(
+        "episode_id", descending=True
+    )  # smallest id written last: it wins
+    for bid, parent, bstep in branches.select(
+        "episode_id", "parent_episode_id", "branch_step"
+    ).iter_rows():
         b0, p0 = start_of.get(bid), start_of.get(parent)
         if b0 is None or p0 is None or steps_np[b0] != bstep + 1:
             continue  # branch or parent not in these rows (validate reports broken indices)
@@ -88,8 +94,9 @@ def compute_rewards(
         r = step_reward(q[prow], q[b0], nfe[b0] - nfe[prow], cfg)
         r_refine[prow] = r
         r_enter[b0] = r
-    out = out.with_columns(pl.Series("r_refine", r_refine).fill_nan(None),
-                           pl.Series("r_enter", r_enter).fill_nan(None))
+    out = out.with_columns(
+        pl.Series("r_refine", r_refine).fill_nan(None), pl.Series("r_enter", r_enter).fill_nan(None)
+    )
     return out.with_columns(pl.col(c).cast(pl.Float32) for c in REWARD_COLUMNS)
 
 
@@ -100,13 +107,18 @@ def relabel(dataset_dir: Path, reward_cfg: RewardConfig, out_path: Path) -> dict
     info = read_info(dataset_dir)
     missing = sorted(set(reward_cfg.weights) - set(info.get("components", [])))
     if missing:
-        raise KeyError(f"rewards.weights names component {missing[0]!r}, which {dataset_dir} "
-                       f"does not record (components: {', '.join(info.get('components', []))})")
+        raise KeyError(
+            f"rewards.weights names component {missing[0]!r}, which {dataset_dir} "
+            f"does not record (components: {', '.join(info.get('components', []))})"
+        )
     stats = info.get("component_stats") if reward_cfg.normalize else None
     cols = ["episode_id", "step", "nfe", *reward_cfg.weights]
     steps = scan_table(dataset_dir, "steps").select(cols).collect()
-    episodes = (scan_table(dataset_dir, "episodes")
-                .select("episode_id", "parent_episode_id", "branch_step").collect())
+    episodes = (
+        scan_table(dataset_dir, "episodes")
+        .select("episode_id", "parent_episode_id", "branch_step")
+        .collect()
+    )
     rewards = compute_rewards(steps, episodes, reward_cfg, stats)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rewards.write_parquet(out_path)

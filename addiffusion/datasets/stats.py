@@ -22,19 +22,26 @@ def _component_scales(steps: pl.DataFrame, components: list[str]) -> dict[str, d
     out = {}
     for c in components:
         s = steps[c]
-        out[c] = {"mean": float(s.mean()), "std": float(s.std() or 0.0),  # type: ignore[arg-type]
-                  "min": float(s.min()), "max": float(s.max()),  # type: ignore[arg-type]
-                  "p05": float(s.quantile(0.05) or 0.0), "p95": float(s.quantile(0.95) or 0.0)}
+        out[c] = {
+            "mean": float(s.mean()),
+            "std": float(s.std() or 0.0),  # type: ignore[arg-type]
+            "min": float(s.min()),
+            "max": float(s.max()),  # type: ignore[arg-type]
+            "p05": float(s.quantile(0.05) or 0.0),
+            "p95": float(s.quantile(0.95) or 0.0),
+        }
     return out
 
 
 def stop_returns(rewards: pl.DataFrame, warmup: int) -> pl.DataFrame:
     """Per (episode, step): R(j) = Σ_{i<j} r_continue_i + r_stop_j, null in warm-up."""
-    excl = (pl.col("r_continue").fill_null(0).cum_sum() - pl.col("r_continue").fill_null(0))
+    excl = pl.col("r_continue").fill_null(0).cum_sum() - pl.col("r_continue").fill_null(0)
     return rewards.sort("episode_id", "step").with_columns(
         pl.when(pl.col("step") >= warmup)
-        .then(excl.over("episode_id") + pl.col("r_stop")).otherwise(None)
-        .alias("stop_return"))
+        .then(excl.over("episode_id") + pl.col("r_stop"))
+        .otherwise(None)
+        .alias("stop_return")
+    )
 
 
 def dataset_stats(dataset_dir: Path, reward_cfg: RewardConfig) -> dict[str, Any]:
@@ -44,26 +51,42 @@ def dataset_stats(dataset_dir: Path, reward_cfg: RewardConfig) -> dict[str, Any]
     episodes = scan_table(dataset_dir, "episodes").collect()
     steps = scan_table(dataset_dir, "steps").collect()
     stats = info.get("component_stats") if reward_cfg.normalize else None
-    rewards = compute_rewards(steps.select("episode_id", "step", "nfe", *components),
-                              episodes, reward_cfg, stats)
+    rewards = compute_rewards(
+        steps.select("episode_id", "step", "nfe", *components), episodes, reward_cfg, stats
+    )
     roots = episodes.filter(pl.col("parent_episode_id").is_null())
-    ret = (stop_returns(rewards, int(info["sampler"]["warmup"]))
-           .join(roots.select("episode_id", "category"), on="episode_id"))
+    ret = stop_returns(rewards, int(info["sampler"]["warmup"])).join(
+        roots.select("episode_id", "category"), on="episode_id"
+    )
     per_ep = ret.group_by("episode_id", "category").agg(
         pl.col("stop_return").last().alias("full"),
         pl.col("stop_return").max().alias("oracle"),
-        pl.col("step").sort_by("stop_return", descending=True, nulls_last=True).first()
-        .alias("oracle_step"))
-    cats = (per_ep.group_by("category").agg(
-        pl.len().alias("root_episodes"), pl.col("full").mean().alias("mean_return_full"),
-        pl.col("oracle").mean().alias("mean_return_oracle"),
-        pl.col("oracle_step").mean().alias("mean_oracle_stop_step"))
-        .join(steps.join(episodes.select("episode_id", "category"), on="episode_id")
-              .group_by("category").len("steps"), on="category").sort("category"))
+        pl.col("step")
+        .sort_by("stop_return", descending=True, nulls_last=True)
+        .first()
+        .alias("oracle_step"),
+    )
+    cats = (
+        per_ep.group_by("category")
+        .agg(
+            pl.len().alias("root_episodes"),
+            pl.col("full").mean().alias("mean_return_full"),
+            pl.col("oracle").mean().alias("mean_return_oracle"),
+            pl.col("oracle_step").mean().alias("mean_oracle_stop_step"),
+        )
+        .join(
+            steps.join(episodes.select("episode_id", "category"), on="episode_id")
+            .group_by("category")
+            .len("steps"),
+            on="category",
+        )
+        .sort("category")
+    )
     actions = steps.group_by("action").len().sort("action")
-    per_step = (steps.group_by("step").agg(*(pl.col(c).mean() for c in components)).sort("step"))
-    curve = (ret.group_by("category", "step").agg(pl.col("stop_return").mean())
-             .sort("category", "step"))
+    per_step = steps.group_by("step").agg(*(pl.col(c).mean() for c in components)).sort("step")
+    curve = (
+        ret.group_by("category", "step").agg(pl.col("stop_return").mean()).sort("category", "step")
+    )
     return {
         "dataset": str(dataset_dir),
         "episodes": episodes.height,
@@ -72,7 +95,8 @@ def dataset_stats(dataset_dir: Path, reward_cfg: RewardConfig) -> dict[str, Any]
         "steps": steps.height,
         "episodes_per_split": dict(episodes.group_by("split").len().sort("split").iter_rows()),
         "episodes_per_rl_split": dict(
-            episodes.group_by("rl_split").len().sort("rl_split").iter_rows()),
+            episodes.group_by("rl_split").len().sort("rl_split").iter_rows()
+        ),
         "behaviour_actions": {mdp.ACTION_NAMES[a]: n for a, n in actions.iter_rows()},
         "categories": {r.pop("category"): r for r in cats.iter_rows(named=True)},
         "components": _component_scales(steps, components),

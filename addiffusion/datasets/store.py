@@ -175,8 +175,10 @@ class ShardWriter:
             raise ValueError(
                 f"{where}: text_features must be ({self.text_dim},), got {text_features.shape}"
             )
-        for name, arr, store in (("thumbnails", thumbnails, self._thumbs),
-                                 ("latents", latents, self._latents)):
+        for name, arr, store in (
+            ("thumbnails", thumbnails, self._thumbs),
+            ("latents", latents, self._latents),
+        ):
             if (arr is None) != (not store) and self._episodes:
                 raise ValueError(f"{where}: {name} given for some episodes of the shard only")
             if arr is not None:
@@ -186,11 +188,16 @@ class ShardWriter:
                 if arr.shape[0] != n or (store and arr.shape[1:] != store[0].shape[1:]):
                     raise ValueError(f"{where}: {name} shape {arr.shape} does not fit")
         text_row = len(self._episodes)
-        self._episodes.append({**{k: episode[k] for k in EPISODES_SCHEMA.names if k != "text_row"},
-                               "text_row": text_row})
+        self._episodes.append(
+            {
+                **{k: episode[k] for k in EPISODES_SCHEMA.names if k != "text_row"},
+                "text_row": text_row,
+            }
+        )
         for j, row in enumerate(steps):
-            self._steps.append({**{f: row[f] for f in step_fields},
-                                "feature_row": self._n_steps + j})
+            self._steps.append(
+                {**{f: row[f] for f in step_fields}, "feature_row": self._n_steps + j}
+            )
         self._n_steps += n
         self._image.append(image_features)
         self._text.append(text_features)

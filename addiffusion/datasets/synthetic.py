@@ -17,8 +17,9 @@ from addiffusion.diffusion import mdp
 COMPONENTS = ["clip_score", "stability"]
 
 
-def synthetic_info(n_max: int, image_dim: int, text_dim: int, warmup: int = 1,
-                   refine_k: int = 2) -> dict[str, Any]:
+def synthetic_info(
+    n_max: int, image_dim: int, text_dim: int, warmup: int = 1, refine_k: int = 2
+) -> dict[str, Any]:
     return {
         "components": list(COMPONENTS),
         "image_dim": image_dim,
@@ -27,28 +28,43 @@ def synthetic_info(n_max: int, image_dim: int, text_dim: int, warmup: int = 1,
         "scheduler": "ddim",
         "scorer": "synthetic",
         "num_train_timesteps": 1000,
-        "sampler": {"n_max": n_max, "warmup": warmup, "refine_budget": 1, "refine_k": refine_k,
-                    "guidance_scale": 5.0, "height": 8, "width": 8},
+        "sampler": {
+            "n_max": n_max,
+            "warmup": warmup,
+            "refine_budget": 1,
+            "refine_k": refine_k,
+            "guidance_scale": 5.0,
+            "height": 8,
+            "width": 8,
+        },
         "action_map": {name: i for i, name in enumerate(mdp.ACTION_NAMES)},
         "nfe_convention": "one denoiser evaluation per image per step",
     }
 
 
-def _steps(eid: str, first: int, n_max: int, nfe0: int, refines: int,
-           rng: np.random.Generator) -> list[dict[str, Any]]:
+def _steps(
+    eid: str, first: int, n_max: int, nfe0: int, refines: int, rng: np.random.Generator
+) -> list[dict[str, Any]]:
     rows = []
     for i in range(first, n_max):
         frac = (i + 1) / n_max
-        rows.append({
-            "episode_id": eid, "step": i,
-            "timestep": float(1000 * (1 - i / n_max)), "t_frac": float(1 - i / n_max),
-            "sigma": float(10 * (1 - frac) + 0.01),
-            "action": mdp.STOP if i == n_max - 1 else mdp.CONTINUE, "behavior_prob": 1.0,
-            "nfe": nfe0 + (i - first), "refines_used": refines,
-            "wall_time_s": 0.01, "peak_mem_bytes": 1 << 20,
-            "clip_score": float(0.3 * np.sqrt(frac) + 0.02 * rng.standard_normal()),
-            "stability": float(frac + 0.01 * rng.standard_normal()),
-        })
+        rows.append(
+            {
+                "episode_id": eid,
+                "step": i,
+                "timestep": float(1000 * (1 - i / n_max)),
+                "t_frac": float(1 - i / n_max),
+                "sigma": float(10 * (1 - frac) + 0.01),
+                "action": mdp.STOP if i == n_max - 1 else mdp.CONTINUE,
+                "behavior_prob": 1.0,
+                "nfe": nfe0 + (i - first),
+                "refines_used": refines,
+                "wall_time_s": 0.01,
+                "peak_mem_bytes": 1 << 20,
+                "clip_score": float(0.3 * np.sqrt(frac) + 0.02 * rng.standard_normal()),
+                "stability": float(frac + 0.01 * rng.standard_normal()),
+            }
+        )
     return rows
 
 
@@ -75,11 +91,15 @@ def write_synthetic_store(
     paths = []
     for shard, start in enumerate(range(0, len(roots), shard_size)):
         writer = ShardWriter(store_dir, shard, info)
-        for p, s in roots[start:start + shard_size]:
+        for p, s in roots[start : start + shard_size]:
             eid = f"{p:06d}-{s}"
-            base = {"prompt_id": p, "prompt": f"prompt {p}", "category": ("simple", "hard")[p % 2],
-                    "split": "heldout" if p % heldout_every == heldout_every - 1 else "train",
-                    "seed": s}
+            base = {
+                "prompt_id": p,
+                "prompt": f"prompt {p}",
+                "category": ("simple", "hard")[p % 2],
+                "split": "heldout" if p % heldout_every == heldout_every - 1 else "train",
+                "seed": s,
+            }
             text = rng.standard_normal(text_dim).astype(np.float32)
             episodes = [(eid, None, -1, _steps(eid, 0, n_max, 1, 0, rng))]
             if branch_step is not None:
@@ -89,13 +109,19 @@ def write_synthetic_store(
             for ep_id, parent, bstep, rows in episodes:
                 n = len(rows)
                 writer.add_episode(
-                    episode={"episode_id": ep_id, **base, "parent_episode_id": parent,
-                             "branch_step": bstep, "num_steps": n},
+                    episode={
+                        "episode_id": ep_id,
+                        **base,
+                        "parent_episode_id": parent,
+                        "branch_step": bstep,
+                        "num_steps": n,
+                    },
                     steps=rows,
                     image_features=rng.standard_normal((n, image_dim)).astype(np.float32),
                     text_features=text,
                     thumbnails=rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8)
-                    if thumbnails else None,
+                    if thumbnails
+                    else None,
                 )
         paths.append(writer.commit())
     return paths

@@ -133,9 +133,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_policy(
-    path: Path, manifest: Path | None = None, device: str = "cpu:0"
-) -> OfflinePolicy:
+def load_policy(path: Path, manifest: Path | None = None, device: str = "cpu:0") -> OfflinePolicy:
     """Load ``policy.d3`` after checking its sha256 against ``manifest`` (default: the
     ``manifest.json`` beside it). Raises :class:`PolicyLoadError` on any mismatch."""
     path = Path(path)

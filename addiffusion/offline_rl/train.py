@@ -215,9 +215,7 @@ def _train_one(
     metrics: dict[str, Any] = {
         "algo": cfg.algo,
         "n_steps": n_epochs * cfg.n_steps_per_epoch,
-        "losses": {
-            k: float(v) for k, v in final.items() if not k.startswith(("time_", "val_"))
-        },
+        "losses": {k: float(v) for k, v in final.items() if not k.startswith(("time_", "val_"))},
         "val": {k[4:]: float(v) for k, v in final.items() if k.startswith("val_")},
     }
     train_stops = evaluate_stops(policy.act, train.episodes)

@@ -60,9 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and <out>/training.csv."
         ),
     )
-    p.add_argument(
-        "--dataset", required=True, help="built dataset folder (with meta/info.json)"
-    )
+    p.add_argument("--dataset", required=True, help="built dataset folder (with meta/info.json)")
     p.add_argument(
         "--offline", required=True, help="offline_rl output folder (policy.d3 + manifest.json)"
     )

@@ -66,9 +66,7 @@ def _component_stats(info: dict[str, Any], path: Path) -> dict[str, dict[str, fl
     stats = {}
     for name, s in info.get("component_stats", {}).items():
         if not (isinstance(s, dict) and "mean" in s and "std" in s):
-            raise ValueError(
-                f"{path}: component_stats.{name} must be {{mean, std}}, got {s!r}"
-            )
+            raise ValueError(f"{path}: component_stats.{name} must be {{mean, std}}, got {s!r}")
         stats[name] = {"mean": float(s["mean"]), "std": float(s["std"])}
     return stats
 
@@ -133,10 +131,10 @@ def build_sampler(mdp: DatasetMDP, device: str) -> StepwiseSampler:
     from addiffusion.rewards.extra import build_extra_scorers
 
     dev = resolve_device(device)
-    pipe = load_pipeline(
-        mdp.backbone, mdp.scheduler, str(dev), drop_components=mdp.drop_components
-    )
+    pipe = load_pipeline(mdp.backbone, mdp.scheduler, str(dev), drop_components=mdp.drop_components)
     return StepwiseSampler(
-        pipe, ClipScorer(mdp.scorer, dev), mdp.settings,
+        pipe,
+        ClipScorer(mdp.scorer, dev),
+        mdp.settings,
         build_extra_scorers(mdp.components, mdp.extra_scorer_models, dev),
     )

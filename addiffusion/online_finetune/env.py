@@ -151,7 +151,10 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         nfe_before = np.array([ep.nfe for ep in self.episodes])
 
         # 1. continue / refine: batched over the sub-envs that chose them
-        for action, run in ((mdp.CONTINUE, self.sampler.advance), (mdp.REFINE, self.sampler.refine)):
+        for action, run in (
+            (mdp.CONTINUE, self.sampler.advance),
+            (mdp.REFINE, self.sampler.refine),
+        ):
             idx = np.flatnonzero(actions == action)
             if idx.size == 0:
                 continue

@@ -20,11 +20,21 @@ def test_build_layout_and_validate_clean(dataset: Path) -> None:
     assert validate(dataset) == []
     info = json.loads((dataset / "meta" / "info.json").read_text())
     assert info["schema_version"] == 1 and info["layout_version"] == 1
-    assert info["observation"] == {"image_dim": 8, "text_dim": 4, "time_dim": 16,
-                                   "quality_dim": 5, "dim": 33}
+    assert info["observation"] == {
+        "image_dim": 8,
+        "text_dim": 4,
+        "time_dim": 16,
+        "quality_dim": 5,
+        "dim": 33,
+    }
     assert set(info["component_stats"]) == {"clip_score", "stability"}
-    assert info["counts"] == {"shards": 3, "episodes": 24, "root_episodes": 12, "steps": 84,
-                              "episodes_per_rl_split": {"heldout": 8, "train": 12, "val": 4}}
+    assert info["counts"] == {
+        "shards": 3,
+        "episodes": 24,
+        "root_episodes": 12,
+        "steps": 84,
+        "episodes_per_rl_split": {"heldout": 8, "train": 12, "val": 4},
+    }
     assert len(list((dataset / "data" / "steps").glob("train-*.parquet"))) > 1  # chunked
     ep = pl.read_parquet(dataset / "data" / "episodes")
     steps = pl.read_parquet(dataset / "data" / "steps")
@@ -38,7 +48,8 @@ def test_build_layout_and_validate_clean(dataset: Path) -> None:
     # Stats are from the train split only.
     train = steps.join(ep.filter(pl.col("split") == "train"), on="episode_id", how="semi")
     assert info["component_stats"]["clip_score"]["mean"] == pytest.approx(
-        float(train["clip_score"].mean()), rel=1e-5)
+        float(train["clip_score"].mean()), rel=1e-5
+    )
 
 
 def test_hf_datasets_loads_the_folder(dataset: Path) -> None:
@@ -49,8 +60,9 @@ def test_hf_datasets_loads_the_folder(dataset: Path) -> None:
     assert "clip_score" in steps["train"].column_names
     episodes = datasets.load_dataset(str(dataset), "episodes")
     assert episodes["heldout"].num_rows == 8
-    wds = datasets.load_dataset("webdataset", data_files=str(dataset / "webdataset" / "*.tar"),
-                                split="train")
+    wds = datasets.load_dataset(
+        "webdataset", data_files=str(dataset / "webdataset" / "*.tar"), split="train"
+    )
     assert wds.num_rows == 24
     row = wds[0]
     assert row["json"]["steps"][0]["step"] >= 0 and row["png"].size[1] == 4
@@ -114,14 +126,22 @@ def test_row_level_problems_name_the_row(store: Path) -> None:
     shard = store / "shard-00000"
     p = shard / "steps.parquet"
     table = pl.read_parquet(p).with_columns(
-        pl.when(pl.int_range(pl.len()) == 3).then(np.nan).otherwise(pl.col("clip_score"))
-        .cast(pl.Float32).alias("clip_score"),
-        pl.when(pl.int_range(pl.len()) == 6).then(99).otherwise(pl.col("step"))
-        .cast(pl.Int32).alias("step"))
+        pl.when(pl.int_range(pl.len()) == 3)
+        .then(np.nan)
+        .otherwise(pl.col("clip_score"))
+        .cast(pl.Float32)
+        .alias("clip_score"),
+        pl.when(pl.int_range(pl.len()) == 6)
+        .then(99)
+        .otherwise(pl.col("step"))
+        .cast(pl.Int32)
+        .alias("step"),
+    )
     table.write_parquet(p)
     problems = [str(x) for x in validate(shard)]
-    assert any(x.endswith("steps.parquet row 3: clip_score is nan (must be finite)")
-               for x in problems), problems
+    assert any(
+        x.endswith("steps.parquet row 3: clip_score is nan (must be finite)") for x in problems
+    ), problems
     assert any("numbered" in x and "episodes.parquet row" in x for x in problems), problems
 
 

@@ -25,28 +25,54 @@ def main(argv: list[str]) -> int:
 
 def _params(tmp_path: Path, **datasets: object) -> Path:
     p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump({
-        "datasets": {"chunk_rows": 50, **datasets},
-        "rewards": {"weights": {"clip_score": 1.0, "stability": 0.1}, "c_nfe": 0.02},
-    }))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "datasets": {"chunk_rows": 50, **datasets},
+                "rewards": {"weights": {"clip_score": 1.0, "stability": 0.1}, "c_nfe": 0.02},
+            }
+        )
+    )
     return p
 
 
-def test_cli_build_validate_relabel_stats(store: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_build_validate_relabel_stats(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     params = _params(tmp_path)
     out = tmp_path / "ds"
-    assert main(["datasets", "build", "--store", str(store), "--out", str(out),
-                 "--params", str(params)]) == 0
+    assert (
+        main(
+            ["datasets", "build", "--store", str(store), "--out", str(out), "--params", str(params)]
+        )
+        == 0
+    )
     assert "24 episodes, 84 steps from 3 shards" in capsys.readouterr().out
     assert main(["datasets", "validate", str(out)]) == 0
     assert main(["datasets", "validate", str(store / "shard-00000")]) == 0
-    assert main(["datasets", "relabel", "--dataset", str(out), "--out",
-                 str(tmp_path / "r" / "rewards.parquet"), "--params", str(params)]) == 0
+    assert (
+        main(
+            [
+                "datasets",
+                "relabel",
+                "--dataset",
+                str(out),
+                "--out",
+                str(tmp_path / "r" / "rewards.parquet"),
+                "--params",
+                str(params),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "r" / "rewards.json").read_text())
     assert summary["rows"] == 84 and summary["rewards"]["c_nfe"] == 0.02
-    assert main(["datasets", "stats", str(out), "--out", str(tmp_path / "st"),
-                 "--params", str(params)]) == 0
+    assert (
+        main(
+            ["datasets", "stats", str(out), "--out", str(tmp_path / "st"), "--params", str(params)]
+        )
+        == 0
+    )
     stats = json.loads((tmp_path / "st" / "stats.json").read_text())
     assert stats["steps"] == 84 and stats["branches"] == 12
     assert set(stats["categories"]) == {"simple", "hard"}
@@ -63,11 +89,25 @@ def test_cli_validate_reports_and_exits_1(store: Path, capsys: pytest.CaptureFix
     assert main(["datasets", "validate", str(store.parent / "nothing")]) == 1
 
 
-def test_cli_build_refuses_corrupted_store(store: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_build_refuses_corrupted_store(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (store / "shard-00000" / "shard.json").write_text(json.dumps({"schema_version": 99}))
-    assert main(["datasets", "build", "--store", str(store), "--out", str(tmp_path / "ds"),
-                 "--params", str(_params(tmp_path))]) == 1
+    assert (
+        main(
+            [
+                "datasets",
+                "build",
+                "--store",
+                str(store),
+                "--out",
+                str(tmp_path / "ds"),
+                "--params",
+                str(_params(tmp_path)),
+            ]
+        )
+        == 1
+    )
     assert "schema_version 99" in capsys.readouterr().err and not (tmp_path / "ds").exists()
 
 
@@ -77,8 +117,18 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown key datasets.chunk_size"):
         DatasetsConfig.from_dict({"chunk_size": 3})
     with pytest.raises(ConfigError, match="datasets.chunk_rows must be >= 1, got 0"):
-        main(["datasets", "build", "--store", "x", "--out", str(tmp_path / "o"),
-              "--params", str(_params(tmp_path, chunk_rows=0))])
+        main(
+            [
+                "datasets",
+                "build",
+                "--store",
+                "x",
+                "--out",
+                str(tmp_path / "o"),
+                "--params",
+                str(_params(tmp_path, chunk_rows=0)),
+            ]
+        )
 
 
 def test_relabel_bench_prints_seconds(capsys: pytest.CaptureFixture[str]) -> None:

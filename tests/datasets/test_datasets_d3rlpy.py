@@ -75,21 +75,29 @@ def test_observations_follow_the_mdp_layout(dataset: Path, rewards: Path) -> Non
     root = next(e for e in eps if e.size() == 5)
     branch = next(e for e in eps if e.size() == 3)
     # Episodes come in (episode_id, step) order: the first 5-step one is root 000000-0.
-    ep0 = pl.read_parquet(dataset / "data" / "steps").filter(
-        pl.col("episode_id") == "000000-0").sort("step")
+    ep0 = (
+        pl.read_parquet(dataset / "data" / "steps")
+        .filter(pl.col("episode_id") == "000000-0")
+        .sort("step")
+    )
     feats = zarr.open_group(dataset / "features.zarr", mode="r")["image_features"]
-    np.testing.assert_array_equal(root.observations[:, :8],
-                                  feats[...][ep0["feature_row"].to_numpy()])
+    np.testing.assert_array_equal(
+        root.observations[:, :8], feats[...][ep0["feature_row"].to_numpy()]
+    )
     np.testing.assert_allclose(root.observations[:, -5], ep0["clip_score"].to_numpy())
     q0 = 8 + 4 + 16  # quality block: clip, delta, stability, nfe/n_max, refines
     assert root.observations[0, q0 + 1] == 0.0  # no delta at step 0
-    np.testing.assert_allclose(np.diff(root.observations[:, q0]), root.observations[1:, q0 + 1],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.diff(root.observations[:, q0]), root.observations[1:, q0 + 1], rtol=1e-5, atol=1e-6
+    )
     # A branch starts at its parent's state with REFINE; its refines_used is then 1.
     assert int(branch.actions[0, 0]) == mdp.REFINE
     assert branch.observations[1, q0 + 4] == 1.0
-    np.testing.assert_allclose(branch.observations[1, q0 + 1],
-                               branch.observations[1, q0] - branch.observations[0, q0], rtol=1e-5)
+    np.testing.assert_allclose(
+        branch.observations[1, q0 + 1],
+        branch.observations[1, q0] - branch.observations[0, q0],
+        rtol=1e-5,
+    )
 
 
 def test_discrete_cql_trains_on_the_buffer(dataset: Path, rewards: Path, tmp_path: Path) -> None:
@@ -98,8 +106,13 @@ def test_discrete_cql_trains_on_the_buffer(dataset: Path, rewards: Path, tmp_pat
 
     train, val = to_replay_buffers(dataset, rewards, val_fraction=0.25, seed=0)
     cql = d3rlpy.algos.DiscreteCQLConfig(batch_size=8).create(device="cpu:0")
-    cql.fit(train, n_steps=6, n_steps_per_epoch=3, show_progress=False,
-            logger_adapter=NoopAdapterFactory())
+    cql.fit(
+        train,
+        n_steps=6,
+        n_steps_per_epoch=3,
+        show_progress=False,
+        logger_adapter=NoopAdapterFactory(),
+    )
     obs = np.stack([e.observations[0] for e in val.episodes])
     actions = cql.predict(obs)
     assert actions.shape == (len(obs),) and set(actions.tolist()) <= {0, 1, 2}

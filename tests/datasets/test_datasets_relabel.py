@@ -17,8 +17,9 @@ BRANCH_STEP, N_MAX = 2, 5  # as in conftest.py
 
 
 def _episode(dataset: Path, eid: str) -> pl.DataFrame:
-    return pl.read_parquet(dataset / "data" / "steps").filter(
-        pl.col("episode_id") == eid).sort("step")
+    return (
+        pl.read_parquet(dataset / "data" / "steps").filter(pl.col("episode_id") == eid).sort("step")
+    )
 
 
 def test_rewards_match_the_reward_definition(dataset: Path, tmp_path: Path) -> None:
@@ -33,8 +34,9 @@ def test_rewards_match_the_reward_definition(dataset: Path, tmp_path: Path) -> N
     q = quality({c: root[c].to_numpy() for c in cfg.weights}, cfg, stats)
     got = r.filter(pl.col("episode_id") == "000000-0").sort("step")
     np.testing.assert_allclose(got["r_stop"], stop_reward(q, cfg), rtol=1e-5)
-    np.testing.assert_allclose(got["r_continue"][:-1], step_reward(q[:-1], q[1:], 1.0, cfg),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        got["r_continue"][:-1], step_reward(q[:-1], q[1:], 1.0, cfg), rtol=1e-5, atol=1e-6
+    )
     assert got["r_continue"][N_MAX - 1] is None  # no continue after the last step
     # Refine at BRANCH_STEP -> the branch's first step, paying its extra NFE.
     qb = quality({c: branch[c].to_numpy() for c in cfg.weights}, cfg, stats)
@@ -51,8 +53,9 @@ def test_rewards_match_the_reward_definition(dataset: Path, tmp_path: Path) -> N
 def test_weights_change_rewards_never_the_data(dataset: Path, tmp_path: Path) -> None:
     before = file_checksums(dataset)
     relabel(dataset, RewardConfig(weights={"clip_score": 1.0}), tmp_path / "a.parquet")
-    relabel(dataset, RewardConfig(weights={"clip_score": 1.0, "stability": 2.0}),
-            tmp_path / "b.parquet")
+    relabel(
+        dataset, RewardConfig(weights={"clip_score": 1.0, "stability": 2.0}), tmp_path / "b.parquet"
+    )
     relabel(dataset, RewardConfig(weights={"clip_score": 1.0}, c_nfe=0.5), tmp_path / "c.parquet")
     a, b, c = (pl.read_parquet(tmp_path / f"{n}.parquet") for n in "abc")
     assert not np.allclose(a["r_stop"], b["r_stop"])

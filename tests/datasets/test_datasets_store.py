@@ -13,13 +13,35 @@ from addiffusion.datasets.validate import validate
 
 
 def _episode(eid: str, n: int) -> tuple[dict, list[dict]]:
-    ep = {"episode_id": eid, "prompt_id": 0, "prompt": "a red circle", "category": "simple",
-          "split": "train", "seed": 0, "parent_episode_id": None, "branch_step": -1,
-          "num_steps": n}
-    steps = [{"episode_id": eid, "step": i, "timestep": 900.0 - i, "t_frac": 0.9, "sigma": 1.0,
-              "action": 1 if i == n - 1 else 0, "behavior_prob": 1.0, "nfe": i + 1,
-              "refines_used": 0, "wall_time_s": 0.1, "peak_mem_bytes": 1, "clip_score": 0.2,
-              "stability": 0.5} for i in range(n)]
+    ep = {
+        "episode_id": eid,
+        "prompt_id": 0,
+        "prompt": "a red circle",
+        "category": "simple",
+        "split": "train",
+        "seed": 0,
+        "parent_episode_id": None,
+        "branch_step": -1,
+        "num_steps": n,
+    }
+    steps = [
+        {
+            "episode_id": eid,
+            "step": i,
+            "timestep": 900.0 - i,
+            "t_frac": 0.9,
+            "sigma": 1.0,
+            "action": 1 if i == n - 1 else 0,
+            "behavior_prob": 1.0,
+            "nfe": i + 1,
+            "refines_used": 0,
+            "wall_time_s": 0.1,
+            "peak_mem_bytes": 1,
+            "clip_score": 0.2,
+            "stability": 0.5,
+        }
+        for i in range(n)
+    ]
     return ep, steps
 
 
@@ -63,12 +85,16 @@ def test_tmp_dirs_are_ignored_and_cleaned(tmp_path: Path) -> None:
 def test_writer_rejects_bad_input_with_names(tmp_path: Path) -> None:
     w = ShardWriter(tmp_path, 3, synthetic_info(n_max=3, image_dim=2, text_dim=2))
     ep, steps = _episode("000001-0", 3)
-    with pytest.raises(ValueError, match=r"shard 3 episode '000001-0': image_features must be "
-                       r"\(3, 2\), got \(3, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shard 3 episode '000001-0': image_features must be "
+        r"\(3, 2\), got \(3, 5\)",
+    ):
         w.add_episode(ep, steps, np.zeros((3, 5)), np.zeros(2))
     with pytest.raises(ValueError, match="thumbnails must be uint8, got float32"):
-        w.add_episode(ep, steps, np.zeros((3, 2)), np.zeros(2),
-                      thumbnails=np.zeros((3, 4, 4, 3), np.float32))
+        w.add_episode(
+            ep, steps, np.zeros((3, 2)), np.zeros(2), thumbnails=np.zeros((3, 4, 4, 3), np.float32)
+        )
     del steps[1]["clip_score"]
     with pytest.raises(ValueError, match=r"step row 1: lacks field\(s\) \['clip_score'\]"):
         w.add_episode(ep, steps, np.zeros((3, 2)), np.zeros(2))

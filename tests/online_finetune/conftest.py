@@ -18,7 +18,6 @@ from addiffusion.rewards.clip import ClipScorer, save_tiny_clip
 torch.set_num_threads(1)
 
 
-
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("models")
@@ -47,8 +46,13 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Pa
         "components": ["clip_score", "stability"],
         "sampler": {"n_max": N_MAX, "warmup": WARMUP, "refine_budget": 0, "height": 32},
         "component_stats": STATS,
-        "observation": {"image_dim": 32, "text_dim": 32, "time_dim": 16, "quality_dim": 5,
-                        "dim": 85},
+        "observation": {
+            "image_dim": 32,
+            "text_dim": 32,
+            "time_dim": 16,
+            "quality_dim": 5,
+            "dim": 85,
+        },
     }
     (root / "meta" / "info.json").write_text(json.dumps(info))
     (root / "data" / "episodes").mkdir(parents=True)

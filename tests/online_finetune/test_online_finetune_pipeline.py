@@ -19,27 +19,71 @@ from addiffusion.online_finetune.ppo import load_finetuned_policy
 @pytest.mark.slow
 def test_cli_chain_on_a_collected_dataset(tmp_path: Path) -> None:
     params = {
-        "collect": {"model": str(tmp_path / "tiny"), "scorer": str(tmp_path / "clip"),
-                    "n_max": 5, "n_prompts": 6, "seeds_per_prompt": 1, "shard_size": 6,
-                    "batch_size": 6, "device": "cpu"},
-        "offline_rl": {"n_steps": 10, "n_steps_per_epoch": 10, "batch_size": 8,
-                       "hidden_units": [16, 16], "device": "cpu"},
-        "online_finetune": {"n_envs": 3, "n_steps": 4, "iterations": 2, "batch_size": 6,
-                            "device": "cpu"},
+        "collect": {
+            "model": str(tmp_path / "tiny"),
+            "scorer": str(tmp_path / "clip"),
+            "n_max": 5,
+            "n_prompts": 6,
+            "seeds_per_prompt": 1,
+            "shard_size": 6,
+            "batch_size": 6,
+            "device": "cpu",
+        },
+        "offline_rl": {
+            "n_steps": 10,
+            "n_steps_per_epoch": 10,
+            "batch_size": 8,
+            "hidden_units": [16, 16],
+            "device": "cpu",
+        },
+        "online_finetune": {
+            "n_envs": 3,
+            "n_steps": 4,
+            "iterations": 2,
+            "batch_size": 6,
+            "device": "cpu",
+        },
     }
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(params))
     ds, off, ft = tmp_path / "ds", tmp_path / "off", tmp_path / "ft"
     steps = [
-        ["backbone", "build-tiny", "--out", str(tmp_path / "tiny"),
-         "--clip-out", str(tmp_path / "clip")],
+        [
+            "backbone",
+            "build-tiny",
+            "--out",
+            str(tmp_path / "tiny"),
+            "--clip-out",
+            str(tmp_path / "clip"),
+        ],
         ["collect", "--store", str(tmp_path / "store"), "--quiet"],
         ["datasets", "build", "--store", str(tmp_path / "store"), "--out", str(ds)],
         ["datasets", "relabel", "--dataset", str(ds), "--out", str(tmp_path / "r.parquet")],
-        ["offline-rl", "train", "--dataset", str(ds), "--rewards", str(tmp_path / "r.parquet"),
-         "--out", str(off), "--quiet", "--threads", "1"],
-        ["online-finetune", "--dataset", str(ds), "--offline", str(off), "--out", str(ft),
-         "--quiet", "--threads", "1"],
+        [
+            "offline-rl",
+            "train",
+            "--dataset",
+            str(ds),
+            "--rewards",
+            str(tmp_path / "r.parquet"),
+            "--out",
+            str(off),
+            "--quiet",
+            "--threads",
+            "1",
+        ],
+        [
+            "online-finetune",
+            "--dataset",
+            str(ds),
+            "--offline",
+            str(off),
+            "--out",
+            str(ft),
+            "--quiet",
+            "--threads",
+            "1",
+        ],
     ]
     for args in steps:
         assert main([*args, "--params", str(p)]) == 0, args
@@ -51,4 +95,7 @@ def test_cli_chain_on_a_collected_dataset(tmp_path: Path) -> None:
     policy = load_finetuned_policy(ft)
     assert policy.obs_dim == mdp.obs_dim
     obs = np.zeros((2, policy.obs_dim), np.float32)
-    assert policy.act(obs, np.array([[True, False, False], [False, True, False]])).tolist() == [0, 1]
+    assert policy.act(obs, np.array([[True, False, False], [False, True, False]])).tolist() == [
+        0,
+        1,
+    ]

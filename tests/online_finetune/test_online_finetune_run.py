@@ -28,8 +28,15 @@ from addiffusion.rewards.config import RewardConfig
 
 OBS_DIM = 85  # tiny CLIP: 32 image + 32 text + 16 time + 5 quality
 CFG_SMALL = OnlineFinetuneConfig(n_envs=2, n_steps=4, batch_size=4, device="cpu")
-CFG = {"n_envs": 2, "n_steps": 4, "iterations": 2, "batch_size": 4, "n_epochs": 2,
-       "device": "cpu", "seed": 1}
+CFG = {
+    "n_envs": 2,
+    "n_steps": 4,
+    "iterations": 2,
+    "batch_size": 4,
+    "n_epochs": 2,
+    "device": "cpu",
+    "seed": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +73,9 @@ def test_ppo_starts_as_the_iql_actor_and_value(offline_dir: Path, sampler) -> No
     mask[::2, 2] = False
     impl = iql.algo.impl
     with torch.no_grad():
-        v_iql = impl.predict_state_value(iql.algo.observation_scaler.transform(torch.from_numpy(obs)))
+        v_iql = impl.predict_state_value(
+            iql.algo.observation_scaler.transform(torch.from_numpy(obs))
+        )
         env = SamplerVectorEnv(sampler, PROMPTS, 2, RewardConfig(), STATS, seed=0)
         ppo = build_maskable_ppo(Sb3VecEnv(env), actor, CFG_SMALL, "cpu", critic=critic)
         dist = ppo.policy.get_distribution(torch.from_numpy(obs), action_masks=mask)
@@ -82,16 +91,33 @@ def test_cli_finetune_writes_loadable_outputs(
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"online_finetune": CFG, "rewards": {"c_nfe": 0.05}}))
     out = tmp_path / "ft"
-    args = ["online-finetune", "--dataset", str(tiny_dataset), "--offline", str(offline_dir),
-            "--out", str(out), "--params", str(params), "--quiet", "--threads", "1"]
+    args = [
+        "online-finetune",
+        "--dataset",
+        str(tiny_dataset),
+        "--offline",
+        str(offline_dir),
+        "--out",
+        str(out),
+        "--params",
+        str(params),
+        "--quiet",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iterations"] == 2 and len(metrics["history"]) == 2
     assert metrics["global_step"] == 2 * 2 * 4
     row = metrics["history"][-1]
-    for key in ("charts/episodic_return", "charts/episodic_nfe", "losses/approx_kl",
-                "losses/entropy", "losses/value_loss"):
+    for key in (
+        "charts/episodic_return",
+        "charts/episodic_nfe",
+        "losses/approx_kl",
+        "losses/entropy",
+        "losses/value_loss",
+    ):
         assert key in row
     # 8 decisions per iteration on n_max = 4 episodes: some finish, each with 2..4 NFE
     assert sum(r["charts/episodes"] for r in metrics["history"]) >= 1
@@ -108,8 +134,13 @@ def test_cli_finetune_writes_loadable_outputs(
 
     # seeded: the library call with the same config reproduces the actor bit for bit
     again = tmp_path / "again"
-    finetune(tiny_dataset, offline_dir, OnlineFinetuneConfig.from_dict(CFG), again,
-             rewards=RewardConfig(c_nfe=0.05))
+    finetune(
+        tiny_dataset,
+        offline_dir,
+        OnlineFinetuneConfig.from_dict(CFG),
+        again,
+        rewards=RewardConfig(c_nfe=0.05),
+    )
     assert (again / "actor.safetensors").read_bytes() == (out / "actor.safetensors").read_bytes()
 
     manifest = json.loads((out / "manifest.json").read_text())
@@ -125,7 +156,18 @@ def test_cli_help_and_bad_params(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "MaskablePPO" in capsys.readouterr().out
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"online_finetune": {"n_envs": 0}}))
-    code = main(["online-finetune", "--dataset", "d", "--offline", "o", "--out", "x",
-                 "--params", str(params)])
+    code = main(
+        [
+            "online-finetune",
+            "--dataset",
+            "d",
+            "--offline",
+            "o",
+            "--out",
+            "x",
+            "--params",
+            str(params),
+        ]
+    )
     assert code == 2
     assert "online_finetune.n_envs must be >= 1, got 0" in capsys.readouterr().err

@@ -24,8 +24,14 @@ from addiffusion.worlds.shapes.models import (
 )
 
 TINY = ModelSizes(
-    vae_channels=(16, 16, 16), unet_channels=(16, 32), text_width=32, text_layers=1,
-    clip_embed_dim=16, clip_vision_width=32, clip_vision_layers=1, clip_text_width=32,
+    vae_channels=(16, 16, 16),
+    unet_channels=(16, 32),
+    text_width=32,
+    text_layers=1,
+    clip_embed_dim=16,
+    clip_vision_width=32,
+    clip_vision_layers=1,
+    clip_text_width=32,
     clip_text_layers=1,
 )
 
@@ -54,15 +60,16 @@ def test_every_grammar_word_is_one_known_token(tokenizer) -> None:
 def test_pipeline_save_load_round_trip(tokenizer, tmp_path: Path) -> None:
     pipe = build_pipeline(tokenizer, TINY, seed=0)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
-                  output_type="np")
-    before = pipe(["a red circle", "two blue squares"],
-                  generator=torch.Generator().manual_seed(0), **kwargs).images
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="np")
+    before = pipe(
+        ["a red circle", "two blue squares"], generator=torch.Generator().manual_seed(0), **kwargs
+    ).images
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
-    after = loaded(["a red circle", "two blue squares"],
-                   generator=torch.Generator().manual_seed(0), **kwargs).images
+    after = loaded(
+        ["a red circle", "two blue squares"], generator=torch.Generator().manual_seed(0), **kwargs
+    ).images
     assert after.shape == (2, 32, 32, 3)
     np.testing.assert_allclose(before, after, atol=1e-5)
     assert loaded.scheduler.config.prediction_type == "v_prediction"

@@ -66,8 +66,15 @@ def test_train_split_never_uses_heldout_pairs() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["a purple circle", "two red circle", "a red circles", "a red circle left a blue square",
-     "two red circles left of a blue square", "a red circle and a red circle", "hello"],
+    [
+        "a purple circle",
+        "two red circle",
+        "a red circles",
+        "a red circle left a blue square",
+        "two red circles left of a blue square",
+        "a red circle and a red circle",
+        "hello",
+    ],
 )
 def test_parse_rejects_captions_outside_the_grammar(bad: str) -> None:
     with pytest.raises(CaptionError):

@@ -15,8 +15,9 @@ from addiffusion.worlds.shapes.verifier import verify
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "shapes"
 
 
-@pytest.mark.skipif(not (ASSETS / "pipeline" / "model_index.json").exists(),
-                    reason="no shipped shapes weights")
+@pytest.mark.skipif(
+    not (ASSETS / "pipeline" / "model_index.json").exists(), reason="no shipped shapes weights"
+)
 def test_simple_prompts_50_steps_beat_2_steps() -> None:
     from addiffusion.diffusion.backbone import load_pipeline
     from addiffusion.worlds.shapes.bench import generate
@@ -29,8 +30,9 @@ def test_simple_prompts_50_steps_beat_2_steps() -> None:
     assert acc[50] >= 0.5, acc
 
 
-@pytest.mark.skipif(not (ASSETS / "clip" / "open_clip_config.json").exists(),
-                    reason="no shipped shapes CLIP")
+@pytest.mark.skipif(
+    not (ASSETS / "clip" / "open_clip_config.json").exists(), reason="no shipped shapes CLIP"
+)
 def test_shipped_clip_loads_and_ranks_the_right_caption_first() -> None:
     from addiffusion.rewards.clip import ClipScorer
     from addiffusion.worlds.shapes.scenes import render

@@ -13,15 +13,30 @@ from addiffusion.worlds.shapes.models import ModelSizes, load_clip
 from addiffusion.worlds.shapes.train import scene_batch, train
 
 TINY = ModelSizes(
-    vae_channels=(16, 16, 16), unet_channels=(16, 32), text_width=32, text_layers=1,
-    clip_embed_dim=16, clip_vision_width=32, clip_vision_layers=1, clip_text_width=32,
+    vae_channels=(16, 16, 16),
+    unet_channels=(16, 32),
+    text_width=32,
+    text_layers=1,
+    clip_embed_dim=16,
+    clip_vision_width=32,
+    clip_vision_layers=1,
+    clip_text_width=32,
     clip_text_layers=1,
 )
 
 
 def _cfg(**kw) -> ShapesConfig:
-    base = dict(n_train_scenes=40, vae_steps=2, decoder_steps=2, vae_batch=4, clip_steps=2, clip_batch=4,
-                unet_steps=2, unet_batch=4, device="cpu")
+    base = dict(
+        n_train_scenes=40,
+        vae_steps=2,
+        decoder_steps=2,
+        vae_batch=4,
+        clip_steps=2,
+        clip_batch=4,
+        unet_steps=2,
+        unet_batch=4,
+        device="cpu",
+    )
     return ShapesConfig.from_dict({**base, **kw})
 
 

@@ -57,9 +57,13 @@ def test_wrong_attribute_fails() -> None:
     other_color = "blue" if obj.color != "blue" else "red"
     other_shape = "square" if obj.shape != "square" else "circle"
     other_size = "small" if obj.size == "large" else "large"
-    caps = [f"a {obj.color} {obj.shape}", f"a {other_color} {obj.shape}",
-            f"a {obj.color} {other_shape}", f"a {other_size} {obj.color} {obj.shape}",
-            f"two {obj.color} {obj.shape}s"]
+    caps = [
+        f"a {obj.color} {obj.shape}",
+        f"a {other_color} {obj.shape}",
+        f"a {obj.color} {other_shape}",
+        f"a {other_size} {obj.color} {obj.shape}",
+        f"two {obj.color} {obj.shape}s",
+    ]
     res = verify(np.stack([img] * len(caps)), caps)
     assert res.correct.tolist() == [True, False, False, False, False]
 

@@ -10,4 +10,12 @@ from addiffusion.worlds.shapes.captions import Prompt, parse_caption, sample_pro
 from addiffusion.worlds.shapes.scenes import Scene, render
 from addiffusion.worlds.shapes.verifier import VerifierResult, verify
 
-__all__ = ["Prompt", "Scene", "VerifierResult", "parse_caption", "render", "sample_prompts", "verify"]
+__all__ = [
+    "Prompt",
+    "Scene",
+    "VerifierResult",
+    "parse_caption",
+    "render",
+    "sample_prompts",
+    "verify",
+]

@@ -36,15 +36,23 @@ class ShapesBench:
     seconds: float
 
 
-def generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int,
-             batch: int = 32) -> np.ndarray:
+def generate(
+    pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 32
+) -> np.ndarray:
     """``(N, 32, 32, 3)`` uint8 images, prompt i seeded with ``seed + i`` (same noise at any steps)."""
     out = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      height=32, width=32, output_type="np").images
+        images = pipe(
+            chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens,
+            height=32,
+            width=32,
+            output_type="np",
+        ).images
         out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -63,8 +71,14 @@ def clip_retrieval_top1(clip_dir: str, n: int = 64, seed: int = 0) -> float:
     return float(np.mean([prompts[j].text == prompts[i].text for i, j in enumerate(best)]))
 
 
-def run_bench(model_dir: Path, n_prompts: int, steps: tuple[int, ...], guidance: float,
-              seed: int, device: str = "auto") -> tuple[ShapesBench, np.ndarray, list[str]]:
+def run_bench(
+    model_dir: Path,
+    n_prompts: int,
+    steps: tuple[int, ...],
+    guidance: float,
+    seed: int,
+    device: str = "auto",
+) -> tuple[ShapesBench, np.ndarray, list[str]]:
     """Run the benchmark; also returns the images at the largest step count and their captions."""
     from addiffusion.diffusion.backbone import load_pipeline
 
@@ -90,8 +104,11 @@ def run_bench(model_dir: Path, n_prompts: int, steps: tuple[int, ...], guidance:
 
 def format_table(b: ShapesBench) -> str:
     head = "tier      " + "".join(f"{s:>8d}" for s in b.steps)
-    rows = [f"verifier accuracy (correct) per tier vs DDIM steps, guidance {b.guidance_scale}, "
-            f"{b.n_prompts} held-out prompts", head]
+    rows = [
+        f"verifier accuracy (correct) per tier vs DDIM steps, guidance {b.guidance_scale}, "
+        f"{b.n_prompts} held-out prompts",
+        head,
+    ]
     for c in (*CATEGORIES, "all"):
         rows.append(f"{c:<10}" + "".join(f"{b.accuracy[c][s]:8.3f}" for s in b.steps))
     rows.append("partial score (all)  " + " ".join(f"{b.score['all'][s]:.3f}" for s in b.steps))
@@ -106,7 +123,9 @@ def format_table(b: ShapesBench) -> str:
     return "\n".join(rows)
 
 
-def save_grid(images: np.ndarray, captions: list[str], path: Path, rows: int = 4, cols: int = 8) -> None:
+def save_grid(
+    images: np.ndarray, captions: list[str], path: Path, rows: int = 4, cols: int = 8
+) -> None:
     """A ``rows x cols`` grid of samples with their captions (wrapped) as a PNG."""
     import textwrap
 
@@ -132,15 +151,20 @@ def _main(args: argparse.Namespace) -> None:
     from addiffusion.worlds.shapes.config import ShapesConfig
 
     torch.set_num_threads(args.threads)
-    cfg = ShapesConfig.from_params(read_params(args.params)) if Path(args.params).exists() \
+    cfg = (
+        ShapesConfig.from_params(read_params(args.params))
+        if Path(args.params).exists()
         else ShapesConfig()
+    )
     steps = tuple(args.steps) if args.steps else cfg.bench_steps
     guidance = args.guidance if args.guidance is not None else cfg.guidance_scale
     n = args.n_prompts if args.n_prompts is not None else cfg.bench_prompts
     model_dir = Path(args.model_dir)
     if not (model_dir / "pipeline" / "model_index.json").exists():
-        raise SystemExit(f"{model_dir}/pipeline has no model_index.json: train it with "
-                         f"`addiffusion shapes train --out {model_dir}`")
+        raise SystemExit(
+            f"{model_dir}/pipeline has no model_index.json: train it with "
+            f"`addiffusion shapes train --out {model_dir}`"
+        )
     bench, images, texts = run_bench(model_dir, n, steps, guidance, args.seed, args.device)
     print(format_table(bench))
     if args.grid:

@@ -91,8 +91,9 @@ def caption_of(spec: SceneSpec) -> str:
 
 def _parse_np(words: list[str], caption: str) -> Group:
     if len(words) not in (3, 4) or words[0] not in _COUNT_OF:
-        raise CaptionError(f"{' '.join(words)!r} in {caption!r} is not '<a|two|three> [size] "
-                           "<colour> <shape>'")
+        raise CaptionError(
+            f"{' '.join(words)!r} in {caption!r} is not '<a|two|three> [size] <colour> <shape>'"
+        )
     count = _COUNT_OF[words[0]]
     size = words[1] if len(words) == 4 else None
     color, noun = words[-2], words[-1]
@@ -135,10 +136,7 @@ def _distinct_groups(
     rng: np.random.Generator, n: int, split: str, counts: list[int]
 ) -> tuple[Group, ...]:
     allowed = [
-        (c, s)
-        for c in COLORS
-        for s in SHAPES
-        if split == "heldout" or (c, s) not in HELDOUT_PAIRS
+        (c, s) for c in COLORS for s in SHAPES if split == "heldout" or (c, s) not in HELDOUT_PAIRS
     ]
     idx = rng.choice(len(allowed), size=n, replace=False)
     return tuple(Group(allowed[i][0], allowed[i][1], counts[k]) for k, i in enumerate(idx))

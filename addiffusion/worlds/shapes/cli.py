@@ -33,8 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = shapes_sub.add_parser("train", help="train VAE, CLIP, UNet + text encoder (resumable)")
     p.add_argument("--out", required=True, help="output folder (pipeline/, clip/, checkpoints/)")
     p.add_argument("--params", default="params.yaml", help="params file with a `shapes` section")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop the UNet phase (and export) after this many minutes in all")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop the UNet phase (and export) after this many minutes in all",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=_train)
     p = shapes_sub.add_parser("ship", help="copy a run's pipeline/ and clip/ with float16 weights")

@@ -55,4 +55,9 @@ class ShapesConfig(StageConfig):
             "a non-empty list of step counts >= 1",
             self.bench_steps,
         )
-        check(self.device in ("auto", "cpu", "cuda"), "shapes.device", "auto, cpu or cuda", self.device)
+        check(
+            self.device in ("auto", "cpu", "cuda"),
+            "shapes.device",
+            "auto, cpu or cuda",
+            self.device,
+        )

@@ -52,7 +52,10 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's byte-pair merge loop on one lowercase word (same algorithm as CLIPTokenizer)."""
     parts = list(word[:-1]) + [word[-1] + "</w>"]
     while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
+        pairs = [
+            (ranks.get((a, b), 1 << 30), i)
+            for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))
+        ]
         rank, _ = min(pairs)
         if rank == 1 << 30:
             break
@@ -119,7 +122,9 @@ def build_scheduler() -> DDIMScheduler:
     )
 
 
-def build_pipeline(tokenizer: CLIPTokenizer, sizes: ModelSizes, seed: int) -> StableDiffusionPipeline:
+def build_pipeline(
+    tokenizer: CLIPTokenizer, sizes: ModelSizes, seed: int
+) -> StableDiffusionPipeline:
     """A freshly initialised SD-format pipeline for 32x32 images and 8x8x4 latents."""
     torch.manual_seed(seed)
     vocab = tokenizer.get_vocab()
@@ -208,7 +213,9 @@ def build_clip(vocab_size: int, sizes: ModelSizes, seed: int) -> open_clip.CLIP:
     return open_clip.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
 
 
-def save_clip(model: open_clip.CLIP, tokenizer: CLIPTokenizer, sizes: ModelSizes, out_dir: Path) -> Path:
+def save_clip(
+    model: open_clip.CLIP, tokenizer: CLIPTokenizer, sizes: ModelSizes, out_dir: Path
+) -> Path:
     """Write the open_clip folder layout (config, safetensors weights, tokenizer files)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -243,13 +250,18 @@ def ship(src: Path | str, dst: Path | str) -> list[Path]:
     written = []
     for part in ("pipeline", "clip"):
         if not (src / part).is_dir():
-            raise FileNotFoundError(f"{src / part} not found: train first (addiffusion shapes train)")
+            raise FileNotFoundError(
+                f"{src / part} not found: train first (addiffusion shapes train)"
+            )
         if (dst / part).exists():
             shutil.rmtree(dst / part)
         shutil.copytree(src / part, dst / part)
         for f in sorted((dst / part).rglob("*.safetensors")):
             sd = load_file(str(f))
-            save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()},
-                      str(f), metadata={"format": "pt"})
+            save_file(
+                {k: v.half() if v.is_floating_point() else v for k, v in sd.items()},
+                str(f),
+                metadata={"format": "pt"},
+            )
             written.append(f)
     return written

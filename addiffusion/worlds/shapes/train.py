@@ -61,7 +61,10 @@ def to_pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
     """``(B, CONTEXT_LENGTH)`` int64 ids, padded exactly as StableDiffusionPipeline pads prompts."""
     out = tokenizer(
-        captions, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True,
+        captions,
+        padding="max_length",
+        max_length=CONTEXT_LENGTH,
+        truncation=True,
         return_tensors="pt",
     )
     return out.input_ids.to(device)
@@ -91,7 +94,9 @@ class _Checkpoint:
         self.last = time.monotonic()
 
 
-def train_vae(pipe: StableDiffusionPipeline, cfg: ShapesConfig, ckpt_dir: Path, device: torch.device) -> None:
+def train_vae(
+    pipe: StableDiffusionPipeline, cfg: ShapesConfig, ckpt_dir: Path, device: torch.device
+) -> None:
     vae = pipe.vae
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     ck = _Checkpoint(ckpt_dir, "vae", cfg.checkpoint_minutes)
@@ -101,7 +106,9 @@ def train_vae(pipe: StableDiffusionPipeline, cfg: ShapesConfig, ckpt_dir: Path, 
         opt.load_state_dict(state["opt"])
         start = int(state["step"])
     vae.train()
-    bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps, mininterval=10)
+    bar = tqdm(
+        range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps, mininterval=10
+    )
     for step in bar:
         x = to_pixels(scene_batch(cfg.seed, "vae", step, cfg.vae_batch)[0], device)
         post = vae.encode(x).latent_dist
@@ -138,8 +145,13 @@ def train_decoder(
         sched.load_state_dict(state["sched"])
         start = int(state["step"])
     vae.decoder.train()
-    bar = tqdm(range(start, cfg.decoder_steps), desc="decoder", initial=start,
-               total=cfg.decoder_steps, mininterval=10)
+    bar = tqdm(
+        range(start, cfg.decoder_steps),
+        desc="decoder",
+        initial=start,
+        total=cfg.decoder_steps,
+        mininterval=10,
+    )
     for step in bar:
         x = to_pixels(scene_batch(cfg.seed, "decoder", step, cfg.vae_batch)[0], device)
         with torch.no_grad():
@@ -152,18 +164,29 @@ def train_decoder(
         sched.step()
         bar.set_postfix(rec=f"{loss.item():.4f}", refresh=False)
         if ck.due() or step + 1 == cfg.decoder_steps:
-            ck.save({"step": step + 1, "model": vae.state_dict(), "opt": opt.state_dict(),
-                     "sched": sched.state_dict()})
+            ck.save(
+                {
+                    "step": step + 1,
+                    "model": vae.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                }
+            )
     vae.eval()
 
 
 def train_clip(
-    model: open_clip.CLIP, tokenizer: CLIPTokenizer, cfg: ShapesConfig, ckpt_dir: Path,
+    model: open_clip.CLIP,
+    tokenizer: CLIPTokenizer,
+    cfg: ShapesConfig,
+    ckpt_dir: Path,
     device: torch.device,
 ) -> None:
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.clip_lr, total_steps=max(cfg.clip_steps, 1))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, cfg.clip_lr, total_steps=max(cfg.clip_steps, 1)
+    )
     ck = _Checkpoint(ckpt_dir, "clip", cfg.checkpoint_minutes)
     start = 0
     if (state := ck.load()) is not None:
@@ -172,13 +195,21 @@ def train_clip(
         sched.load_state_dict(state["sched"])
         start = int(state["step"])
     model.train()
-    bar = tqdm(range(start, cfg.clip_steps), desc="clip", initial=start, total=cfg.clip_steps, mininterval=10)
+    bar = tqdm(
+        range(start, cfg.clip_steps),
+        desc="clip",
+        initial=start,
+        total=cfg.clip_steps,
+        mininterval=10,
+    )
     for step in bar:
         images, captions = scene_batch(cfg.seed, "clip", step, cfg.clip_batch)
         x = to_pixels(images, device)
         # Pixel noise of random strength: generated images are not as clean as renders.
         x = x + torch.randn_like(x) * torch.rand(x.shape[0], 1, 1, 1, device=device) * 0.2
-        image_features, text_features, logit_scale = model(x, tokenize(tokenizer, captions, device))[:3]
+        image_features, text_features, logit_scale = model(
+            x, tokenize(tokenizer, captions, device)
+        )[:3]
         loss = loss_fn(image_features, text_features, logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,8 +217,14 @@ def train_clip(
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if ck.due() or step + 1 == cfg.clip_steps:
-            ck.save({"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
-                     "sched": sched.state_dict()})
+            ck.save(
+                {
+                    "step": step + 1,
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                }
+            )
     model.eval()
 
 
@@ -207,8 +244,12 @@ def encode_dataset(
 
 
 def train_unet(
-    pipe: StableDiffusionPipeline, cfg: ShapesConfig, ckpt_dir: Path, out_dir: Path,
-    device: torch.device, deadline: float | None,
+    pipe: StableDiffusionPipeline,
+    cfg: ShapesConfig,
+    ckpt_dir: Path,
+    out_dir: Path,
+    device: torch.device,
+    deadline: float | None,
 ) -> None:
     unet, te, sched = pipe.unet, pipe.text_encoder, pipe.scheduler
     params = list(unet.parameters()) + list(te.parameters())
@@ -228,14 +269,27 @@ def train_unet(
     te.train()
 
     def export_and_save(step: int) -> None:
-        ck.save({"step": step, "unet": unet.state_dict(), "text_encoder": te.state_dict(),
-                 "opt": opt.state_dict(), "ema": ema.state_dict()})
+        ck.save(
+            {
+                "step": step,
+                "unet": unet.state_dict(),
+                "text_encoder": te.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema.state_dict(),
+            }
+        )
         ema.store(params)
         ema.copy_to(params)
         pipe.save_pretrained(out_dir / "pipeline")
         ema.restore(params)
 
-    bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps, mininterval=10)
+    bar = tqdm(
+        range(start, cfg.unet_steps),
+        desc="unet",
+        initial=start,
+        total=cfg.unet_steps,
+        mininterval=10,
+    )
     step = start
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -243,7 +297,9 @@ def train_unet(
         x0, cond = latents[idx], ids[idx].clone()
         cond[torch.rand(cfg.unet_batch, generator=g) < cfg.cond_dropout] = empty
         noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g).to(
+            device
+        )
         pred = unet(sched.add_noise(x0, noise, t), t, te(cond)[0]).sample
         target = sched.get_velocity(x0, noise, t)
         # min-SNR-5 weighting for v-prediction (Hang et al. 2023): faster, steadier convergence.
@@ -266,8 +322,12 @@ def train_unet(
     te.eval()
 
 
-def train(cfg: ShapesConfig, out_dir: Path, max_minutes: float | None = None,
-          sizes: ModelSizes | None = None) -> None:
+def train(
+    cfg: ShapesConfig,
+    out_dir: Path,
+    max_minutes: float | None = None,
+    sizes: ModelSizes | None = None,
+) -> None:
     """Train all phases into ``out_dir/{pipeline,clip}``; checkpoints in ``out_dir/checkpoints``.
 
     ``max_minutes`` bounds the whole run: the UNet phase stops (and exports) when it is reached.

@@ -28,7 +28,9 @@ from addiffusion.worlds.shapes.scenes import BACKGROUND, COLORS, RELATION_MARGIN
 
 COLOR_TOL = 100.0  # max RGB distance to a palette colour (palette colours are >= 230 apart)
 MIN_AREA = 12  # pixels; the smallest rendered object (small triangle) has 32
-LARGE_MIN_SIDE = 9  # bbox side (px) from which an object is "large" (renders: small <= 8, large >= 10)
+LARGE_MIN_SIDE = (
+    9  # bbox side (px) from which an object is "large" (renders: small <= 8, large >= 10)
+)
 _EIGHT = np.ones((3, 3), bool)
 
 
@@ -142,9 +144,7 @@ def verify(images: np.ndarray, captions: list[str]) -> VerifierResult:
     grammar (naming it).
     """
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(
-            f"images must be (B, H, W, 3) uint8, got {images.shape} {images.dtype}"
-        )
+        raise ValueError(f"images must be (B, H, W, 3) uint8, got {images.shape} {images.dtype}")
     if len(captions) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(captions)} captions")
     rows = [verify_one(img, cap) for img, cap in zip(images, captions, strict=True)]
