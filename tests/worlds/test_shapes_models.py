@@ -10,29 +10,17 @@ import open_clip
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from shapes_tiny_sizes import TINY
 
 from addiffusion.worlds.shapes.captions import VOCABULARY, sample_prompts
 from addiffusion.worlds.shapes.models import (
     CONTEXT_LENGTH,
-    ModelSizes,
     build_clip,
     build_pipeline,
     clip_config,
     load_clip,
     save_clip,
     write_tokenizer,
-)
-
-TINY = ModelSizes(
-    vae_channels=(16, 16, 16),
-    unet_channels=(16, 32),
-    text_width=32,
-    text_layers=1,
-    clip_embed_dim=16,
-    clip_vision_width=32,
-    clip_vision_layers=1,
-    clip_text_width=32,
-    clip_text_layers=1,
 )
 
 

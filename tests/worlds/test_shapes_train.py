@@ -6,23 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from shapes_tiny_sizes import TINY
 
 from addiffusion.config import ConfigError
 from addiffusion.worlds.shapes.config import ShapesConfig
-from addiffusion.worlds.shapes.models import ModelSizes, load_clip
+from addiffusion.worlds.shapes.models import load_clip
 from addiffusion.worlds.shapes.train import scene_batch, train
-
-TINY = ModelSizes(
-    vae_channels=(16, 16, 16),
-    unet_channels=(16, 32),
-    text_width=32,
-    text_layers=1,
-    clip_embed_dim=16,
-    clip_vision_width=32,
-    clip_vision_layers=1,
-    clip_text_width=32,
-    clip_text_layers=1,
-)
 
 
 def _cfg(**kw) -> ShapesConfig:
