@@ -11,7 +11,7 @@ from shapes_tiny_sizes import TINY
 from addiffusion.config import ConfigError
 from addiffusion.worlds.shapes.config import ShapesConfig
 from addiffusion.worlds.shapes.models import load_clip
-from addiffusion.worlds.shapes.train import scene_batch, train
+from addiffusion.worlds.shapes.train import scene_batch, train, unet_lr_at
 
 
 def _cfg(**kw) -> ShapesConfig:
@@ -49,8 +49,21 @@ def test_batches_are_a_function_of_seed_and_step() -> None:
     assert scene_batch(0, "vae", 6, 3)[1] != ca
 
 
+def test_unet_learning_rate_is_constant_then_decays_linearly() -> None:
+    cfg = ShapesConfig.from_dict({"unet_steps": 100, "unet_decay_steps": 40, "unet_lr": 1e-3})
+    assert unet_lr_at(cfg, 0) == unet_lr_at(cfg, 60) == 1e-3
+    assert unet_lr_at(cfg, 80) == pytest.approx(5e-4)
+    assert 0 < unet_lr_at(cfg, 99) < unet_lr_at(cfg, 98)
+    # Lengthening unet_steps (a resumed run) leaves the learning rate of past steps unchanged.
+    longer = ShapesConfig.from_dict({"unet_steps": 200, "unet_decay_steps": 40, "unet_lr": 1e-3})
+    assert all(unet_lr_at(longer, s) == 1e-3 for s in range(60))
+    assert unet_lr_at(ShapesConfig.from_dict({"unet_steps": 10}), 9) == ShapesConfig().unet_lr
+
+
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="shapes.unet_batch must be >= 1, got 0"):
         ShapesConfig.from_dict({"unet_batch": 0})
     with pytest.raises(ConfigError, match="unknown key shapes.steps"):
         ShapesConfig.from_dict({"steps": 3})
+    with pytest.raises(ConfigError, match=r"shapes.unet_decay_steps must be <= shapes.unet_steps"):
+        ShapesConfig.from_dict({"unet_steps": 10, "unet_decay_steps": 11})

@@ -31,6 +31,7 @@ class ShapesConfig(StageConfig):
     unet_steps: int = 10000
     unet_batch: int = 32
     unet_lr: float = 4e-4
+    unet_decay_steps: int = 0  # linear learning-rate decay to 0 over the last steps (0: constant)
     ema_decay: float = 0.999
     cond_dropout: float = 0.1  # caption dropped to "" for classifier-free guidance
     checkpoint_minutes: float = 4.0
@@ -42,10 +43,16 @@ class ShapesConfig(StageConfig):
     def __post_init__(self) -> None:
         for key in ("n_train_scenes", "vae_batch", "clip_batch", "unet_batch", "bench_prompts"):
             check(getattr(self, key) >= 1, f"shapes.{key}", ">= 1", getattr(self, key))
-        for key in ("vae_steps", "decoder_steps", "clip_steps", "unet_steps"):
+        for key in ("vae_steps", "decoder_steps", "clip_steps", "unet_steps", "unet_decay_steps"):
             check(getattr(self, key) >= 0, f"shapes.{key}", ">= 0", getattr(self, key))
         for key in ("vae_lr", "decoder_lr", "clip_lr", "unet_lr", "checkpoint_minutes"):
             check(getattr(self, key) > 0, f"shapes.{key}", "> 0", getattr(self, key))
+        check(
+            self.unet_decay_steps <= self.unet_steps,
+            "shapes.unet_decay_steps",
+            f"<= shapes.unet_steps ({self.unet_steps})",
+            self.unet_decay_steps,
+        )
         check(0 <= self.ema_decay < 1, "shapes.ema_decay", "in [0, 1)", self.ema_decay)
         check(0 <= self.cond_dropout < 1, "shapes.cond_dropout", "in [0, 1)", self.cond_dropout)
         check(self.guidance_scale >= 1, "shapes.guidance_scale", ">= 1", self.guidance_scale)

@@ -7,7 +7,8 @@
    renders + captions drawn on the fly, with light pixel noise so generated images score sensibly.
 3. UNet + text encoder: v-prediction with min-SNR-5 weighting on cached VAE latents of
    ``n_train_scenes`` train-split scenes; captions dropped to "" with ``cond_dropout`` for
-   classifier-free guidance; EMA weights are what gets exported.
+   classifier-free guidance; constant learning rate, then a linear decay over the last
+   ``unet_decay_steps``; EMA weights are what gets exported.
 
 Every phase checkpoints (model + optimizer + step) every ``checkpoint_minutes`` into
 ``<ckpt_dir>/<phase>.pt`` and resumes from it; batches are a pure function of (seed, phase, step), so
@@ -243,6 +244,18 @@ def encode_dataset(
     return torch.cat(latents), torch.cat(ids)
 
 
+def unet_lr_at(cfg: ShapesConfig, step: int) -> float:
+    """Constant ``unet_lr``, then linear decay to 0 over the last ``unet_decay_steps`` steps.
+
+    A pure function of the step, so a resumed run follows the same schedule, and a run that was
+    resumed with more ``unet_steps`` equals a fresh one while the decay has not started.
+    """
+    left = cfg.unet_steps - step
+    if left >= cfg.unet_decay_steps:
+        return cfg.unet_lr
+    return cfg.unet_lr * left / cfg.unet_decay_steps
+
+
 def train_unet(
     pipe: StableDiffusionPipeline,
     cfg: ShapesConfig,
@@ -300,6 +313,8 @@ def train_unet(
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g).to(
             device
         )
+        for group in opt.param_groups:
+            group["lr"] = unet_lr_at(cfg, step)
         pred = unet(sched.add_noise(x0, noise, t), t, te(cond)[0]).sample
         target = sched.get_velocity(x0, noise, t)
         # min-SNR-5 weighting for v-prediction (Hang et al. 2023): faster, steadier convergence.
