@@ -3,7 +3,9 @@
 Held-out prompts (tiers cycling simple, medium, complex) are generated with one fixed seed per
 prompt, so every step count starts from the same noise and the comparison is paired. The tiny
 CLIP's text->image top-1 retrieval is measured among 64 held-out renders (a hit is a render whose
-caption is the query caption). The last line sums it up:
+caption is the query caption). Two rows explain where accuracy is lost: the *VAE ceiling* (accuracy
+of the held-out renders passed through the VAE alone, the best the UNet could reach) and the
+fraction of relations satisfied at the largest step count. The last line sums it up:
 ``shapes: simple@50=<a> medium@50=<b> complex@50=<c> all@4=<d> all@50=<e> clip_top1=<f>``.
 """
 
@@ -25,11 +27,15 @@ from addiffusion.worlds.shapes.verifier import verify
 
 @dataclass(frozen=True)
 class ShapesBench:
-    """``accuracy[tier][steps]`` (tier also "all"), ``score`` the same for the partial score."""
+    """``accuracy[tier][steps]`` (tier also "all"), ``score`` the same for the partial score;
+    ``vae_ceiling[tier]`` the accuracy of VAE round trips of the renders, ``relations[tier]`` the
+    fraction of relations satisfied at the largest step count."""
 
     steps: tuple[int, ...]
     accuracy: dict[str, dict[int, float]]
     score: dict[str, dict[int, float]]
+    vae_ceiling: dict[str, float]
+    relations: dict[str, float]
     clip_top1: float
     n_prompts: int
     guidance_scale: float
@@ -55,6 +61,15 @@ def generate(
         ).images
         out.append(np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8))
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def vae_round_trip(pipe, images: np.ndarray) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 renders encoded and decoded by the pipeline's VAE, as uint8."""
+    x = torch.from_numpy(images).to(pipe.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    out = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+    out = ((out.clamp(-1.0, 1.0) + 1.0) * 127.5).round().byte()
+    return out.permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -89,16 +104,34 @@ def run_bench(
     cats = np.array([p.category for p in prompts])
     acc: dict[str, dict[int, float]] = {c: {} for c in (*CATEGORIES, "all")}
     score: dict[str, dict[int, float]] = {c: {} for c in (*CATEGORIES, "all")}
+    sel = {c: np.ones(len(texts), bool) if c == "all" else cats == c for c in acc}
+
+    def mean(values: np.ndarray, c: str) -> float:
+        return float(values[sel[c]].mean()) if sel[c].any() else float("nan")
+
     last = np.zeros((0, 32, 32, 3), np.uint8)
-    for s in steps:
+    for s in sorted(steps):
         last = generate(pipe, texts, s, guidance, seed)
         res = verify(last, texts)
-        for c in (*CATEGORIES, "all"):
-            sel = np.ones(len(texts), bool) if c == "all" else cats == c
-            acc[c][s] = float(res.correct[sel].mean()) if sel.any() else float("nan")
-            score[c][s] = float(res.score[sel].mean()) if sel.any() else float("nan")
+        for c in acc:
+            acc[c][s] = mean(res.correct, c)
+            score[c][s] = mean(res.score, c)
+    relations = {c: mean(res.relations, c) for c in acc}
+    renders = np.stack([render(p.scene) for p in prompts])
+    ceiling = verify(vae_round_trip(pipe, renders), texts).correct
+    vae_ceiling = {c: mean(ceiling, c) for c in acc}
     top1 = clip_retrieval_top1(str(model_dir / "clip"), seed=seed)
-    bench = ShapesBench(tuple(steps), acc, score, top1, n_prompts, guidance, time.monotonic() - t0)
+    bench = ShapesBench(
+        tuple(steps),
+        acc,
+        score,
+        vae_ceiling,
+        relations,
+        top1,
+        n_prompts,
+        guidance,
+        time.monotonic() - t0,
+    )
     return bench, last, texts
 
 
@@ -112,6 +145,15 @@ def format_table(b: ShapesBench) -> str:
     for c in (*CATEGORIES, "all"):
         rows.append(f"{c:<10}" + "".join(f"{b.accuracy[c][s]:8.3f}" for s in b.steps))
     rows.append("partial score (all)  " + " ".join(f"{b.score['all'][s]:.3f}" for s in b.steps))
+    tiers = (*CATEGORIES, "all")
+    rows.append(
+        "VAE ceiling (renders through the VAE alone): "
+        + " ".join(f"{c}={b.vae_ceiling[c]:.3f}" for c in tiers)
+    )
+    rows.append(
+        f"relations satisfied at {max(b.steps)} steps: "
+        + " ".join(f"{c}={b.relations[c]:.3f}" for c in tiers)
+    )
     rows.append(f"clip text->image top-1 among 64 held-out renders: {b.clip_top1:.3f}")
     hi = max(b.steps)
     lo = 4 if 4 in b.steps else min(b.steps)
