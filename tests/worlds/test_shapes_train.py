@@ -23,6 +23,7 @@ def _cfg(**kw) -> ShapesConfig:
         clip_steps=2,
         clip_batch=4,
         unet_steps=2,
+        unet_decay_steps=1,
         unet_batch=4,
         device="cpu",
     )
@@ -57,7 +58,8 @@ def test_unet_learning_rate_is_constant_then_decays_linearly() -> None:
     # Lengthening unet_steps (a resumed run) leaves the learning rate of past steps unchanged.
     longer = ShapesConfig.from_dict({"unet_steps": 200, "unet_decay_steps": 40, "unet_lr": 1e-3})
     assert all(unet_lr_at(longer, s) == 1e-3 for s in range(60))
-    assert unet_lr_at(ShapesConfig.from_dict({"unet_steps": 10}), 9) == ShapesConfig().unet_lr
+    constant = ShapesConfig.from_dict({"unet_steps": 10, "unet_decay_steps": 0})
+    assert unet_lr_at(constant, 9) == constant.unet_lr
 
 
 def test_config_errors_name_the_key() -> None:

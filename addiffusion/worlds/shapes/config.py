@@ -25,18 +25,18 @@ class ShapesConfig(StageConfig):
     vae_kl_weight: float = 1e-6
     decoder_steps: int = 600  # decoder-only fine-tune after the VAE phase (encoder frozen)
     decoder_lr: float = 5e-4
-    clip_steps: int = 1000
-    clip_batch: int = 64
+    clip_steps: int = 4000
+    clip_batch: int = 128
     clip_lr: float = 1e-3
-    unet_steps: int = 10000
+    unet_steps: int = 20000
     unet_batch: int = 32
     unet_lr: float = 4e-4
-    unet_decay_steps: int = 0  # linear learning-rate decay to 0 over the last steps (0: constant)
+    unet_decay_steps: int = 8000  # linear learning-rate decay to 0 over the last steps (0: constant)
     ema_decay: float = 0.999
     cond_dropout: float = 0.1  # caption dropped to "" for classifier-free guidance
     checkpoint_minutes: float = 4.0
     guidance_scale: float = 4.0
-    bench_prompts: int = 96
+    bench_prompts: int = 192
     bench_steps: tuple[int, ...] = (2, 4, 8, 16, 32, 50)
     device: str = "auto"
 
