@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -72,24 +73,34 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str], device: torch.device
 
 
 class _Checkpoint:
-    """Time-based checkpointing of one phase to ``<dir>/<phase>.pt`` (only files this run wrote)."""
+    """Time-based checkpointing of one phase to ``<dir>/<phase>.pt`` (only files this run wrote).
 
-    def __init__(self, ckpt_dir: Path, phase: str, minutes: float) -> None:
+    ``parts`` names the phase's stateful objects (models, optimizer, schedulers, EMA: anything with
+    ``state_dict``/``load_state_dict``); the file holds each one's state under its name plus the step.
+    """
+
+    def __init__(self, ckpt_dir: Path, phase: str, minutes: float, parts: dict[str, Any]) -> None:
         self.path = Path(ckpt_dir) / f"{phase}.pt"
         self.every = minutes * 60.0
         self.last = time.monotonic()
+        self.parts = parts
 
-    def load(self) -> dict | None:
+    def restore(self) -> int:
+        """Load the parts' states if a checkpoint exists; the step to resume at (0 if none)."""
         if not self.path.exists():
-            return None
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+            return 0
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        return int(state["step"])
 
     def due(self) -> bool:
         return time.monotonic() - self.last >= self.every
 
-    def save(self, state: dict) -> None:
+    def save(self, step: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
+        state = {"step": step, **{name: part.state_dict() for name, part in self.parts.items()}}
         torch.save(state, tmp)
         tmp.replace(self.path)  # atomic: a killed run never leaves half a checkpoint
         self.last = time.monotonic()
@@ -100,12 +111,8 @@ def train_vae(
 ) -> None:
     vae = pipe.vae
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
-    ck = _Checkpoint(ckpt_dir, "vae", cfg.checkpoint_minutes)
-    start = 0
-    if (state := ck.load()) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = int(state["step"])
+    ck = _Checkpoint(ckpt_dir, "vae", cfg.checkpoint_minutes, {"model": vae, "opt": opt})
+    start = ck.restore()
     vae.train()
     bar = tqdm(
         range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps, mininterval=10
@@ -121,7 +128,7 @@ def train_vae(
         opt.step()
         bar.set_postfix(rec=f"{rec.item():.4f}", refresh=False)
         if ck.due() or step + 1 == cfg.vae_steps:
-            ck.save({"step": step + 1, "model": vae.state_dict(), "opt": opt.state_dict()})
+            ck.save(step + 1)
     vae.eval()
     with torch.no_grad():
         x = to_pixels(scene_batch(cfg.seed, "data", 10**9, 1024)[0], device)
@@ -138,13 +145,9 @@ def train_decoder(
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.decoder_steps, 1))
-    ck = _Checkpoint(ckpt_dir, "decoder", cfg.checkpoint_minutes)
-    start = 0
-    if (state := ck.load()) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = int(state["step"])
+    parts = {"model": vae, "opt": opt, "sched": sched}
+    ck = _Checkpoint(ckpt_dir, "decoder", cfg.checkpoint_minutes, parts)
+    start = ck.restore()
     vae.decoder.train()
     bar = tqdm(
         range(start, cfg.decoder_steps),
@@ -165,14 +168,7 @@ def train_decoder(
         sched.step()
         bar.set_postfix(rec=f"{loss.item():.4f}", refresh=False)
         if ck.due() or step + 1 == cfg.decoder_steps:
-            ck.save(
-                {
-                    "step": step + 1,
-                    "model": vae.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                }
-            )
+            ck.save(step + 1)
     vae.eval()
 
 
@@ -188,13 +184,9 @@ def train_clip(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, cfg.clip_lr, total_steps=max(cfg.clip_steps, 1)
     )
-    ck = _Checkpoint(ckpt_dir, "clip", cfg.checkpoint_minutes)
-    start = 0
-    if (state := ck.load()) is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = int(state["step"])
+    parts = {"model": model, "opt": opt, "sched": sched}
+    ck = _Checkpoint(ckpt_dir, "clip", cfg.checkpoint_minutes, parts)
+    start = ck.restore()
     model.train()
     bar = tqdm(
         range(start, cfg.clip_steps),
@@ -218,14 +210,7 @@ def train_clip(
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if ck.due() or step + 1 == cfg.clip_steps:
-            ck.save(
-                {
-                    "step": step + 1,
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                }
-            )
+            ck.save(step + 1)
     model.eval()
 
 
@@ -268,29 +253,16 @@ def train_unet(
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=0.75)
-    ck = _Checkpoint(ckpt_dir, "unet", cfg.checkpoint_minutes)
-    start = 0
-    if (state := ck.load()) is not None:
-        unet.load_state_dict(state["unet"])
-        te.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["opt"])
-        ema.load_state_dict(state["ema"])
-        start = int(state["step"])
+    parts = {"unet": unet, "text_encoder": te, "opt": opt, "ema": ema}
+    ck = _Checkpoint(ckpt_dir, "unet", cfg.checkpoint_minutes, parts)
+    start = ck.restore()
     latents, ids = encode_dataset(pipe, cfg, device)
     empty = tokenize(pipe.tokenizer, [""], device)
     unet.train()
     te.train()
 
     def export_and_save(step: int) -> None:
-        ck.save(
-            {
-                "step": step,
-                "unet": unet.state_dict(),
-                "text_encoder": te.state_dict(),
-                "opt": opt.state_dict(),
-                "ema": ema.state_dict(),
-            }
-        )
+        ck.save(step)
         ema.store(params)
         ema.copy_to(params)
         pipe.save_pretrained(out_dir / "pipeline")
