@@ -1,24 +1,26 @@
-"""Collect full denoising trajectories into the sharded trajectory store.
+"""Collect denoising trajectories under a behaviour policy into the sharded trajectory store.
 
-Every episode runs to ``n_max`` and records, at every step, the raw reward components and CLIP
-features of x̂0, so one trajectory holds the outcome of every stop decision (stopping at i =
-decoding x̂0_i). Episodes are ordered globally (prompt × seed) and cut into shards of
-``shard_size``; rank r of W processes writes shards r, r+W, ...; a restarted collector skips
-complete shards, so every episode lands exactly once.
+Every root episode runs from grid point 0 to the last point ``n_max - 1`` along a path of jumps
+(:mod:`addiffusion.diffusion.actions`) and records, at every visited point, the raw reward
+components and CLIP features of x̂0, so one trajectory holds the outcome of every stop decision
+on its path (stopping at point i = decoding x̂0_i). The behaviour policy mixes the fixed
+schedules (a constant stride, ``const_stride_prob`` of the roots) with per-point random strides,
+so that the data covers many schedules. Episodes are ordered globally (prompt × seed) and cut into
+shards of ``shard_size``; rank r of W processes writes shards r, r+W, ...; a restarted collector
+skips complete shards, so every episode lands exactly once.
 
-Refine branches (the only action that needs new denoising): at the root's sampled steps i (see
-:func:`branch_steps`) a fork of the episode takes refine and continues to ``n_max``. It is stored
-in the root's shard as its own episode ``<root id>-b<i>`` with ``parent_episode_id = <root id>``
-and ``branch_step = i``; its rows are steps i+1 .. n_max-1, the first being s'_{i+1}, the state
-after the refine (``nfe = i + 2 + k``, ``refines_used = 1``). The root's own row at step i keeps
-``action = CONTINUE`` (the root did continue). A consumer rebuilds the refine transition as
+Branches, stored generically as (parent, step, action): at sampled points i of a root a fork of
+the episode takes another action (another jump, or refine) and continues at random strides to
+the end. It is stored in the root's shard as its own episode ``<root id>-b<i>`` with
+``parent_episode_id = <root id>``, ``branch_step = i`` and ``branch_action`` = the action's id;
+its first row is the state the action led to. A consumer rebuilds the branch transition as
 
-    (s_i, REFINE, s'_{i+1}) = (root row (parent_episode_id, step = branch_step),
-                               action 2, branch row (episode_id, step = branch_step + 1)),
+    (s_i, branch_action, s') = (root row (parent_episode_id, step = branch_step),
+                                branch_action, the branch's first row),
 
-its reward from the components of those two rows and the NFE difference (1 + k), and its
-behaviour probability ``info["behavior_policy"]["branch_prob"]``; the branch's later rows are
-ordinary continue / stop steps.
+with behaviour probability ``branch_prob`` × 1 / (number of alternative actions); every other
+row's ``action`` and ``behavior_prob`` are the behaviour policy's (conditional on the root's
+mode, constant or random strides).
 """
 
 from __future__ import annotations
@@ -35,21 +37,21 @@ from tqdm.auto import tqdm
 from addiffusion.collect.config import CollectConfig
 from addiffusion.collect.prompts import PromptRecord, load_prompts
 from addiffusion.datasets.store import ShardWriter, completed_shards
-from addiffusion.diffusion import mdp
-from addiffusion.diffusion.backbone import load_pipeline, resolve_device
+from addiffusion.diffusion.actions import ActionTable
 from addiffusion.diffusion.sampler import Episode, StepRecord, StepwiseSampler
-from addiffusion.rewards.clip import ClipScorer
-from addiffusion.rewards.extra import build_extra_scorers
+from addiffusion.task import make_sampler
 
 NFE_CONVENTION = (
     "one denoiser evaluation per image per step; CFG's two branches batched, counted once"
 )
 
 BEHAVIOR_POLICY = (
-    "roots continue to n_max (stop at n_max-1; earlier stops are counterfactual); where refine is "
-    "legal the policy refines with probability branch_prob (recorded as a branch episode "
-    "'<root>-b<i>' whose first row is the state after the refine at step i+1), else continues; "
-    "at most max_branches branches per root, none from branches"
+    "roots run from point 0 to the last point n_max-1 and stop there (earlier stops are "
+    "counterfactual); a fraction const_stride_prob of the roots keeps one stride drawn uniformly "
+    "from the jump strides (behavior_prob 1), the others draw a stride uniformly at every point "
+    "(behavior_prob 1/len(strides)); at each point where stop is legal a root forks with "
+    "probability branch_prob into a branch '<root>-b<i>' that takes another legal jump or refine "
+    "(uniformly) and continues at random strides; at most max_branches per root, none from branches"
 )
 
 REFINE_DEFINITION = (
@@ -102,10 +104,16 @@ def extra_scorer_models(cfg: CollectConfig) -> dict[str, str]:
 
 
 def build_sampler(cfg: CollectConfig) -> StepwiseSampler:
-    device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.model, cfg.scheduler, str(device), drop_components=cfg.drop_components)
-    extra = build_extra_scorers(extra_components(cfg), extra_scorer_models(cfg), device)
-    return StepwiseSampler(pipe, ClipScorer(cfg.scorer, device), cfg.sampler, extra)
+    return make_sampler(
+        cfg.model,
+        cfg.scheduler,
+        cfg.scorer,
+        cfg.sampler,
+        extra_components(cfg),
+        extra_scorer_models(cfg),
+        cfg.device,
+        cfg.drop_components,
+    )
 
 
 def shard_info(cfg: CollectConfig, sampler: StepwiseSampler) -> dict:
@@ -123,126 +131,164 @@ def shard_info(cfg: CollectConfig, sampler: StepwiseSampler) -> dict:
         "sampler": dataclasses.asdict(cfg.sampler),
         "family": sampler.family,
         "refine": REFINE_DEFINITION,
-        "action_map": {name: i for i, name in enumerate(mdp.ACTION_NAMES)},
+        "actions": sampler.table.to_dict(),
         "nfe_convention": NFE_CONVENTION,
         "behavior_policy": {
             "description": BEHAVIOR_POLICY,
+            "const_stride_prob": cfg.const_stride_prob,
             "branch_prob": cfg.branch_prob,
             "max_branches": cfg.max_branches,
         },
     }
 
 
-def run_episodes(
-    sampler: StepwiseSampler, specs: list[EpisodeSpec]
-) -> tuple[list[StepRecord], np.ndarray]:
-    """Run a batch of B episodes to ``n_max``: the n_max per-step records and the (B, D_txt)
-    text features."""
-    episodes, record = sampler.start([s.prompt.text for s in specs], [s.seed for s in specs])
-    records = [record]
-    for _ in range(sampler.settings.n_max - 1):
-        records.append(sampler.advance(episodes))
-    sampler.stop(episodes)
-    return records, torch.stack([ep.text_features for ep in episodes]).cpu().numpy()
-
-
 @dataclass
 class Trace:
-    """One recorded episode (a root or a refine branch): its step records and batch rows."""
+    """One recorded episode (a root or a branch): its step records, batch rows and actions."""
 
     episode_id: str
     spec: EpisodeSpec
     parent_id: str | None
     branch_step: int
+    branch_action: int
     text_features: np.ndarray  # (D_txt,)
     rows: list[tuple[StepRecord, int, int]] = field(default_factory=list)  # record, row, batch size
+    actions: list[int] = field(default_factory=list)  # action taken at each row
+    probs: list[float] = field(default_factory=list)  # its behaviour probability
 
 
-def branch_steps(cfg: CollectConfig, spec: EpisodeSpec, can_refine: bool) -> list[int]:
-    """Steps of a root where the behaviour policy takes refine (a branch): each refine-legal step
-    independently with probability ``branch_prob``, at most ``max_branches``. Seeded by the
-    episode, so the choice never depends on batching or the number of processes."""
-    if not can_refine or cfg.refine_budget == 0 or cfg.branch_prob == 0:
-        return []
-    rng = np.random.default_rng([cfg.seed, spec.seed, 0xB4A])
-    legal = range(cfg.warmup, cfg.n_max - 1)
-    return [i for i, u in zip(legal, rng.random(len(legal)), strict=True) if u < cfg.branch_prob][
-        : cfg.max_branches
-    ]
+class Behaviour:
+    """The behaviour policy of one root (and its branches), seeded by the episode, so choices never
+    depend on batching or the number of processes (see :data:`BEHAVIOR_POLICY`)."""
+
+    def __init__(self, cfg: CollectConfig, table: ActionTable, spec: EpisodeSpec) -> None:
+        self.cfg, self.table = cfg, table
+        self.rng = np.random.default_rng([cfg.seed, spec.seed, 0xB4A])
+        jumps = table.jumps
+        self.const = int(self.rng.choice(jumps)) if self.rng.random() < cfg.const_stride_prob else None
+        self.branches_left = cfg.max_branches
+
+    def root_action(self, legal: np.ndarray) -> tuple[int, float]:
+        """(action, behaviour probability) of the root at a point with legal actions ``legal``."""
+        t = self.table
+        if not legal[t.jumps].any():
+            return t.stop, 1.0
+        if self.const is not None:
+            return self.const, 1.0
+        return self.random_jump()
+
+    def random_jump(self) -> tuple[int, float]:
+        jumps = self.table.jumps
+        return int(self.rng.choice(jumps)), 1.0 / len(jumps)
+
+    def branch_action(self, legal: np.ndarray, taken: int) -> int | None:
+        """An alternative action to branch into at this point, or None (no branch)."""
+        t = self.table
+        if self.branches_left == 0 or not legal[t.stop] or self.cfg.branch_prob == 0:
+            return None
+        if self.rng.random() >= self.cfg.branch_prob:
+            return None
+        alt = [a for a in np.flatnonzero(legal) if a not in (taken, t.stop)]
+        if not alt:
+            return None
+        self.branches_left -= 1
+        return int(self.rng.choice(alt))
 
 
 def _end(episodes: list[Episode]) -> None:
-    # Stop without sampler.stop's final decode: the last step's x̂0 is already recorded.
+    # Stop without sampler.stop's final decode: the last point's x̂0 is already recorded.
     for ep in episodes:
         ep.done = True
+
+
+def _drive(
+    sampler: StepwiseSampler,
+    episodes: list[Episode],
+    traces: list[Trace],
+    choose: list,
+    rec: StepRecord,
+    on_row: object = None,
+) -> None:
+    """Run B episodes until each reaches the last point, recording every visited point.
+    ``choose[b](legal) -> (action, prob)``; ``on_row(b, legal, action)`` may fork a branch."""
+    live = list(range(len(episodes)))
+    rows = list(range(len(episodes)))  # row of each live episode in ``rec``
+    while live:
+        legal = sampler.action_masks([episodes[b] for b in live])
+        acts = []
+        for pos, b in enumerate(live):
+            traces[b].rows.append((rec, rows[pos], len(live)))
+            a, p = choose[b](legal[pos])
+            traces[b].actions.append(a)
+            traces[b].probs.append(p)
+            acts.append(a)
+            if on_row is not None:
+                on_row(b, legal[pos], a)
+        going = [(b, a) for b, a in zip(live, acts, strict=True) if a != sampler.table.stop]
+        _end([episodes[b] for b, a in zip(live, acts, strict=True) if a == sampler.table.stop])
+        if not going:
+            break
+        live = [b for b, _ in going]
+        out = sampler.apply([episodes[b] for b in live], [a for _, a in going])
+        rec, rows = out.record, list(range(len(live)))
 
 
 def run_with_branches(
     sampler: StepwiseSampler, cfg: CollectConfig, specs: list[EpisodeSpec]
 ) -> list[Trace]:
-    """Behaviour policy: every root runs to ``n_max`` (continue, stop at the end); at its sampled
-    branch steps a fork of the episode takes refine and continues to ``n_max`` as a branch.
-    Returns the roots followed by their branches."""
+    """Behaviour policy: every root runs to the last point (stop there); at sampled points a fork
+    takes another action and continues at random strides as a branch. Returns the roots followed
+    by their branches."""
+    table = sampler.table
     episodes, rec = sampler.start([s.prompt.text for s in specs], [s.seed for s in specs])
     text = torch.stack([ep.text_features for ep in episodes]).cpu().numpy()
-    can_refine = sampler.attention is not None
-    roots = [Trace(s.episode_id, s, None, -1, text[b]) for b, s in enumerate(specs)]
-    plans = [branch_steps(cfg, s, can_refine) for s in specs]
-    forks: list[tuple[int, int, Episode]] = []  # (root index, step, episode at that step)
-    n = cfg.n_max
-    for i in range(n):
-        for b in range(len(specs)):
-            roots[b].rows.append((rec, b, len(specs)))
-            if i in plans[b]:
-                forks.append((b, i, sampler.fork([episodes[b]])[0]))
-        if i < n - 1:
-            rec = sampler.advance(episodes)
-    _end(episodes)
+    roots = [Trace(s.episode_id, s, None, -1, -1, text[b]) for b, s in enumerate(specs)]
+    policies = [Behaviour(cfg, table, s) for s in specs]
+    forks: list[tuple[int, int, int, Episode]] = []  # (root, step, action, episode there)
+
+    def on_row(b: int, legal: np.ndarray, taken: int) -> None:
+        alt = policies[b].branch_action(legal, taken)
+        if alt is not None:
+            forks.append((b, episodes[b].step, alt, sampler.fork([episodes[b]])[0]))
+
+    _drive(sampler, episodes, roots, [p.root_action for p in policies], rec, on_row)
     branches: list[Trace] = []
     for j in range(0, len(forks), cfg.batch_size):
         chunk = forks[j : j + cfg.batch_size]
-        eps = [ep for _, _, ep in chunk]
+        eps = [ep for *_, ep in chunk]
         traces = [
-            Trace(f"{specs[b].episode_id}-b{i}", specs[b], specs[b].episode_id, i, text[b])
-            for b, i, _ in chunk
+            Trace(f"{specs[b].episode_id}-b{i}", specs[b], specs[b].episode_id, i, a, text[b])
+            for b, i, a, _ in chunk
         ]
-        rec = sampler.refine(eps)
-        live = list(range(len(eps)))
-        while live:
-            for pos, k in enumerate(live):
-                traces[k].rows.append((rec, pos, len(live)))
-            live = [k for k in live if eps[k].step < n - 1]
-            if live:
-                rec = sampler.advance([eps[k] for k in live])
-        _end(eps)
+        out = sampler.apply(eps, [a for _, _, a, _ in chunk])
+
+        def random_then_stop(legal: np.ndarray, b: int) -> tuple[int, float]:
+            if not legal[table.jumps].any():
+                return table.stop, 1.0
+            return policies[b].random_jump()
+
+        choose = [
+            (lambda legal, b=b: random_then_stop(legal, b)) for b, *_ in chunk
+        ]
+        _drive(sampler, eps, traces, choose, out.record)
         branches.extend(traces)
     return roots + branches
-
-
-def _behavior_prob(cfg: CollectConfig, step: int, refines_used: int, action: int) -> float:
-    """pi_b(action | s) of the behaviour policy "refine with probability branch_prob where refine
-    is legal, else continue; stop at n_max - 1" (stops elsewhere are counterfactual, prob 0)."""
-    legal = mdp.action_mask(step, cfg.n_max, cfg.warmup, refines_used, cfg.refine_budget)
-    p_refine = cfg.branch_prob if legal[mdp.REFINE] else 0.0
-    return {mdp.CONTINUE: 1.0 - p_refine, mdp.REFINE: p_refine, mdp.STOP: 1.0}[action]
 
 
 def _write_trace(writer: ShardWriter, cfg: CollectConfig, trace: Trace) -> None:
     steps = []
     n = len(trace.rows)
-    for r, b, batch in trace.rows:
-        step, used = int(r.step[b]), int(r.refines_used[b])
-        action = mdp.STOP if step == cfg.n_max - 1 else mdp.CONTINUE
+    for (r, b, batch), action, prob in zip(trace.rows, trace.actions, trace.probs, strict=True):
         row = {
             "episode_id": trace.episode_id,
-            "step": step,
+            "step": int(r.step[b]),
             "timestep": float(r.timestep[b]),
             "t_frac": float(r.t_frac[b]),
             "sigma": float(r.sigma[b]),
             "action": action,
-            "behavior_prob": _behavior_prob(cfg, step, used, action),
+            "behavior_prob": prob,
             "nfe": int(r.nfe[b]),
-            "refines_used": used,
+            "refines_used": int(r.refines_used[b]),
             # A batched step's cost, shared evenly by its episodes.
             "wall_time_s": r.wall_time_s / batch,
             "peak_mem_bytes": r.peak_mem_bytes,
@@ -260,6 +306,7 @@ def _write_trace(writer: ShardWriter, cfg: CollectConfig, trace: Trace) -> None:
             "seed": spec.seed,
             "parent_episode_id": trace.parent_id,
             "branch_step": trace.branch_step,
+            "branch_action": trace.branch_action,
             "num_steps": n,
         },
         steps=steps,

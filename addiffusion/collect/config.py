@@ -27,9 +27,13 @@ class CollectConfig(StageConfig):
     height: int = 32
     width: int = 32
     n_max: int = 12
-    """Schedule length; the episode must stop at step n_max - 1 at the latest."""
+    """Points of the fine grid the policy jumps on; an episode stops at point n_max - 1 at the
+    latest."""
+    strides: tuple[int, ...] = (1, 2, 4, 8)
+    """Jump strides (``jump-s`` actions; must include 1). Solvers without variable-stride steps
+    (euler, unipc) offer only stride 1."""
     warmup: int = 1
-    """The first ``warmup`` steps force continue."""
+    """Stop and refine are illegal before grid point ``warmup`` (jumps only)."""
     refine_budget: int = 1
     """Refines allowed per episode (0 masks refine off)."""
     refine_k: int = 2
@@ -39,11 +43,14 @@ class CollectConfig(StageConfig):
     x0_decode_scale: float = 1.0
     """Per-step x̂0 decoded from latents resized by this factor (1 = exact; 0.5 = a quarter of
     the decode cost, features and scores from a half-size image). Final images: full size."""
+    const_stride_prob: float = 0.5
+    """Behaviour policy: fraction of root episodes that follow one constant stride (uniform over
+    ``strides``: the fixed schedules); the others draw a stride uniformly at every point."""
     branch_prob: float = 0.2
-    """Behaviour policy: probability of taking refine (a recorded branch) at each refine-legal
-    step of a root episode."""
+    """Behaviour policy: probability, at each point of a root where stop is legal, of a recorded
+    branch that takes another action (another jump or refine) and continues at random strides."""
     max_branches: int = 1
-    """At most this many refine branches per root episode."""
+    """At most this many branches per root episode."""
     drop_components: tuple[str, ...] = ()
     """Pipeline components loaded as None (e.g. SD3's ``text_encoder_3``, ``tokenizer_3``)."""
     scorers: tuple[str, ...] = ()
@@ -104,10 +111,17 @@ class CollectConfig(StageConfig):
         )
         check(0.0 <= self.branch_prob <= 1.0, "collect.branch_prob", "in [0, 1]", self.branch_prob)
         check(
-            self.branch_prob == 0.0 or self.refine_budget >= 1,
-            "collect.branch_prob",
-            "0 when collect.refine_budget is 0 (refine branches need a refine budget)",
-            self.branch_prob,
+            1 in self.strides and all(s >= 1 for s in self.strides)
+            and len(set(self.strides)) == len(self.strides),
+            "collect.strides",
+            "distinct integers >= 1 including 1",
+            list(self.strides),
+        )
+        check(
+            0.0 <= self.const_stride_prob <= 1.0,
+            "collect.const_stride_prob",
+            "in [0, 1]",
+            self.const_stride_prob,
         )
         check(self.max_branches >= 0, "collect.max_branches", ">= 0", self.max_branches)
         check(self.refine_k >= 1, "collect.refine_k", ">= 1", self.refine_k)
@@ -132,6 +146,7 @@ class CollectConfig(StageConfig):
 
         return SamplerSettings(
             n_max=self.n_max,
+            strides=tuple(self.strides),
             warmup=self.warmup,
             refine_budget=self.refine_budget,
             refine_k=self.refine_k,

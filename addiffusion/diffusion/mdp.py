@@ -1,12 +1,8 @@
-"""The MDP shared by every stage: actions, action masks, the observation vector, NFE convention.
+"""The MDP's observation vector and NFE convention (its actions: :mod:`addiffusion.diffusion.actions`).
 
-Step ``i`` (0-based) of an episode is the state after the denoiser has been evaluated at the i-th
-schedule point ``t_i``: the one-step clean prediction x̂0_i exists and ``nfe = i + 1 + k·refines``.
-
-* ``CONTINUE`` (0): one solver step to ``t_{i+1}`` and one denoiser evaluation there (1 NFE).
-* ``STOP`` (1): decode x̂0_i; the episode ends.
-* ``REFINE`` (2): re-denoise masked regions for ``k`` iterations (``k`` NFE), then re-noise to
-  ``t_{i+1}`` and evaluate there like continue does (1 NFE): ``k + 1`` NFE in all.
+Point ``i`` of an episode is the state after the denoiser has been evaluated at the i-th point
+``t_i`` of the fine grid: the one-step clean prediction x̂0_i exists. ``nfe`` counts every
+evaluation so far (jumps 1 each, refines k + 1).
 
 NFE convention: one NFE is one denoiser (UNet / transformer) evaluation *per image*, with classifier
 -free guidance's conditional and unconditional branches batched into one evaluation and counted
@@ -16,7 +12,8 @@ Observation (float32, layout recorded in the dataset's ``meta/info.json``)::
 
     [ image_features (D_img) | text_features (D_txt) | time_embedding (2*E) | quality (5) ]
 
-``quality = [clip_score, clip_score_delta, stability, nfe / n_max, refines_used]``.
+``quality = [clip_score, clip_score_delta, stability, nfe / n_max, refines_used]``; the time
+embedding is sinusoidal of ``t_i / num_train_timesteps`` and of ``i / (n_max - 1)``.
 """
 
 from __future__ import annotations
@@ -25,9 +22,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-CONTINUE, STOP, REFINE = 0, 1, 2
-ACTION_NAMES: tuple[str, ...] = ("continue", "stop", "refine")
-N_ACTIONS = 3
 QUALITY_FIELDS: tuple[str, ...] = (
     "clip_score",
     "clip_score_delta",
@@ -36,29 +30,6 @@ QUALITY_FIELDS: tuple[str, ...] = (
     "refines_used",
 )
 TIME_EMBED_DIM = 8  # per scalar; two scalars (t / num_train_timesteps, i / n_max)
-
-
-def action_mask(
-    step: np.ndarray | int,
-    n_max: int,
-    warmup: int,
-    refines_used: np.ndarray | int,
-    refine_budget: int,
-) -> np.ndarray:
-    """Legal actions at ``step``: shape ``(..., 3)`` bool.
-
-    Warm-up steps (``step < warmup``) force continue; the last step (``n_max - 1``) only allows
-    stop; refine needs budget left and a next schedule point to re-noise to.
-    """
-    step = np.asarray(step)
-    refines_used = np.broadcast_to(np.asarray(refines_used), step.shape)
-    last = step >= n_max - 1
-    warm = (step < warmup) & ~last
-    mask = np.zeros(step.shape + (N_ACTIONS,), dtype=bool)
-    mask[..., CONTINUE] = ~last
-    mask[..., STOP] = ~warm
-    mask[..., REFINE] = ~last & ~warm & (refines_used < refine_budget)
-    return mask
 
 
 def time_embedding(x: np.ndarray, dim: int = TIME_EMBED_DIM) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""The stepwise adaptive sampler: a frozen diffusers pipeline driven one denoising step at a time,
-so that a policy can continue, stop or refine after every step.
+"""The stepwise adaptive sampler: a frozen diffusers pipeline driven one decision point at a time,
+so that a policy can jump along the schedule, stop or refine after every denoiser evaluation.
 
 Every episode (one prompt, one seed) keeps its own scheduler copy, latents and step index, so
 episodes in one batch may sit at different steps (the online vector env needs that) without
@@ -11,7 +11,10 @@ step's x̂0 features; 0 at step 0) and any extra scorer (e.g. the shapes-world v
 captures the attention of image positions to text tokens (UNet cross-attention, SD3 joint
 attention; :mod:`addiffusion.diffusion.attention`) and keeps the episode's under-generation mask, which *refine* re-denoises and every policy may look at.
 Backbones: SD 1.x/2.x, SDXL and SD3 (:func:`addiffusion.diffusion.backbone.model_family`).
-See :mod:`addiffusion.diffusion.mdp` for the NFE convention.
+The actions and their legality are :mod:`addiffusion.diffusion.actions`' table; :meth:`apply`
+carries out one batch of them (collection, the online env and evaluation all use it); variable-
+stride solver steps are :mod:`addiffusion.diffusion.solvers`. See :mod:`addiffusion.diffusion.mdp`
+for the NFE convention.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import psutil
@@ -29,13 +33,30 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
 from addiffusion.diffusion import backbone, mdp
+from addiffusion.diffusion.actions import ActionTable
+from addiffusion.diffusion.solvers import SolverHistory, solver_step, variable_stride
 from addiffusion.diffusion.attention import (
     AttentionStore,
     content_token_mask,
     install_attention_capture,
     undergeneration_mask,
 )
-from addiffusion.rewards.clip import ClipScorer
+
+
+class FeatureScorer(Protocol):
+    """What the sampler needs of a CLIP-like scorer (``addiffusion.rewards.clip.ClipScorer``
+    is one); a protocol, so that ``diffusion`` never imports ``rewards``."""
+
+    dim: int
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` float in [0, 1] -> ``(B, D)`` float32, unit norm."""
+        ...
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """``prompts`` -> ``(B, D)`` float32, unit norm."""
+        ...
+
 
 ExtraScorer = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 """``(images (B, H, W, 3) uint8, prompts) -> (B,) float32`` raw reward component."""
@@ -46,6 +67,10 @@ class SamplerSettings:
     """The MDP's sampler settings (mirrors the ``collect`` section of params.yaml)."""
 
     n_max: int = 12
+    """Points of the fine grid (the scheduler's ``set_timesteps(n_max)`` timesteps)."""
+    strides: tuple[int, ...] = (1,)
+    """Jump strides the policy may take (must include 1); a solver without variable-stride steps
+    (:func:`addiffusion.diffusion.solvers.variable_stride`) offers only stride 1."""
     warmup: int = 1
     refine_budget: int = 0
     refine_k: int = 2
@@ -86,6 +111,7 @@ class Episode:
     content_tokens: torch.Tensor | None = None  # (L,) bool, tokens that can be neglected
     x0: torch.Tensor | None = None  # (1, C, h, w) float32 one-step clean prediction
     mask: torch.Tensor | None = None  # (h, w) float32 in [0, 1], under-generation mask
+    history: SolverHistory = field(default_factory=SolverHistory)  # multistep solver memory
 
 
 @dataclass(frozen=True)
@@ -108,6 +134,16 @@ class StepRecord:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase of this step
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What :meth:`StepwiseSampler.apply` did to a batch of B episodes."""
+
+    moved: list[int]  # batch positions that jumped or refined, in order
+    stopped: list[int]  # batch positions that stopped, in order
+    record: StepRecord | None  # the new points of ``moved`` (rows in ``moved`` order)
+    images: np.ndarray  # (len(stopped), H, W, 3) uint8 final images of ``stopped``
+
+
 class StepwiseSampler:
     """Drive ``pipe`` step by step. ``pipe``: an SD, SDXL or SD3 pipeline; ``scorer``: CLIP
     features; ``extra_scorers``: more raw components."""
@@ -115,7 +151,7 @@ class StepwiseSampler:
     def __init__(
         self,
         pipe: DiffusionPipeline,
-        scorer: ClipScorer,
+        scorer: FeatureScorer,
         settings: SamplerSettings,
         extra_scorers: dict[str, ExtraScorer] | None = None,
     ) -> None:
@@ -134,6 +170,11 @@ class StepwiseSampler:
         self.flow = self.space == "flow"
         self.attention: AttentionStore | None = install_attention_capture(self.denoiser)
         self.timings: dict[str, float] = {}
+        strides = settings.strides if variable_stride(pipe.scheduler) else (1,)
+        self.table = ActionTable.build(
+            strides, settings.n_max, settings.warmup, settings.refine_budget, settings.refine_k
+        )
+        """The MDP's actions on this backbone (the dataset records it)."""
 
     @property
     def component_names(self) -> list[str]:
@@ -175,38 +216,68 @@ class StepwiseSampler:
             )
         return episodes, self.evaluate(episodes)
 
-    # 2. continue: one solver step to the next schedule point, then evaluate there
+    # 2. apply: carry out one action per episode (jump / stop / refine), one batched evaluation
     @torch.no_grad()
-    def advance(self, episodes: Sequence[Episode]) -> StepRecord:
-        for ep in episodes:
-            if ep.done or ep.step >= self.settings.n_max - 1:
-                raise ValueError(f"episode (seed {ep.seed}) cannot continue from step {ep.step}")
-            t = ep.scheduler.timesteps[ep.step]
-            ep.latents = ep.scheduler.step(ep.model_output, t, ep.latents).prev_sample
-            ep.step += 1
-        return self.evaluate(episodes)
+    def apply(self, episodes: Sequence[Episode], actions: Sequence[int] | np.ndarray) -> Applied:
+        """Carry out ``actions[b]`` (ids of :attr:`table`) on ``episodes[b]``.
 
-    # 3. refine: re-denoise the masked region k times at t_i, then step to t_{i+1}
-    @torch.no_grad()
-    def refine(self, episodes: Sequence[Episode]) -> StepRecord:
-        """Refine B episodes at their current step ``i`` (k + 1 NFE in all, like inpainting).
+        Stops decode their x̂0 and end; refines run their k re-denoise iterations; then every
+        moving episode (jumps and refines) takes its solver step to its target point and all of
+        them are evaluated there in one batched denoiser call (per-sample timesteps). Raises on an
+        illegal action, naming the episode, the action and the legal ones.
+        """
+        tic = time.perf_counter()
+        actions = np.asarray(actions, dtype=np.int64).reshape(-1)
+        if actions.shape[0] != len(episodes):
+            raise ValueError(f"got {actions.shape[0]} actions for {len(episodes)} episodes")
+        legal = self.action_masks(episodes)
+        t = self.table
+        for b, (ep, a) in enumerate(zip(episodes, actions, strict=True)):
+            if ep.done or not (0 <= a < t.n) or not legal[b, a]:
+                ok = [t.names[j] for j in np.flatnonzero(legal[b])]
+                name = t.names[a] if 0 <= a < t.n else f"id {a}"
+                raise ValueError(
+                    f"episode (seed {ep.seed}) cannot take {name} at grid point {ep.step} "
+                    f"(done={ep.done}; legal: {ok}; refines used {ep.refines_used} of "
+                    f"{self.settings.refine_budget}, warmup {t.warmup}, n_max {t.n_max})"
+                )
+        kinds = [t.kinds[a] for a in actions]
+        stopped = [b for b, k in enumerate(kinds) if k == "stop"]
+        refining = [b for b, k in enumerate(kinds) if k == "refine"]
+        moved = [b for b, k in enumerate(kinds) if k != "stop"]
+        images = (
+            self.stop([episodes[b] for b in stopped])
+            if stopped
+            else np.zeros((0, self.settings.height, self.settings.width, 3), np.uint8)
+        )
+        if refining:
+            self._refine([episodes[b] for b in refining])
+        for b in moved:
+            if kinds[b] == "jump":
+                ep = episodes[b]
+                j = int(t.target(ep.step, actions[b]))
+                ep.latents = solver_step(
+                    ep.scheduler, ep.history, ep.latents, ep.model_output, ep.step, j
+                )
+                ep.step = j
+        record = self.evaluate([episodes[b] for b in moved]) if moved else None
+        if record is not None:
+            # The record's cost covers the refine iterations and the stops' decodes too.
+            record = dataclasses.replace(record, wall_time_s=time.perf_counter() - tic)
+        return Applied(moved, stopped, record, images)
+
+    def _refine(self, episodes: Sequence[Episode]) -> None:
+        """Re-denoise B episodes at their current point ``i`` and step them to ``i + 1`` (k NFE;
+        the evaluation at ``i + 1`` is :meth:`apply`'s, like inpainting).
 
         Each of the ``k`` iterations re-noises the current x̂0 to ``t_i`` with fresh seeded noise
         inside the soft mask M (outside, the original latent is kept), and evaluates the
         denoiser there (1 NFE) for a new x̂0. The solver then steps from the blended state (model
-        output blended with the same M) to ``t_{i+1}``, where the episode is evaluated as after a
-        continue. For one-step solvers the result outside the mask equals a plain continue
-        exactly; multistep solvers keep the blended output in their history.
+        output blended with the same M) to ``t_{i+1}``. For one-step solvers the result outside
+        the mask equals a plain ``jump-1`` exactly; multistep solvers keep the refined x̂0 in
+        their history.
         """
-        tic = time.perf_counter()
-        masks = self.action_masks(episodes)
-        for ep, legal in zip(episodes, masks, strict=True):
-            if ep.done or not legal[mdp.REFINE]:
-                raise ValueError(
-                    f"episode (seed {ep.seed}) cannot refine at step {ep.step} "
-                    f"(refines used {ep.refines_used} of {self.settings.refine_budget}, "
-                    f"warmup {self.settings.warmup}, n_max {self.settings.n_max})"
-                )
+        for ep in episodes:
             if ep.mask is None:
                 raise ValueError(
                     f"refine needs cross-attention masks, which {type(self.denoiser).__name__} "
@@ -236,16 +307,17 @@ class StepwiseSampler:
             )
         blended_out = m * out + (1 - m) * out_orig
         for b, ep in enumerate(episodes):
-            t = ep.scheduler.timesteps[ep.step]
-            ep.latents = ep.scheduler.step(
-                blended_out[b : b + 1].to(self.dtype), t, x[b : b + 1].to(self.dtype)
-            ).prev_sample
+            ep.latents = solver_step(
+                ep.scheduler,
+                ep.history,
+                x[b : b + 1].to(self.dtype),
+                blended_out[b : b + 1].to(self.dtype),
+                ep.step,
+                ep.step + 1,
+            )
             ep.step += 1
             ep.nfe += self.settings.refine_k
             ep.refines_used += 1
-        record = self.evaluate(episodes)
-        # The record's cost covers the k re-denoise iterations too.
-        return dataclasses.replace(record, wall_time_s=time.perf_counter() - tic)
 
     @torch.no_grad()
     def stop(self, episodes: Sequence[Episode]) -> np.ndarray:
@@ -265,21 +337,22 @@ class StepwiseSampler:
         for ep in episodes:
             twin = copy.copy(ep)
             twin.scheduler = copy.deepcopy(ep.scheduler)
+            twin.history = copy.copy(ep.history)
             twin.components = dict(ep.components)
             out.append(twin)
         return out
 
     def action_masks(self, episodes: Sequence[Episode]) -> np.ndarray:
-        """``(B, 3)`` bool legal actions of each episode at its current step."""
-        s = self.settings
-        budget = s.refine_budget if self.attention is not None else 0
-        return mdp.action_mask(
-            np.array([ep.step for ep in episodes]),
-            s.n_max,
-            s.warmup,
-            np.array([ep.refines_used for ep in episodes]),
+        """``(B, table.n)`` bool legal actions of each episode at its current point (refine
+        needs cross-attention masks; done episodes have none)."""
+        budget = self.settings.refine_budget if self.attention is not None else 0
+        mask = self.table.mask(
+            np.array([ep.step for ep in episodes], np.int64),
+            np.array([ep.refines_used for ep in episodes], np.int64),
             budget,
         )
+        mask[[ep.done for ep in episodes]] = False
+        return mask
 
     def masks(self, episodes: Sequence[Episode]) -> np.ndarray:
         """``(B, h, w)`` float32 under-generation masks in [0, 1] at the current step."""
