@@ -104,9 +104,7 @@ def task_from_info(info: dict[str, Any], where: str) -> Task:
     settings = sampler_settings(info["sampler"], f"{where} 'sampler'")
     table = ActionTable.from_dict(info["actions"], f"{where} 'actions'")
     if table.n_max != settings.n_max:
-        raise ValueError(
-            f"{where}: actions.n_max {table.n_max} != sampler.n_max {settings.n_max}"
-        )
+        raise ValueError(f"{where}: actions.n_max {table.n_max} != sampler.n_max {settings.n_max}")
     return Task(
         backbone=str(info["backbone"]),
         scheduler=str(info["scheduler"]),
@@ -150,17 +148,43 @@ def make_sampler(
     return StepwiseSampler(pipe, ClipScorer(scorer, dev), settings, extra)
 
 
-def task_sampler(task: Task, device: str, **overrides: Any) -> StepwiseSampler:
-    """:func:`make_sampler` for a dataset's task; ``overrides`` replace sampler settings (eval's
-    fixed baselines use other grids)."""
+def task_sampler(
+    task: Task,
+    device: str,
+    scheduler: str | None = None,
+    observe: bool = True,
+    share: StepwiseSampler | None = None,
+    **overrides: Any,
+) -> StepwiseSampler:
+    """:func:`make_sampler` for a dataset's task. ``overrides`` replace sampler settings and
+    ``scheduler`` the solver (eval's fixed baselines use other grids and solvers); ``share``
+    reuses another sampler's pipeline and scorers instead of loading them again."""
     settings = dataclasses.replace(task.settings, **overrides)
-    return make_sampler(
-        task.backbone,
-        task.scheduler,
-        task.scorer,
-        settings,
-        task.components,
-        task.extra_scorer_models,
-        device,
-        task.drop_components,
+    if share is None:
+        base = make_sampler(
+            task.backbone,
+            task.scheduler,
+            task.scorer,
+            settings,
+            task.components,
+            task.extra_scorer_models,
+            device,
+            task.drop_components,
+        )
+        if scheduler is None and observe:
+            return base
+        share = base
+    from addiffusion.diffusion.backbone import SCHEDULERS
+    from addiffusion.diffusion.sampler import StepwiseSampler
+
+    sched = share.scheduler
+    if scheduler is not None:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}"
+            )
+        cls, kwargs = SCHEDULERS[scheduler]
+        sched = cls.from_config(share.scheduler.config, **kwargs)
+    return StepwiseSampler(
+        share.pipe, share.scorer, settings, share.extra_scorers, observe=observe, scheduler=sched
     )

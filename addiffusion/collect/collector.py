@@ -165,7 +165,9 @@ class Behaviour:
         self.cfg, self.table = cfg, table
         self.rng = np.random.default_rng([cfg.seed, spec.seed, 0xB4A])
         jumps = table.jumps
-        self.const = int(self.rng.choice(jumps)) if self.rng.random() < cfg.const_stride_prob else None
+        self.const = (
+            int(self.rng.choice(jumps)) if self.rng.random() < cfg.const_stride_prob else None
+        )
         self.branches_left = cfg.max_branches
 
     def root_action(self, legal: np.ndarray) -> tuple[int, float]:
@@ -267,9 +269,7 @@ def run_with_branches(
                 return table.stop, 1.0
             return policies[b].random_jump()
 
-        choose = [
-            (lambda legal, b=b: random_then_stop(legal, b)) for b, *_ in chunk
-        ]
+        choose = [(lambda legal, b=b: random_then_stop(legal, b)) for b, *_ in chunk]
         _drive(sampler, eps, traces, choose, out.record)
         branches.extend(traces)
     return roots + branches

@@ -111,7 +111,8 @@ class CollectConfig(StageConfig):
         )
         check(0.0 <= self.branch_prob <= 1.0, "collect.branch_prob", "in [0, 1]", self.branch_prob)
         check(
-            1 in self.strides and all(s >= 1 for s in self.strides)
+            1 in self.strides
+            and all(s >= 1 for s in self.strides)
             and len(set(self.strides)) == len(self.strides),
             "collect.strides",
             "distinct integers >= 1 including 1",

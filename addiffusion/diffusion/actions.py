@@ -164,7 +164,11 @@ class ActionTable:
         for j, row in enumerate(data["actions"]):
             try:
                 a = Action(
-                    int(row["id"]), str(row["name"]), row["kind"], int(row["stride"]), int(row["nfe"])
+                    int(row["id"]),
+                    str(row["name"]),
+                    row["kind"],
+                    int(row["stride"]),
+                    int(row["nfe"]),
                 )
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{where}.actions[{j}] is malformed ({e!r}): {row!r}") from e
@@ -173,7 +177,9 @@ class ActionTable:
                     f"{where}.actions[{j}] must have id {j} and kind jump|stop|refine, got {row!r}"
                 )
             rows.append(a)
-        table = cls(tuple(rows), int(data["n_max"]), int(data["warmup"]), int(data["refine_budget"]))
+        table = cls(
+            tuple(rows), int(data["n_max"]), int(data["warmup"]), int(data["refine_budget"])
+        )
         kinds = table.kinds
         if kinds.count("stop") != 1 or kinds.count("refine") != 1 or 1 not in table.strides:
             raise ValueError(

@@ -34,13 +34,13 @@ from diffusers import DiffusionPipeline
 
 from addiffusion.diffusion import backbone, mdp
 from addiffusion.diffusion.actions import ActionTable
-from addiffusion.diffusion.solvers import SolverHistory, solver_step, variable_stride
 from addiffusion.diffusion.attention import (
     AttentionStore,
     content_token_mask,
     install_attention_capture,
     undergeneration_mask,
 )
+from addiffusion.diffusion.solvers import SolverHistory, solver_step, variable_stride
 
 
 class FeatureScorer(Protocol):
@@ -154,7 +154,14 @@ class StepwiseSampler:
         scorer: FeatureScorer,
         settings: SamplerSettings,
         extra_scorers: dict[str, ExtraScorer] | None = None,
+        observe: bool = True,
+        scheduler: object | None = None,
     ) -> None:
+        """``observe=False`` (fixed schedules, which need no observations) skips the per-point
+        decode and scoring: :meth:`stop` then decodes and scores only the final images.
+        ``scheduler`` replaces ``pipe.scheduler`` (samplers of several solvers share one pipe)."""
+        self.observe = observe
+        self.scheduler = pipe.scheduler if scheduler is None else scheduler
         self.pipe = pipe
         self.scorer = scorer
         self.settings = settings
@@ -163,14 +170,14 @@ class StepwiseSampler:
         self.denoiser = backbone.denoiser_of(pipe)
         self.device = self.denoiser.device
         self.dtype = self.denoiser.dtype
-        self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.latent_hw = (settings.height // self.vae_scale, settings.width // self.vae_scale)
-        self.space = backbone.noise_space(pipe.scheduler)
+        self.space = backbone.noise_space(self.scheduler)
         self.flow = self.space == "flow"
         self.attention: AttentionStore | None = install_attention_capture(self.denoiser)
         self.timings: dict[str, float] = {}
-        strides = settings.strides if variable_stride(pipe.scheduler) else (1,)
+        strides = settings.strides if variable_stride(self.scheduler) else (1,)
         self.table = ActionTable.build(
             strides, settings.n_max, settings.warmup, settings.refine_budget, settings.refine_k
         )
@@ -194,7 +201,7 @@ class StepwiseSampler:
         shape = (1, self.denoiser.config.in_channels, *self.latent_hw)
         episodes = []
         for b, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-            scheduler = copy.deepcopy(self.pipe.scheduler)
+            scheduler = copy.deepcopy(self.scheduler)
             backbone.set_schedule(self.pipe, scheduler, s.n_max, self.latent_hw, self.device)
             # Noise drawn on the CPU from the episode's own seed: same seed, same bytes, any device.
             noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
@@ -325,9 +332,11 @@ class StepwiseSampler:
         current step (at full resolution, whatever ``x0_decode_scale``)."""
         for ep in episodes:
             ep.done = True
-        if self.settings.x0_decode_scale == 1.0:
+        if self.observe and self.settings.x0_decode_scale == 1.0:
             return np.stack([ep.image for ep in episodes])
         images = backbone.decode_latents(self.pipe, torch.cat([ep.x0 for ep in episodes]))
+        if not self.observe:
+            self._score(episodes, images)
         return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
     def fork(self, episodes: Sequence[Episode]) -> list[Episode]:
@@ -435,6 +444,35 @@ class StepwiseSampler:
         g = self.settings.guidance_scale
         return out_uncond + g * (out_cond - out_uncond), maps
 
+    def _score(
+        self, episodes: Sequence[Episode], images: torch.Tensor
+    ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Score decoded x̂0 ``images`` (B, 3, H, W) in [0, 1] and store the episodes' per-point
+        state (features, CLIP score, stability, components, image)."""
+        now = time.perf_counter()
+        features = self.scorer.encode_images(images)
+        images_u8 = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        text = torch.stack([ep.text_features for ep in episodes])
+        scores = (features * text).sum(-1).cpu().numpy()
+        now = self._tick("clip", now)
+        prompts = [ep.prompt for ep in episodes]
+        extra = {
+            name: np.asarray(fn(images_u8, prompts), np.float32)
+            for name, fn in self.extra_scorers.items()
+        }
+        self._tick("scorers", now)
+        stability = np.zeros(len(episodes), np.float32)
+        for b, ep in enumerate(episodes):
+            if ep.image_features is not None:
+                stability[b] = float((features[b] * ep.image_features).sum())
+            ep.image_features = features[b]
+            ep.prev_clip_score = ep.clip_score if ep.nfe > 1 else float(scores[b])
+            ep.clip_score = float(scores[b])
+            ep.image = images_u8[b]
+            ep.components = {"clip_score": float(scores[b]), "stability": float(stability[b])}
+            ep.components.update({k: float(v[b]) for k, v in extra.items()})
+        return images_u8, features, scores, stability, extra
+
     def _tick(self, name: str, since: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -459,35 +497,23 @@ class StepwiseSampler:
             content = torch.stack([ep.content_tokens for ep in episodes])
             masks = undergeneration_mask(maps, content, self.settings.mask_blur_sigma)
         now = self._tick("denoiser", tic)
-        scale = self.settings.x0_decode_scale
-        small = x0 if scale == 1.0 else F.interpolate(x0, scale_factor=scale, mode="area")
-        images = backbone.decode_latents(self.pipe, small)
-        now = self._tick("decode", now)
-        features = self.scorer.encode_images(images)
-        images_u8 = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-        scores = (
-            (features * torch.stack([ep.text_features for ep in episodes])).sum(-1).cpu().numpy()
-        )
-        now = self._tick("clip", now)
-        extra = {
-            name: np.asarray(fn(images_u8, [ep.prompt for ep in episodes]), np.float32)
-            for name, fn in self.extra_scorers.items()
-        }
-        self._tick("scorers", now)
-        stability = np.zeros(len(episodes), np.float32)
         for b, ep in enumerate(episodes):
-            if ep.image_features is not None:
-                stability[b] = float((features[b] * ep.image_features).sum())
             ep.model_output = guided[b : b + 1].to(ep.latents.dtype)
             ep.x0 = x0[b : b + 1]
             ep.mask = masks[b] if masks is not None else None
-            ep.image_features = features[b]
-            ep.prev_clip_score = ep.clip_score if ep.step > 0 else float(scores[b])
-            ep.clip_score = float(scores[b])
-            ep.image = images_u8[b]
             ep.nfe += 1
-            ep.components = {"clip_score": float(scores[b]), "stability": float(stability[b])}
-            ep.components.update({k: float(v[b]) for k, v in extra.items()})
+        if self.observe:
+            scale = self.settings.x0_decode_scale
+            small = x0 if scale == 1.0 else F.interpolate(x0, scale_factor=scale, mode="area")
+            images = backbone.decode_latents(self.pipe, small)
+            self._tick("decode", now)
+            images_u8, features, scores, stability, extra = self._score(episodes, images)
+        else:
+            n = len(episodes)
+            images_u8 = np.zeros((n, 0, 0, 3), np.uint8)
+            features = torch.zeros(n, self.scorer.dim)
+            scores = stability = np.zeros(n, np.float32)
+            extra = {k: np.zeros(n, np.float32) for k in self.extra_scorers}
         if self.device.type == "cuda":
             peak = int(torch.cuda.max_memory_allocated(self.device))
         else:

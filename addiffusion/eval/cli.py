@@ -65,11 +65,16 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate(
         Path(args.dataset), policies, cfg, reward_cfg, Path(args.out), progress=not args.quiet
     )
+    summary = metrics.pop("frontier")
+    metric = summary["metric"]
     width = max(len(n) for n in metrics)
     for name, m in metrics.items():
-        vs = f"  vs {m['vs']}: Δclip {m['clip_score_diff']:+.4f}" if "vs" in m else ""
-        print(f"{name:<{width}}  NFE {m['nfe']:6.2f}  clip {m['clip_score']:.4f}{vs}")
+        f = m.get("frontier")
+        vs = f"  vs frontier {f['frontier']:.4f}: gain {f['gain']:+.4f}" if f else ""
+        print(f"{name:<{width}}  NFE {m['nfe']:6.2f}  {metric} {m[metric]:.4f}{vs}")
     print(f"eval: wrote metrics.json, pareto.csv, pareto.png, samples.png, report.md to {args.out}")
+    # The headline, last: the best learned policy against the all-solver fixed frontier.
+    print(summary.get("line", "frontier: no learned policy evaluated"))
     return 0
 
 

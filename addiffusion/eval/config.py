@@ -18,9 +18,18 @@ class EvalConfig(StageConfig):
 
     section: ClassVar[str] = "eval"
 
-    baseline_steps: list[int] = field(default_factory=lambda: [2, 4, 8, 12])
-    """k of the fixed-step baselines: the dataset's scheduler with a k-step schedule, run to the
-    end (NFE = k). Named ``<scheduler>-<k>``, e.g. ``ddim-4``."""
+    baseline_steps: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8, 12, 16])
+    """k of the fixed schedules: every solver of ``solvers`` with a k-point schedule, run to the
+    end (NFE = k). Named ``<solver>-<k>``, e.g. ``ddim-4``; they draw the fixed frontier."""
+    solvers: list[str] = field(default_factory=list)
+    """Solvers of the fixed schedules (empty: every solver that fits the backbone: ddim,
+    dpmsolver++, euler, unipc; flow-matching models: flowmatch-euler)."""
+    best_of: list[int] = field(default_factory=lambda: [2])
+    """Best-of-N baselines: N seeds of the dataset's solver, the CLIP score picks (NFE = N·k)."""
+    best_of_steps: list[int] = field(default_factory=lambda: [2, 4])
+    """k of the best-of-N baselines."""
+    random_stride: bool = True
+    """Also run a policy that jumps by a uniformly random stride at every point."""
     stability_thresholds: list[float] = field(default_factory=lambda: [0.9, 0.97])
     """Heuristic ``stability>=x``: stop at the first step whose x̂0 features have cosine
     similarity >= x with the previous step's (on the dataset's n_max schedule)."""
@@ -54,6 +63,16 @@ class EvalConfig(StageConfig):
             "a list without repeats",
             self.baseline_steps,
         )
+        from addiffusion.diffusion.backbone import SCHEDULERS
+
+        for i, solver in enumerate(self.solvers):
+            check(
+                solver in SCHEDULERS, f"{s}.solvers[{i}]", f"one of {', '.join(SCHEDULERS)}", solver
+            )
+        for i, n in enumerate(self.best_of):
+            check(n >= 2, f"{s}.best_of[{i}]", ">= 2", n)
+        for i, k in enumerate(self.best_of_steps):
+            check(k >= 1, f"{s}.best_of_steps[{i}]", ">= 1", k)
         for i, x in enumerate(self.stability_thresholds):
             check(-1.0 <= x <= 1.0, f"{s}.stability_thresholds[{i}]", "in [-1, 1] (a cosine)", x)
         for name in ("seeds_per_prompt", "batch_size", "bootstrap_samples"):

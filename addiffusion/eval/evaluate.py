@@ -1,18 +1,21 @@
-"""Evaluate fixed-step baselines, heuristics and learned policies on the held-out prompts.
+"""Evaluate fixed schedules, heuristics and learned policies on the held-out prompts.
 
-1. read the held-out (prompt, seed) pairs, sampler settings and stats from the dataset;
-2. load the dataset's backbone, scheduler and CLIP scorer (+ the shapes verifier when the
-   dataset has that component);
-3. run every method on every pair: fixed-step ``<scheduler>-<k>`` samplers (k-step schedule, NFE
-   = k), then heuristics and policies on the dataset's ``n_max`` schedule with its masks;
+1. read the held-out (prompt, seed) pairs and the dataset's task (:func:`addiffusion.task.read_task`);
+2. build the dataset's sampler (:func:`addiffusion.task.task_sampler`: backbone, CLIP scorer and
+   every extra scorer it recorded, so Q is defined the same way);
+3. run every method on every pair: fixed schedules ``<solver>-<k>`` for every solver of
+   ``eval.solvers`` and k of ``eval.baseline_steps`` (a k-point grid run to the end, NFE = k),
+   best-of-N seeds picked by CLIP score, a random-stride policy, stop heuristics and the learned
+   policies on the dataset's grid with its action table and masks;
 4. score the final images (CLIP score, verifier, reward-defined quality Q), summarise per method
-   and per category, compare each non-baseline method with the baseline of closest mean NFE;
-5. write metrics.json, pareto.csv, pareto.png, samples.png and report.md into ``out_dir``.
+   and per category, compare each method with the fixed schedule of closest NFE and with the
+   all-solver fixed-schedule frontier (:mod:`addiffusion.eval.frontier`);
+5. write metrics.json, pareto.csv, pareto.png, samples.png and report.md into ``out_dir``; the
+   last line printed by the CLI is the ``frontier:`` line of the best learned policy.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,33 +24,36 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from addiffusion.diffusion.backbone import load_pipeline, resolve_device
 from addiffusion.diffusion.mdp import ObservationLayout
 from addiffusion.diffusion.sampler import StepwiseSampler
-from addiffusion.eval import report
+from addiffusion.eval import frontier, report
 from addiffusion.eval.config import EvalConfig
 from addiffusion.eval.heldout import HeldoutSet, load_heldout
 from addiffusion.eval.metrics import closest_baseline, compare, summarize
-from addiffusion.eval.policies import ClipDeltaStop, Policy, StabilityStop
-from addiffusion.eval.rollout import ALWAYS_CONTINUE, MethodRun, run_method
-from addiffusion.rewards.clip import ClipScorer
+from addiffusion.eval.policies import (
+    ClipDeltaStop,
+    FixedSchedule,
+    Policy,
+    RandomStride,
+    StabilityStop,
+)
+from addiffusion.eval.rollout import MethodRun, run_method
 from addiffusion.rewards.config import RewardConfig
-from addiffusion.rewards.extra import build_extra_scorers
 from addiffusion.rewards.reward import quality
+from addiffusion.task import Task, task_sampler
 
 OUTPUTS = ("metrics.json", "pareto.csv", "pareto.png", "samples.png", "report.md")
 
 
-def _check_observation_layout(held: HeldoutSet, scorer: ClipScorer) -> None:
+def _check_observation_layout(task: Task, sampler: StepwiseSampler) -> None:
     """Policies were trained on the dataset's observations: evaluation must build the same."""
-    recorded = held.info.get("observation")
-    if recorded is None:
+    if task.observation is None:
         return
-    here = ObservationLayout(scorer.dim, scorer.dim)
-    if ObservationLayout.from_dict(recorded) != here:
+    here = ObservationLayout(sampler.scorer.dim, sampler.scorer.dim)
+    if task.observation != here:
         raise ValueError(
-            f"meta/info.json records observation layout {recorded}, but scorer "
-            f"{held.info['scorer']!r} gives {here.to_dict()}: evaluate with the scorer the "
+            f"meta/info.json records observation layout {task.observation.to_dict()}, but "
+            f"scorer {task.scorer!r} gives {here.to_dict()}: evaluate with the scorer the "
             "dataset was collected with"
         )
 
@@ -67,24 +73,119 @@ def _scores(run: MethodRun, reward_cfg: RewardConfig, held: HeldoutSet) -> dict[
     return out
 
 
-def _methods(cfg: EvalConfig, policies: Mapping[str, Policy]) -> list[tuple[str, str, Policy]]:
-    """(name, kind, policy) of the methods on the n_max schedule."""
+def _methods(
+    cfg: EvalConfig, policies: Mapping[str, Policy], task: Task
+) -> list[tuple[str, str, Policy]]:
+    """(name, kind, policy) of the methods on the dataset's grid."""
+    t = task.actions
     methods: list[tuple[str, str, Policy]] = []
+    if cfg.random_stride and len(t.jumps) > 1:
+        methods.append(("random-stride", "heuristic", RandomStride(t, cfg.seed)))
     methods += [
-        (f"stability>={x:g}", "heuristic", StabilityStop(x)) for x in cfg.stability_thresholds
+        (f"stability>={x:g}", "heuristic", StabilityStop(x, t)) for x in cfg.stability_thresholds
     ]
     methods += [
-        (f"clip-delta<{x:g}", "heuristic", ClipDeltaStop(x)) for x in cfg.clip_delta_thresholds
+        (f"clip-delta<{x:g}", "heuristic", ClipDeltaStop(x, t)) for x in cfg.clip_delta_thresholds
     ]
     for name, policy in policies.items():
         if not callable(getattr(policy, "act", None)):
             raise TypeError(f"policy {name!r} has no act(obs, mask) method")
+        n = getattr(policy, "action_size", None)
+        if n is not None and int(n) != t.n:
+            raise ValueError(
+                f"policy {name!r} has {n} actions but the dataset's action table has {t.n} "
+                f"({list(t.names)}): it was trained on another MDP"
+            )
         methods.append((name, "policy", policy))
     names = [m[0] for m in methods]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"method names must be unique, got {dup[0]!r} twice")
     return methods
+
+
+def _fixed(
+    share: StepwiseSampler, task: Task, cfg: EvalConfig, held: HeldoutSet, bar: Any
+) -> tuple[dict[str, MethodRun], list[tuple[str, str, int]]]:
+    """Fixed schedules ``<solver>-<k>`` (k-point grid, every point, NFE = k) and best-of-N."""
+    prompts = [it.prompt for it in held.items]
+    seeds = [it.seed for it in held.items]
+    runs: dict[str, MethodRun] = {}
+    fixed: list[tuple[str, str, int]] = []
+    solvers = list(cfg.solvers) or fitting_solvers(share)
+    for solver in solvers:
+        for k in sorted(cfg.baseline_steps):
+            sampler = _fixed_sampler(share, task, solver, k)
+            name = f"{solver}-{k}"
+            bar.set_postfix_str(name)
+            policy = FixedSchedule(sampler.table)
+            runs[name] = run_method(
+                sampler, policy, prompts, seeds, cfg.batch_size, name, bar.update
+            )
+            fixed.append((name, solver, k))
+    for n in cfg.best_of:
+        for k in cfg.best_of_steps:
+            sampler = _fixed_sampler(share, task, task.scheduler, k)
+            name = f"best-of-{n}-{task.scheduler}-{k}"
+            bar.set_postfix_str(name)
+            policy = FixedSchedule(sampler.table)
+            # Draw j of n: other seeds, the same prompts; the CLIP score picks (what a user can
+            # see without a verifier).
+            draws = [
+                run_method(
+                    sampler,
+                    policy,
+                    prompts,
+                    [s + 7919 * j for s in seeds],
+                    cfg.batch_size,
+                    name,
+                    bar.update,
+                )
+                for j in range(n)
+            ]
+            runs[name] = _best_of(draws)
+    return runs, fixed
+
+
+def fitting_solvers(sampler: StepwiseSampler) -> list[str]:
+    """Every solver of :data:`addiffusion.diffusion.backbone.SCHEDULERS` that fits the backbone
+    (flow-matching models: flowmatch-euler; the others: ddim, dpmsolver++, euler, unipc)."""
+    from addiffusion.diffusion.backbone import FLOW_SCHEDULERS, SCHEDULERS
+
+    return [s for s in SCHEDULERS if (s in FLOW_SCHEDULERS) == sampler.flow]
+
+
+def _fixed_sampler(share: StepwiseSampler, task: Task, solver: str, k: int) -> StepwiseSampler:
+    # A k-point grid of `solver`, always advanced: no warm-up or refine applies, and no
+    # per-point observation is needed (only the final image is decoded and scored).
+    return task_sampler(
+        task,
+        "cpu",
+        scheduler=solver,
+        observe=False,
+        share=share,
+        n_max=k,
+        strides=(1,),
+        warmup=0,
+        refine_budget=0,
+    )
+
+
+def _best_of(draws: list[MethodRun]) -> MethodRun:
+    clip = np.stack([d.components["clip_score"] for d in draws])
+    pick = clip.argmax(0)
+    rows = np.arange(clip.shape[1])
+    return MethodRun(
+        nfe=sum(d.nfe for d in draws),
+        stop_step=draws[0].stop_step,
+        refines=sum(d.refines for d in draws),
+        components={
+            c: np.stack([d.components[c] for d in draws])[pick, rows] for c in draws[0].components
+        },
+        images=np.stack([d.images for d in draws])[pick, rows],
+        masked_actions=0,
+        seconds=sum(d.seconds for d in draws),
+    )
 
 
 def evaluate(
@@ -99,48 +200,33 @@ def evaluate(
 
     Returns the metrics written to ``metrics.json``: ``{method: {"kind", "nfe", "nfe_std",
     "clip_score", "quality", ["verifier", "verifier_acc"], "refines", "masked_actions",
-    "by_category", and for heuristics and policies "vs", "nfe_diff", "<score>_diff",
-    "<score>_ci_low", "<score>_ci_high", "<score>_p"}}`` (means over the (prompt, seed) pairs;
-    ``<score>_std`` beside each score).
+    "seconds_per_image", "by_category", and for heuristics and policies "vs", "nfe_diff",
+    "<score>_diff", "<score>_ci_low", "<score>_ci_high", "<score>_p", "frontier"}}`` plus
+    ``"frontier"``: the best learned policy against the all-solver fixed frontier.
     """
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
     held = load_heldout(Path(dataset_dir), cfg)
-    settings = held.sampler
-    too_long = [k for k in cfg.baseline_steps if k > 1000]
-    if too_long:
-        raise ValueError(f"eval.baseline_steps {too_long} exceed the backbone's 1000 train steps")
-    methods = _methods(cfg, policies)
-
-    device = resolve_device(cfg.device)
-    # Loaded exactly as the collector loaded it (components it dropped stay dropped).
-    pipe = load_pipeline(
-        held.info["backbone"],
-        held.info["scheduler"],
-        str(device),
-        drop_components=tuple(held.info.get("drop_components", ())),
-    )
-    scorer = ClipScorer(held.info["scorer"], device)
-    _check_observation_layout(held, scorer)
-    # Every extra component the dataset recorded, so Q is defined the same way.
-    extra = build_extra_scorers(held.components, held.info.get("extra_scorer_models", {}), device)
+    task = held.task
+    settings = task.settings
+    methods = _methods(cfg, policies, task)
     prompts = [it.prompt for it in held.items]
     seeds = [it.seed for it in held.items]
-    n_methods = len(cfg.baseline_steps) + len(methods)
-    bar = tqdm(total=n_methods * len(prompts), unit="image", disable=not progress, desc="eval")
-
+    sampler = task_sampler(task, cfg.device)
+    _check_observation_layout(task, sampler)
+    n_fixed = len(cfg.solvers or fitting_solvers(sampler)) * len(cfg.baseline_steps)
+    n_fixed += sum(cfg.best_of) * len(cfg.best_of_steps)
+    bar = tqdm(
+        total=(n_fixed + len(methods)) * len(prompts),
+        unit="image",
+        disable=not progress,
+        desc="eval",
+    )
     runs: dict[str, tuple[str, MethodRun]] = {}
-    for k in sorted(cfg.baseline_steps):
-        # A k-step schedule of the same solver, always continued: no warm-up or refine applies.
-        base = dataclasses.replace(settings, n_max=k, warmup=0, refine_budget=0)
-        sampler = StepwiseSampler(pipe, scorer, base, extra)
-        name = f"{held.info['scheduler']}-{k}"
-        bar.set_postfix_str(name)
-        runs[name] = (
-            "baseline",
-            run_method(sampler, ALWAYS_CONTINUE, prompts, seeds, cfg.batch_size, name, bar.update),
-        )
-    sampler = StepwiseSampler(pipe, scorer, settings, extra)
+    fixed_runs, fixed = _fixed(sampler, task, cfg, held, bar)
+    fixed_names = {name for name, _, _ in fixed}
+    for name, run in fixed_runs.items():
+        runs[name] = ("baseline" if name in fixed_names else "heuristic", run)
     for name, kind, policy in methods:
         bar.set_postfix_str(name)
         runs[name] = (
@@ -149,18 +235,22 @@ def evaluate(
         )
     bar.close()
 
-    # Summaries, then paired comparisons against the baseline of closest mean NFE.
+    # Summaries, then paired comparisons against the fixed schedule of closest mean NFE.
     categories = [it.category for it in held.items]
     groups = np.array([it.prompt_id for it in held.items])
     scores = {name: _scores(run, reward_cfg, held) for name, (_, run) in runs.items()}
+    metric = "verifier" if "verifier" in scores[fixed[0][0]] else "quality"
     metrics: dict[str, dict[str, Any]] = {}
     for name, (kind, run) in runs.items():
         m: dict[str, Any] = {"kind": kind}
         m.update(summarize(run.nfe, scores[name], categories))
         m["refines"] = float(run.refines.mean())
         m["masked_actions"] = run.masked_actions
+        m["seconds_per_image"] = run.seconds_per_image
         metrics[name] = m
     base_nfe = {n: m["nfe"] for n, m in metrics.items() if m["kind"] == "baseline"}
+    fruns = [frontier.FixedRun(n, solver, k, scores[n][metric]) for n, solver, k in fixed]
+    comparisons = []
     for name, m in metrics.items():
         if m["kind"] == "baseline":
             continue
@@ -171,27 +261,98 @@ def evaluate(
         m.update(
             compare(paired, ref_scores, groups, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
         )
+        c = frontier.compare_to_frontier(
+            name,
+            runs[name][1].nfe.astype(np.float64),
+            scores[name][metric],
+            fruns,
+            groups,
+            cfg.bootstrap_samples,
+            cfg.confidence,
+            cfg.seed,
+            metric,
+        )
+        m["frontier"] = _comparison_dict(c)
+        if m["kind"] == "policy":
+            cats = np.array(categories)
+            m["frontier_by_category"] = {
+                cat: _comparison_dict(
+                    frontier.compare_to_frontier(
+                        name,
+                        runs[name][1].nfe[cats == cat].astype(np.float64),
+                        scores[name][metric][cats == cat],
+                        [
+                            frontier.FixedRun(r.name, r.solver, r.k, r.scores[cats == cat])
+                            for r in fruns
+                        ],
+                        groups[cats == cat],
+                        cfg.bootstrap_samples,
+                        cfg.confidence,
+                        cfg.seed,
+                        metric,
+                    )
+                )
+                for cat in sorted(set(categories))
+            }
+        if m["kind"] == "policy":
+            comparisons.append(c)
+    oracle_nfe, oracle_score = frontier.oracle_items(fruns)
+    summary: dict[str, Any] = {
+        "metric": metric,
+        "all_solvers": [p.__dict__ for p in frontier.fixed_frontier(fruns)],
+        "per_solver": {
+            solver: [p.__dict__ for p in frontier.fixed_frontier(fruns, solver)]
+            for solver in dict.fromkeys(s for _, s, _ in fixed)
+        },
+        "oracle": {"nfe": float(oracle_nfe.mean()), metric: float(oracle_score.mean())},
+        "oracle_curve": frontier.oracle_curve(fruns),
+    }
+    if comparisons:
+        best = frontier.best_learned(comparisons)
+        summary.update(_comparison_dict(best))
+        summary["line"] = best.line()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.write_metrics(metrics, out_dir / "metrics.json")
+    report.write_metrics({**metrics, "frontier": summary}, out_dir / "metrics.json")
     report.write_pareto_csv(metrics, out_dir / "pareto.csv")
-    report.plot_pareto(metrics, out_dir / "pareto.png", settings.n_max)
-    report.plot_samples(
-        {n: r.images for n, (_, r) in runs.items()}, prompts, out_dir / "samples.png"
+    points = {n: (m["nfe"], m[metric]) for n, m in metrics.items() if m["kind"] != "baseline"}
+    frontier.plot_frontier(
+        out_dir / "pareto.png",
+        fruns,
+        points,
+        [n for n in points if metrics[n]["kind"] == "policy"],
+        metric,
     )
+    shown = [n for n in runs if runs[n][0] != "baseline" or n.startswith(task.scheduler)]
+    report.plot_samples({n: runs[n][1].images for n in shown}, prompts, out_dir / "samples.png")
     context = {
         "dataset": str(dataset_dir),
-        "backbone": held.info["backbone"],
-        "scheduler": held.info["scheduler"],
-        "scorer": held.info["scorer"],
+        "backbone": task.backbone,
+        "scheduler": task.scheduler,
+        "scorer": task.scorer,
         "n_max": settings.n_max,
+        "actions": ", ".join(task.actions.names),
         "warmup": settings.warmup,
         "held-out prompts": len(set(groups.tolist())),
         "seeds per prompt": cfg.seeds_per_prompt,
         "images per method": len(prompts),
         "reward": f"weights {dict(reward_cfg.weights)}, normalize {reward_cfg.normalize}",
-        "device": str(device),
-        "seconds": {n: r.seconds / max(len(prompts), 1) for n, (_, r) in runs.items()},
+        "device": str(sampler.device),
+        "frontier": summary.get("line", "no learned policy evaluated"),
     }
     report.write_report(metrics, context, out_dir / "report.md")
-    return metrics
+    return {**metrics, "frontier": summary}
+
+
+def _comparison_dict(c: frontier.FrontierComparison) -> dict[str, Any]:
+    return {
+        "method": c.method,
+        "nfe": c.nfe,
+        "score": c.score,
+        "frontier": c.frontier,
+        "gain": c.gain,
+        "ci": list(c.ci),
+        "nfe_ratio": c.nfe_ratio,
+        "oracle_ratio": c.oracle_ratio,
+        "frontier_label": c.frontier_label,
+    }

@@ -8,7 +8,6 @@ episodes with ``split == "heldout"``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,7 @@ import polars as pl
 
 from addiffusion.diffusion.sampler import SamplerSettings
 from addiffusion.eval.config import EvalConfig
-
-REQUIRED_SAMPLER_KEYS = (
-    "n_max",
-    "warmup",
-    "refine_budget",
-    "refine_k",
-    "guidance_scale",
-    "height",
-    "width",
-)
+from addiffusion.task import Task, read_task
 
 
 @dataclass(frozen=True)
@@ -41,55 +31,26 @@ class EvalItem:
 
 @dataclass(frozen=True)
 class HeldoutSet:
-    """What :func:`load_heldout` returns: the pairs plus what the dataset says about them."""
+    """What :func:`load_heldout` returns: the pairs plus the dataset's task."""
 
     items: list[EvalItem]
-    info: dict[str, Any]
-    sampler: SamplerSettings
-    stats: dict[str, dict[str, float]]
+    task: Task
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.task.info
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        return self.task.settings
+
+    @property
+    def stats(self) -> dict[str, dict[str, float]]:
+        return self.task.component_stats
 
     @property
     def components(self) -> list[str]:
-        return list(self.info.get("components", []))
-
-
-def read_info(dataset_dir: Path) -> dict[str, Any]:
-    path = Path(dataset_dir) / "meta" / "info.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: {dataset_dir} is not a built dataset (run `addiffusion datasets "
-            "build` on a collected store first)"
-        )
-    info = json.loads(path.read_text())
-    if not isinstance(info, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(info).__name__}")
-    for key in ("backbone", "scheduler", "scorer", "sampler"):
-        if key not in info:
-            raise ValueError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(info))})")
-    return info
-
-
-def sampler_settings(info: dict[str, Any]) -> SamplerSettings:
-    """The MDP the dataset was collected on (``info["sampler"]``); settings it does not record
-    beyond :data:`REQUIRED_SAMPLER_KEYS` keep their defaults."""
-    raw = info["sampler"]
-    if not isinstance(raw, dict):
-        raise ValueError(f"meta/info.json sampler must be an object, got {raw!r}")
-    missing = [k for k in REQUIRED_SAMPLER_KEYS if k not in raw]
-    if missing:
-        raise ValueError(f"meta/info.json sampler settings lack {missing} (got {sorted(raw)})")
-    known = set(SamplerSettings.__dataclass_fields__)
-    return SamplerSettings(**{k: v for k, v in raw.items() if k in known})
-
-
-def component_stats(info: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """``info["component_stats"]``: ``{component: {"mean", "std"}}`` (empty when absent)."""
-    stats = info.get("component_stats") or {}
-    return {
-        name: {"mean": float(s["mean"]), "std": float(s["std"])}
-        for name, s in stats.items()
-        if isinstance(s, dict) and "mean" in s and "std" in s
-    }
+        return list(self.task.components)
 
 
 def _episode_files(dataset_dir: Path) -> list[Path]:
@@ -130,7 +91,7 @@ def heldout_prompts(dataset_dir: Path) -> pl.DataFrame:
 def load_heldout(dataset_dir: Path, cfg: EvalConfig) -> HeldoutSet:
     """The held-out (prompt, seed) pairs of ``cfg`` (``n_prompts`` first prompts by id, each with
     ``seeds_per_prompt`` seeds), in prompt-major order."""
-    info = read_info(dataset_dir)
+    task = read_task(dataset_dir)
     held = heldout_prompts(dataset_dir)
     if cfg.n_prompts:
         held = held.head(cfg.n_prompts)
@@ -144,4 +105,4 @@ def load_heldout(dataset_dir: Path, cfg: EvalConfig) -> HeldoutSet:
         for pid, text, cat in held.iter_rows()
         for s in range(cfg.seeds_per_prompt)
     ]
-    return HeldoutSet(items, info, sampler_settings(info), component_stats(info))
+    return HeldoutSet(items, task)

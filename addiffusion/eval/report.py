@@ -140,14 +140,14 @@ def write_report(
         if all(s in m for m in metrics.values())
     ]
     lines = ["# Evaluation", ""]
-    lines += [f"- {k}: {v}" for k, v in context.items() if k != "seconds"]
+    lines += [f"- {k}: {v}" for k, v in context.items()]
     lines += ["", "## Methods", ""]
     head = ["method", "kind", "NFE (± std)", *scores, "masked actions", "s / image"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
         cells = [name, m["kind"], f"{m['nfe']:.2f} ± {m['nfe_std']:.2f}"]
         cells += [_fmt(m[s]) for s in scores]
-        cells += [str(m.get("masked_actions", 0)), _fmt(context.get("seconds", {}).get(name, ""))]
+        cells += [str(m.get("masked_actions", 0)), _fmt(m.get("seconds_per_image", ""))]
         lines.append("| " + " | ".join(cells) + " |")
     compared = {n: m for n, m in metrics.items() if "vs" in m}
     if compared:
@@ -166,6 +166,30 @@ def write_report(
                 if f"{s}_diff" in m
             ]
             lines.append(f"| {name} | {m['vs']} | {m['nfe_diff']:+.2f} | {'<br>'.join(parts)} |")
+    framed = {n: m for n, m in metrics.items() if "frontier" in m}
+    if framed:
+        lines += ["", "## Against the all-solver fixed-schedule frontier", ""]
+        lines += [
+            "Score − the frontier interpolated at the method's mean NFE (per item, between the "
+            "two fixed schedules that bracket it); prompt-cluster bootstrap CI; nfe_ratio = NFE / "
+            "NFE of the cheapest fixed schedule at least as good; oracle_ratio = NFE / the "
+            "per-item hindsight oracle's NFE at the same score. Per category: the same on that "
+            "category's items.",
+            "",
+        ]
+        lines += [
+            "| method | items | NFE | score | frontier | gain [CI] | nfe_ratio | oracle_ratio |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for name, m in framed.items():
+            rows = [("all", m["frontier"])]
+            rows += sorted(m.get("frontier_by_category", {}).items())
+            for cat, f in rows:
+                lines.append(
+                    f"| {name} | {cat} | {f['nfe']:.2f} | {f['score']:.4f} | {f['frontier']:.4f} "
+                    f"| {f['gain']:+.4f} [{f['ci'][0]:+.4f}, {f['ci'][1]:+.4f}] "
+                    f"| {_fmt(f['nfe_ratio'])} | {_fmt(f['oracle_ratio'])} |"
+                )
     cats = sorted({c for m in metrics.values() for c in m["by_category"]})
     if cats:
         lines += ["", "## By category (mean NFE / CLIP score)", ""]

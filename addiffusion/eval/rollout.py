@@ -1,8 +1,8 @@
 """Run one method over (prompt, seed) pairs on a :class:`StepwiseSampler`, batched.
 
-Episodes of one batch may stop at different steps: after each decision the batch splits into
-the episodes that stop (final image = decoded x̂0 of their current step), continue (one solver
-step) or refine, and the still-running ones are evaluated together again.
+Episodes of one batch may stop at different points: after each decision the whole batch's
+actions go to :meth:`StepwiseSampler.apply` (stops end with the decoded x̂0 of their point; jumps
+and refines move and are evaluated together), and the still-running ones decide again.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from addiffusion.diffusion import mdp
+from addiffusion.diffusion.actions import ActionTable
 from addiffusion.diffusion.sampler import Episode, StepwiseSampler
 from addiffusion.eval.policies import Policy
 
@@ -23,43 +23,38 @@ class MethodRun:
     """Outcome of one method on N (prompt, seed) pairs, in the order they were given."""
 
     nfe: np.ndarray  # (N,) int, denoiser evaluations per image
-    stop_step: np.ndarray  # (N,) int, schedule step whose x̂0 became the final image
+    stop_step: np.ndarray  # (N,) int, grid point whose x̂0 became the final image
     refines: np.ndarray  # (N,) int
     components: dict[str, np.ndarray]  # name -> (N,) float, raw components of the final image
     images: np.ndarray  # (N, H, W, 3) uint8, final images
     masked_actions: int  # policy actions outside the mask that evaluation replaced
     seconds: float  # wall time of the whole run
 
-
-class _AlwaysContinue:
-    """The fixed-step baselines: continue while legal, stop at the last schedule step."""
-
-    def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return np.where(mask[:, mdp.CONTINUE], mdp.CONTINUE, mdp.STOP).astype(np.int64)
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / max(len(self.nfe), 1)
 
 
-ALWAYS_CONTINUE: Policy = _AlwaysContinue()
-
-
-def _legal(actions: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Replace illegal actions (continue if legal, else stop); return them and how many."""
+def _legal(actions: np.ndarray, mask: np.ndarray, table: ActionTable) -> tuple[np.ndarray, int]:
+    """Replace illegal actions (jump-1 if legal, else stop); return them and how many."""
     ok = mask[np.arange(len(actions)), actions]
-    fallback = np.where(mask[:, mdp.CONTINUE], mdp.CONTINUE, mdp.STOP)
+    one = table.jump(1)
+    fallback = np.where(mask[:, one], one, table.stop)
     return np.where(ok, actions, fallback), int((~ok).sum())
 
 
-def _check_actions(raw: object, n: int, name: str) -> np.ndarray:
+def _check_actions(raw: object, n: int, name: str, table: ActionTable) -> np.ndarray:
     actions = np.asarray(raw)
     if actions.shape != (n,) or not np.issubdtype(actions.dtype, np.integer):
         raise ValueError(
             f"policy {name!r}.act must return ({n},) integer actions, got shape "
             f"{actions.shape} dtype {actions.dtype}"
         )
-    bad = (actions < 0) | (actions >= mdp.N_ACTIONS)
+    bad = (actions < 0) | (actions >= table.n)
     if bad.any():
         raise ValueError(
             f"policy {name!r} returned action {int(actions[bad][0])}; expected one of "
-            f"{dict(enumerate(mdp.ACTION_NAMES))}"
+            f"{dict(enumerate(table.names))}"
         )
     return actions.astype(np.int64)
 
@@ -81,23 +76,17 @@ def _run_batch(
     while active:
         eps = [episodes[i] for i in active]
         mask = sampler.action_masks(eps)
-        raw = policy.act(sampler.observations(eps), mask.copy())
-        actions, n_bad = _legal(_check_actions(raw, len(eps), name), mask)
+        raw = policy.act(sampler.observations(eps) if sampler.observe else None, mask.copy())
+        actions, n_bad = _legal(
+            _check_actions(raw, len(eps), name, sampler.table), mask, sampler.table
+        )
         masked += n_bad
-        stopping = [i for i, a in zip(active, actions, strict=True) if a == mdp.STOP]
-        if stopping:
-            for i, image in zip(
-                stopping, sampler.stop([episodes[i] for i in stopping]), strict=True
-            ):
-                finals[i] = dict(episodes[i].components)
-                images[i] = image
-        going = [i for i, a in zip(active, actions, strict=True) if a == mdp.CONTINUE]
-        if going:
-            sampler.advance([episodes[i] for i in going])
-        refining = [i for i, a in zip(active, actions, strict=True) if a == mdp.REFINE]
-        if refining:
-            sampler.refine([episodes[i] for i in refining])
-        active = going + refining
+        out = sampler.apply(eps, actions)
+        for pos, image in zip(out.stopped, out.images, strict=True):
+            i = active[pos]
+            finals[i] = dict(episodes[i].components)
+            images[i] = image
+        active = [active[pos] for pos in out.moved]
     order = range(len(episodes))
     return episodes, [finals[i] for i in order], [images[i] for i in order], masked
 

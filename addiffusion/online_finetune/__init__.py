@@ -4,9 +4,10 @@ actor, and the fine-tuned actor's files (safetensors + hashed manifest).
 Public API (imported lazily, so ``addiffusion --help`` does not import SB3 or diffusers):
 ``OnlineFinetuneConfig`` (``.config``), ``SamplerVectorEnv`` (``.env``), ``Sb3VecEnv``
 (``.sb3_adapter``), ``finetune`` (``.finetune``), ``load_offline_networks``,
-``load_offline_actor`` (``.offline_init``), ``load_finetuned_policy``, ``FinetunedPolicy``,
-``build_maskable_ppo`` (``.ppo``), ``MlpActor``, ``ActorSpec``, ``mlp_actor_from_module``
-(``.actor``), ``read_dataset_mdp``, ``build_sampler`` (``.dataset_mdp``).
+``load_offline_actor``, ``check_action_table`` (``.offline_init``), ``load_finetuned_policy``,
+``FinetunedPolicy``, ``build_maskable_ppo`` (``.ppo``), ``MlpActor``, ``ActorSpec``,
+``mlp_actor_from_module`` (``.actor``), ``train_prompts`` (``.dataset_mdp``). The dataset's task
+and its sampler are :mod:`addiffusion.task`'s (``read_task``, ``task_sampler``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ _EXPORTS = {
     "MlpActor": "actor",
     "ActorSpec": "actor",
     "mlp_actor_from_module": "actor",
-    "read_dataset_mdp": "dataset_mdp",
-    "build_sampler": "dataset_mdp",
+    "check_action_table": "offline_init",
+    "train_prompts": "dataset_mdp",
 }
 __all__ = list(_EXPORTS)
 

@@ -3,7 +3,10 @@
 Architecture (the one d3rlpy's categorical policy has with its default vector encoder)::
 
     obs (B, D) float32 -> [standardise: (obs - mean) / std] -> Linear(D, h1) -> act -> ...
-        -> Linear(h_{n-1}, h_n) -> act -> Linear(h_n, 3) -> logits (B, 3)
+        -> Linear(h_{n-1}, h_n) -> act -> Linear(h_n, A) -> logits (B, A)
+
+with ``A`` the size of the dataset's action table (``ActionTable.n``; the head's width is read
+off the copied network, never assumed).
 
 The optional standardisation is d3rlpy's ``StandardObservationScaler`` (fixed mean/std of the
 offline training set). In MaskablePPO the standardisation is the (parameter-free) features
@@ -37,8 +40,9 @@ class ActorSpec:
 
     obs_dim: int
     hidden_sizes: tuple[int, ...]
+    n_actions: int
+    """Width of the logits head: the action table's ``n`` (1 for a state-value network)."""
     activation: str = "relu"
-    n_actions: int = 3
     standardize: bool = False
 
     def __post_init__(self) -> None:
@@ -46,8 +50,11 @@ class ActorSpec:
             raise ValueError(
                 f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
             )
-        if self.obs_dim < 1 or any(h < 1 for h in self.hidden_sizes):
-            raise ValueError(f"bad actor sizes: obs_dim={self.obs_dim}, hidden={self.hidden_sizes}")
+        if self.obs_dim < 1 or self.n_actions < 1 or any(h < 1 for h in self.hidden_sizes):
+            raise ValueError(
+                f"bad actor sizes: obs_dim={self.obs_dim}, hidden={self.hidden_sizes}, "
+                f"n_actions={self.n_actions}"
+            )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "hidden_sizes": list(self.hidden_sizes)}

@@ -1,8 +1,10 @@
 """A gymnasium vector env over the stepwise sampler: one sub-env = one batch element = one episode.
 
-Sub-envs sit at different denoising steps (the sampler keeps a scheduler per episode); each
-``step`` groups the sub-envs by action and makes at most one batched denoiser call per action
-(continue, refine) plus one for the episodes that start after a stop.
+Sub-envs sit at different grid points (the sampler keeps a scheduler per episode); each ``step``
+hands all sub-envs' actions to one :meth:`StepwiseSampler.apply` call (jumps and refines are
+evaluated in one batched denoiser call there, stops decode and end), plus one ``start`` for the
+episodes that begin after a stop. The actions are the sampler's :class:`ActionTable`
+(``sampler.table``); the env never dispatches on an action's kind itself.
 
 Autoreset is *same-step*: a sub-env whose episode ends in ``step`` (action stop) is restarted
 in the same call with the next prompt/seed; the returned observation is the new episode's first
@@ -11,7 +13,9 @@ finished episode's statistics in ``infos["episode"]`` (masked by ``infos["_episo
 the convention SB3 expects, so the SB3 adapter only reshapes infos.
 
 Rewards come from :mod:`addiffusion.rewards.reward` (the one reward definition), with the
-dataset's normalisation stats, so online returns are on the scale the offline critic learned.
+dataset's normalisation stats, so online returns are on the scale the offline critic learned: an
+action that moves (a jump or refine from point i to j) pays ``step_reward(Q_i, Q_j, NFE_j -
+NFE_i)``, stop pays ``stop_reward(Q_i)``.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
     """``num_envs`` denoising episodes side by side over one :class:`StepwiseSampler`.
 
     Observations: ``(num_envs, obs_dim)`` float32 (:func:`StepwiseSampler.observations`).
-    Actions: ``(num_envs,)`` int in {0 continue, 1 stop, 2 refine}; an action the mask forbids
-    raises ``ValueError`` (use :meth:`action_masks`). Rewards: ``(num_envs,)`` float32.
-    Episodes always end by stop (the mask allows only stop at ``n_max - 1``): ``terminations``
-    is set, ``truncations`` never is.
+    Actions: ``(num_envs,)`` ids of the sampler's action table (:attr:`table`, ``Discrete(table.n)``);
+    an action the mask forbids raises ``ValueError`` (use :meth:`action_masks`). Rewards:
+    ``(num_envs,)`` float32. Episodes always end by stop (the mask allows only stop at the last
+    grid point): ``terminations`` is set, ``truncations`` never is.
     """
 
     metadata: dict[str, Any] = {"autoreset_mode": "same-step"}
@@ -60,13 +64,14 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
                 f"produce (it produces: {', '.join(sampler.component_names)})"
             )
         self.sampler = sampler
+        self.table = sampler.table
         self.prompts = list(prompts)
         self.num_envs = num_envs
         self.rewards = rewards
         self.stats = stats
         dim = mdp.ObservationLayout(image_dim=sampler.scorer.dim, text_dim=sampler.scorer.dim).dim
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
-        self.single_action_space = gym.spaces.Discrete(mdp.N_ACTIONS)
+        self.single_action_space = gym.spaces.Discrete(self.table.n)
         self.observation_space = gym.vector.utils.batch_space(
             self.single_observation_space, num_envs
         )
@@ -125,7 +130,7 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         return obs, {}
 
     def action_masks(self) -> np.ndarray:
-        """``(num_envs, 3)`` bool: the legal actions of each sub-env now."""
+        """``(num_envs, table.n)`` bool: the legal actions of each sub-env now."""
         return self.sampler.action_masks(self.episodes)
 
     def step(
@@ -140,35 +145,33 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         if actions.shape != (n,):
             raise ValueError(f"expected {n} actions (one per sub-env), got shape {actions.shape}")
         masks = self.action_masks()
+        t = self.table
         for i, a in enumerate(actions):
-            if not (0 <= a < mdp.N_ACTIONS and masks[i, a]):
-                legal = [mdp.ACTION_NAMES[k] for k in np.flatnonzero(masks[i])]
+            if not (0 <= a < t.n and masks[i, a]):
+                legal = [t.names[k] for k in np.flatnonzero(masks[i])]
+                name = t.names[a] if 0 <= a < t.n else f"id {a}"
                 raise ValueError(
-                    f"sub-env {i} (step {self.episodes[i].step}): action {a} is not allowed by "
-                    f"the action mask; legal: {', '.join(legal)}"
+                    f"sub-env {i} (grid point {self.episodes[i].step}): action {name} is not "
+                    f"allowed by the action mask; legal: {', '.join(legal)}"
                 )
         rewards = np.zeros(n, np.float32)
         nfe_before = np.array([ep.nfe for ep in self.episodes])
 
-        # 1. continue / refine: batched over the sub-envs that chose them
-        for action, run in (
-            (mdp.CONTINUE, self.sampler.advance),
-            (mdp.REFINE, self.sampler.refine),
-        ):
-            idx = np.flatnonzero(actions == action)
-            if idx.size == 0:
-                continue
-            eps = [self.episodes[i] for i in idx]
-            run(eps)
+        # 1. one call for all sub-envs: jumps / refines move (one batched evaluation), stops end
+        applied = self.sampler.apply(self.episodes, actions)
+        moved = np.array(applied.moved, np.int64)
+        stopped = np.array(applied.stopped, np.int64)
+        if moved.size:
+            eps = [self.episodes[i] for i in moved]
             q_next = self._quality(eps)
-            delta_nfe = np.array([ep.nfe for ep in eps]) - nfe_before[idx]
+            delta_nfe = np.array([ep.nfe for ep in eps]) - nfe_before[moved]
             self.total_nfe += int(delta_nfe.sum())
-            rewards[idx] = step_reward(self._q[idx], q_next, delta_nfe, self.rewards)
-            self._q[idx] = q_next
+            rewards[moved] = step_reward(self._q[moved], q_next, delta_nfe, self.rewards)
+            self._q[moved] = q_next
 
-        # 2. stop: terminal bonus on the current x̂0, then same-step autoreset
-        done = actions == mdp.STOP
-        stopped = np.flatnonzero(done)
+        # 2. stop: terminal bonus on the decoded x̂0, then same-step autoreset
+        done = np.zeros(n, bool)
+        done[stopped] = True
         rewards[stopped] = stop_reward(self._q[stopped], self.rewards)
         self._ret += rewards
         self._len += 1
@@ -177,7 +180,6 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
             eps = [self.episodes[i] for i in stopped]
             final_obs = np.zeros((n, *self.single_observation_space.shape), np.float32)
             final_obs[stopped] = self.sampler.observations(eps)
-            self.sampler.stop(eps)
             infos["final_obs"], infos["_final_obs"] = final_obs, done.copy()
             infos["episode"] = {
                 "r": np.where(done, self._ret, 0.0).astype(np.float32),

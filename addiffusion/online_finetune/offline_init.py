@@ -5,6 +5,10 @@
 first layer; it is unfolded here (``W = W' * s``, ``b = b' + W' m``) so that PPO keeps optimising
 on standardised inputs, as IQL did, and its critic sees them too. Both copies are checked against
 the loaded d3rlpy modules before use.
+
+The offline run must have been trained on the dataset's action table: its manifest's
+``actions`` (``ActionTable.to_dict()``) must equal the table given, and the actor's head must have
+``table.n`` outputs (:func:`check_action_table`).
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from addiffusion.diffusion.actions import ActionTable
 from addiffusion.online_finetune.actor import MlpActor, mlp_actor_from_module
 
 
 @dataclass(frozen=True)
 class OfflineNetworks:
     actor: MlpActor
-    """obs (B, D) -> logits (B, 3): the IQL (or BC) policy."""
+    """obs (B, D) -> logits (B, table.n): the IQL (or BC) policy."""
     critic: MlpActor | None
     """obs (B, D) -> V(s) (B, 1): IQL's state-value network; None for BC (it has none)."""
 
@@ -43,12 +48,46 @@ def _check(name: str, ours: torch.Tensor, theirs: torch.Tensor, where: Path) -> 
         raise RuntimeError(f"the {name} copied from {where} differs from it by {err:.3g}")
 
 
-def load_offline_networks(offline_dir: Path) -> OfflineNetworks:
-    """Load ``offline_dir/policy.d3`` (hash-checked) and copy its actor and V network."""
+def check_action_table(manifest: dict, table: ActionTable, where: Path) -> None:
+    """Refuse an offline run whose actions are not ``table``'s.
+
+    ``manifest["actions"]`` (the run's action table) must equal ``table``; a manifest without it
+    (written before runs recorded their table) is accepted only when its ``action_size`` is
+    ``table.n``.
+    """
+    recorded = manifest.get("actions")
+    if recorded is not None:
+        theirs = ActionTable.from_dict(recorded, f"{where} 'actions'")
+        if theirs != table:
+            raise ValueError(
+                f"{where} was trained on another action table than the dataset's: actions "
+                f"{list(theirs.names)} (n_max {theirs.n_max}, warmup {theirs.warmup}, refine "
+                f"budget {theirs.refine_budget}, nfe {theirs.nfe_cost.tolist()}) vs the dataset's "
+                f"{list(table.names)} (n_max {table.n_max}, warmup {table.warmup}, refine budget "
+                f"{table.refine_budget}, nfe {table.nfe_cost.tolist()}); retrain offline on this "
+                "dataset"
+            )
+    size = manifest.get("action_size")
+    if size is not None and int(size) != table.n:
+        raise ValueError(
+            f"{where} records action_size {size}, but the dataset's action table has {table.n} "
+            f"actions ({list(table.names)}); retrain offline on this dataset"
+        )
+
+
+def load_offline_networks(offline_dir: Path, table: ActionTable | None = None) -> OfflineNetworks:
+    """Load ``offline_dir/policy.d3`` (hash-checked) and copy its actor and V network.
+
+    ``table``: the dataset's action table; the run's recorded table and the actor's head width
+    must match it (:func:`check_action_table`). ``None`` skips the check.
+    """
     from addiffusion.offline_rl.policy import actor_logits_module, load_policy
 
     offline_dir = Path(offline_dir)
-    policy = load_policy(offline_dir / "policy.d3", offline_dir / "manifest.json", device="cpu:0")
+    manifest_path = offline_dir / "manifest.json"
+    policy = load_policy(offline_dir / "policy.d3", manifest_path, device="cpu:0")
+    if table is not None:
+        check_action_table(policy.manifest, table, manifest_path)
     scaler = policy.algo.observation_scaler
     dim = policy.observation_dim
     if scaler is None:
@@ -66,6 +105,11 @@ def load_offline_networks(offline_dir: Path) -> OfflineNetworks:
     if mean is not None and scale is not None:
         _unfold_first_layer(mlp, mean, scale)
     actor = mlp_actor_from_module(mlp, mean, scale)
+    if table is not None and actor.spec.n_actions != table.n:
+        raise ValueError(
+            f"the actor in {offline_dir} has {actor.spec.n_actions} logits, but the dataset's "
+            f"action table has {table.n} actions ({list(table.names)})"
+        )
     with torch.no_grad():  # as log-probabilities: d3rlpy's Categorical may normalise its logits
         _check(
             "actor",
@@ -89,6 +133,6 @@ def load_offline_networks(offline_dir: Path) -> OfflineNetworks:
     return OfflineNetworks(actor.eval(), critic.eval() if critic is not None else None)
 
 
-def load_offline_actor(offline_dir: Path) -> MlpActor:
+def load_offline_actor(offline_dir: Path, table: ActionTable | None = None) -> MlpActor:
     """Just the actor of :func:`load_offline_networks`."""
-    return load_offline_networks(offline_dir).actor
+    return load_offline_networks(offline_dir, table).actor

@@ -5,7 +5,7 @@ list of info dicts)`` with the terminal observation in ``info["terminal_observat
 episode statistics in ``info["episode"]`` (read by ``ep_info_buffer``). Both envs autoreset in
 the same step, so only the infos change shape. MaskablePPO fetches masks with
 ``env_method("action_masks")`` (``sb3_contrib.common.maskable.utils.get_action_masks``), which
-expects one ``(3,)`` mask per sub-env.
+expects one ``(table.n,)`` mask per sub-env.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Sb3VecEnv(VecEnv):
     ) -> list[Any]:
         """Call a batched method of the vector env and split its result per sub-env.
 
-        ``env_method("action_masks")`` -> a list of ``(3,)`` bool masks, one per index.
+        ``env_method("action_masks")`` -> a list of ``(table.n,)`` bool masks, one per index.
         """
         result = getattr(self.env, method_name)(*method_args, **method_kwargs)
         if not (isinstance(result, np.ndarray) and result.shape[:1] == (self.num_envs,)):

@@ -18,8 +18,14 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from addiffusion.diffusion.backbone import _write_char_tokenizer, load_pipeline
-from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
+from addiffusion.diffusion.sampler import SamplerSettings, StepRecord, StepwiseSampler
 from addiffusion.rewards.clip import ClipScorer
+
+
+def act(sampler: StepwiseSampler, eps: list, name: str) -> StepRecord | None:
+    """Every episode of ``eps`` takes action ``name`` (one :meth:`StepwiseSampler.apply`)."""
+    return sampler.apply(eps, [sampler.table.id(name)] * len(eps)).record
+
 
 N = 3
 
@@ -149,7 +155,7 @@ def _check_against_call(pipe: object, sampler: StepwiseSampler) -> None:
         callback_on_step_end=keep,
     )
     for k in range(N - 1):
-        rec = sampler.advance(eps)
+        rec = act(sampler, eps, "jump-1")
         torch.testing.assert_close(eps[0].latents, seen[k], atol=1e-4, rtol=1e-4)
     assert rec.images.shape == (1, s.height, s.width, 3) and rec.nfe.tolist() == [N]
 
@@ -161,8 +167,8 @@ def test_sdxl_added_conditioning_and_refine(tmp_path: Path, tiny_clip: ClipScore
     assert sampler.family == "sdxl"
     _check_against_call(pipe, sampler)
     eps, _ = sampler.start(["a blue square"], [1])
-    sampler.advance(eps)
-    rec = sampler.refine(eps)
+    act(sampler, eps, "jump-1")
+    rec = act(sampler, eps, "refine")
     assert rec.nfe.tolist() == [2 + settings.refine_k + 1] and rec.masks.shape == (1, 16, 16)
 
 
@@ -178,8 +184,8 @@ def test_sd3_flow_matching(tmp_path: Path, tiny_clip: ClipScorer) -> None:
     eps, rec = sampler.start(["a blue square"], [1])
     # Flow sigma s = 1 at the first step: the VP-style sigma column is capped, not infinite.
     assert rec.sigma[0] > 1.0
-    sampler.advance(eps)
+    act(sampler, eps, "jump-1")
     masks = sampler.masks(eps)
     assert masks.shape == (1, 16, 16) and 0 <= masks.min() and masks.max() <= 1
-    rec = sampler.refine(eps)
+    rec = act(sampler, eps, "refine")
     assert rec.nfe.tolist() == [2 + settings.refine_k + 1] and rec.refines_used.tolist() == [1]

@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from addiffusion.diffusion import mdp
 from addiffusion.diffusion.attention import CaptureAttnProcessor, undergeneration_mask
 from addiffusion.diffusion.backbone import load_pipeline
-from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
+from addiffusion.diffusion.sampler import SamplerSettings, StepRecord, StepwiseSampler
 from addiffusion.rewards.clip import ClipScorer
+
+
+def act(sampler: StepwiseSampler, eps: list, name: str) -> StepRecord | None:
+    """Every episode of ``eps`` takes action ``name`` (one :meth:`StepwiseSampler.apply`)."""
+    return sampler.apply(eps, [sampler.table.id(name)] * len(eps)).record
+
 
 PROMPTS = ["a red circle left of a blue square", "two green triangles"]
 
@@ -37,7 +42,7 @@ def test_mask_shape_range_and_refine_keeps_background(
 ) -> None:
     sampler = _sampler(tiny_pipe_dir, tiny_clip, mask_blur_sigma=0.5)
     eps, _ = sampler.start(PROMPTS, [1, 2])
-    sampler.advance(eps)
+    act(sampler, eps, "jump-1")
     masks = sampler.masks(eps)
     assert masks.shape == (2, 16, 16) and masks.dtype == np.float32
     assert masks.min() >= 0.0 and masks.max() <= 1.0 and masks.max() > 0.0
@@ -50,8 +55,8 @@ def test_mask_shape_range_and_refine_keeps_background(
     masks = np.stack([half.numpy()] * 2)
     twins = sampler.fork(eps)
     nfe = [ep.nfe for ep in eps]
-    cont = sampler.advance(twins)
-    ref = sampler.refine(eps)
+    cont = act(sampler, twins, "jump-1")
+    ref = act(sampler, eps, "refine")
     # NFE: k re-denoise evaluations plus the evaluation at the next schedule point.
     assert ref.nfe.tolist() == [n + 2 + 1 for n in nfe] and cont.nfe.tolist() == [
         n + 1 for n in nfe
@@ -66,16 +71,16 @@ def test_mask_shape_range_and_refine_keeps_background(
     torch.testing.assert_close(a[outside], b[outside], atol=1e-5, rtol=0)
     assert (a[inside] - b[inside]).abs().max() > 1e-3  # the masked region was re-denoised
     # Budget spent: refine is masked off and refusing it is loud.
-    assert not sampler.action_masks(eps)[:, mdp.REFINE].any()
-    with pytest.raises(ValueError, match="cannot refine"):
-        sampler.refine(eps)
+    assert not sampler.action_masks(eps)[:, sampler.table.refine].any()
+    with pytest.raises(ValueError, match="cannot take refine"):
+        act(sampler, eps, "refine")
 
 
 def test_refine_is_illegal_during_warmup(tiny_pipe_dir: Path, tiny_clip: ClipScorer) -> None:
     sampler = _sampler(tiny_pipe_dir, tiny_clip)
     eps, _ = sampler.start(PROMPTS[:1], [3])
     with pytest.raises(ValueError, match="warmup 1"):
-        sampler.refine(eps)
+        act(sampler, eps, "refine")
 
 
 def test_undergeneration_mask_marks_where_neglected_tokens_live() -> None:
@@ -100,21 +105,22 @@ def test_undergeneration_mask_marks_where_neglected_tokens_live() -> None:
 def test_refine_batched_at_different_steps_equals_solo(
     tiny_pipe_dir: Path, tiny_clip: ClipScorer
 ) -> None:
+
     sampler = _sampler(tiny_pipe_dir, tiny_clip)
 
     def at_step(seed: int, steps: int) -> list:
         eps, _ = sampler.start(PROMPTS[:1], [seed])
         for _ in range(steps):
-            sampler.advance(eps)
+            act(sampler, eps, "jump-1")
         return eps
 
     solo = []
     for seed, steps in ((1, 1), (2, 2)):
         eps = at_step(seed, steps)
-        sampler.refine(eps)
+        act(sampler, eps, "refine")
         solo.append(eps[0].latents)
     a, b = at_step(1, 1), at_step(2, 2)
-    rec = sampler.refine([a[0], b[0]])
+    rec = act(sampler, [a[0], b[0]], "refine")
     assert rec.step.tolist() == [2, 3]
     torch.testing.assert_close(a[0].latents, solo[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b[0].latents, solo[1], atol=1e-5, rtol=1e-5)

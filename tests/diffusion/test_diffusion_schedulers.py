@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from addiffusion.diffusion.backbone import load_pipeline
-from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
+from addiffusion.diffusion.sampler import SamplerSettings, StepRecord, StepwiseSampler
 from addiffusion.rewards.clip import ClipScorer
+
+
+def act(sampler: StepwiseSampler, eps: list, name: str) -> StepRecord | None:
+    """Every episode of ``eps`` takes action ``name`` (one :meth:`StepwiseSampler.apply`)."""
+    return sampler.apply(eps, [sampler.table.id(name)] * len(eps)).record
+
 
 N = 4
 SETTINGS = SamplerSettings(n_max=N, warmup=1, guidance_scale=4.0, height=32, width=32)
@@ -42,7 +48,7 @@ def test_continue_matches_pipeline_call(
     sampler = StepwiseSampler(pipe, tiny_clip, SETTINGS)
     eps, rec = sampler.start(["a red circle"], [7])
     for k in range(N - 1):
-        sampler.advance(eps)
+        act(sampler, eps, "jump-1")
         torch.testing.assert_close(eps[0].latents, seen[k], atol=1e-4, rtol=1e-4)
     # x̂0 at the last schedule point is (close to) what the final solver step lands on.
     err = (eps[0].x0 - final).abs().max() / final.abs().max()
@@ -60,16 +66,16 @@ def test_batched_episodes_at_different_steps_match_solo_runs(
     for seed in (1, 2):
         eps, _ = sampler.start(["two green squares"], [seed])
         for _ in range(N - 1):
-            sampler.advance(eps)
+            act(sampler, eps, "jump-1")
         solo.append(eps[0].latents)
     # Episode 1 starts two steps later; subsets advance; multistep histories must not mix.
     a, _ = sampler.start(["two green squares"], [1])
-    sampler.advance(a)
-    sampler.advance(a)
+    act(sampler, a, "jump-1")
+    act(sampler, a, "jump-1")
     b, _ = sampler.start(["two green squares"], [2])
-    sampler.advance([a[0], b[0]])  # a at step 3 (last), b at step 1
-    sampler.advance(b)
-    sampler.advance(b)
+    act(sampler, [a[0], b[0]], "jump-1")  # a at step 3 (last), b at step 1
+    act(sampler, b, "jump-1")
+    act(sampler, b, "jump-1")
     torch.testing.assert_close(a[0].latents, solo[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b[0].latents, solo[1], atol=1e-5, rtol=1e-5)
 
@@ -77,6 +83,7 @@ def test_batched_episodes_at_different_steps_match_solo_runs(
 def test_reduced_x0_decode_keeps_final_image_full_size(
     tiny_pipe_dir: Path, tiny_clip: ClipScorer
 ) -> None:
+
     settings = SamplerSettings(n_max=2, warmup=1, height=32, width=32, x0_decode_scale=0.5)
     sampler = StepwiseSampler(load_pipeline(str(tiny_pipe_dir), "ddim", "cpu"), tiny_clip, settings)
     eps, rec = sampler.start(["a red circle"], [1])

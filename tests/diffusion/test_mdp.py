@@ -5,19 +5,6 @@ import numpy as np
 from addiffusion.diffusion import mdp
 
 
-def test_action_mask_warmup_last_step_and_budget() -> None:
-    steps = np.arange(5)
-    m = mdp.action_mask(steps, n_max=5, warmup=2, refines_used=0, refine_budget=1)
-    assert m.shape == (5, 3)
-    # warm-up: continue only
-    assert m[0].tolist() == [True, False, False] and m[1].tolist() == [True, False, False]
-    assert m[2].tolist() == [True, True, True]
-    # last step: stop only
-    assert m[4].tolist() == [False, True, False]
-    spent = mdp.action_mask(3, n_max=5, warmup=2, refines_used=1, refine_budget=1)
-    assert spent.tolist() == [True, True, False]
-
-
 def test_observation_layout_matches_builder() -> None:
     layout = mdp.ObservationLayout(image_dim=6, text_dim=4)
     n = 3

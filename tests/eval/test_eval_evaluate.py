@@ -14,7 +14,7 @@ from PIL import Image
 
 from addiffusion.cli import main
 from addiffusion.config import ConfigError
-from addiffusion.diffusion import mdp
+from addiffusion.diffusion.actions import ActionTable
 from addiffusion.diffusion.backbone import save_tiny_pipeline
 from addiffusion.eval.config import EvalConfig
 from addiffusion.eval.evaluate import evaluate
@@ -24,6 +24,7 @@ from addiffusion.rewards.config import RewardConfig
 
 N_MAX = 4
 WARMUP = 1
+TABLE = ActionTable.build([1, 2], N_MAX, WARMUP, 0, 2)
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +56,12 @@ def write_dataset(
             "warmup": WARMUP,
             "refine_budget": refine_budget,
             "refine_k": 2,
+            "strides": [1, 2],
             "guidance_scale": 5.0,
             "height": 32,
             "width": 32,
         },
+        "actions": ActionTable.build([1, 2], n_max, WARMUP, refine_budget, 2).to_dict(),
         "observation": {"image_dim": 32, "text_dim": 32, "time_dim": 16, "quality_dim": 5},
         "component_stats": {
             "clip_score": {"mean": 0.0, "std": 0.1},
@@ -89,6 +92,9 @@ def write_dataset(
 def _cfg(**kw: object) -> EvalConfig:
     base = dict(
         baseline_steps=[2, 4],
+        solvers=["ddim"],
+        best_of=[],
+        random_stride=False,
         stability_thresholds=[],
         clip_delta_thresholds=[],
         seeds_per_prompt=2,
@@ -104,14 +110,14 @@ class StopNow:
     """Ignores the mask: asks to stop at every step (evaluation must enforce the warm-up)."""
 
     def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return np.full(len(obs), mdp.STOP, np.int64)
+        return np.full(len(obs), TABLE.stop, np.int64)
 
 
 class Recorder:
     """StopAtStep that also records the masks it was shown."""
 
     def __init__(self, step: int) -> None:
-        self.inner = StopAtStep(step, N_MAX)
+        self.inner = StopAtStep(step, TABLE)
         self.masks: list[np.ndarray] = []
 
     def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -129,7 +135,7 @@ def dataset(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFac
 def result(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Recorder]:
     out = tmp_path_factory.mktemp("out")
     rec = Recorder(2)
-    policies = {"stop-at-2": rec, "stop-now": StopNow(), "stop-at-1": StopAtStep(1, N_MAX)}
+    policies = {"stop-at-2": rec, "stop-now": StopNow(), "stop-at-1": StopAtStep(1, TABLE)}
     metrics = evaluate(dataset, policies, _cfg(), RewardConfig(), out, progress=False)
     return metrics, out, rec
 
@@ -150,7 +156,8 @@ def test_stop_at_step_policy_nfe_and_masks(result: tuple[dict, Path, Recorder]) 
     assert metrics["stop-now"]["nfe"] == WARMUP + 1
     assert metrics["stop-now"]["masked_actions"] == 6
     first = rec.masks[0]
-    assert first.shape == (4, 3) and first.tolist() == [[True, False, False]] * 4
+    # Warm-up: jumps only (jump-1, jump-2, stop, refine).
+    assert first.shape == (4, TABLE.n) and first.tolist() == [[True, True, False, False]] * 4
     # The policy's NFE is closest to ddim-4's (3 vs 2 and 4: ties go to the stronger baseline).
     assert metrics["stop-at-2"]["vs"] == "ddim-4" and metrics["stop-at-2"]["nfe_diff"] == -1.0
     assert metrics["stop-now"]["vs"] == "ddim-2"
@@ -160,6 +167,10 @@ def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
     metrics, out, _ = result
     loaded = json.loads((out / "metrics.json").read_text())
     assert set(loaded) == set(metrics)
+    f = loaded["frontier"]
+    assert f["method"] in ("stop-at-2", "stop-now", "stop-at-1") and f["metric"] == "verifier"
+    assert [p["name"] for p in f["all_solvers"]][0] == "ddim-2"
+    assert f["line"].startswith(f"frontier: method={f['method']} nfe=")
     m = loaded["stop-at-2"]
     assert m["clip_score_ci_low"] <= m["clip_score_diff"] <= m["clip_score_ci_high"]
     assert set(m["by_category"]) == {"simple", "medium", "complex"}
@@ -167,7 +178,7 @@ def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
     assert "verifier_acc" in m["by_category"]["simple"] and "verifier_p" in m
     with (out / "pareto.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == list(metrics)
+    assert [r["method"] for r in rows] == [n for n in metrics if n != "frontier"]
     assert float(rows[0]["nfe"]) == 2.0 and rows[0]["kind"] == "baseline"
     assert all(0.0 <= float(r["verifier"]) <= 1.0 for r in rows)
     for png in ("pareto.png", "samples.png"):
@@ -179,7 +190,9 @@ def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
 def test_quality_uses_dataset_stats(result: tuple[dict, Path, Recorder]) -> None:
     metrics, _, _ = result
     # Default rewards: weight 1 on clip_score; the fake dataset's stats are mean 0, std 0.1.
-    for m in metrics.values():
+    for name, m in metrics.items():
+        if name == "frontier":
+            continue
         assert m["quality"] == pytest.approx(m["clip_score"] / 0.1, rel=1e-9)
 
 
@@ -187,7 +200,7 @@ def test_same_seed_same_metrics(
     dataset: Path, result: tuple[dict, Path, Recorder], tmp_path: Path
 ) -> None:
     first, out, _ = result
-    policies = {"stop-at-2": Recorder(2), "stop-now": StopNow(), "stop-at-1": StopAtStep(1, N_MAX)}
+    policies = {"stop-at-2": Recorder(2), "stop-now": StopNow(), "stop-at-1": StopAtStep(1, TABLE)}
     again = evaluate(dataset, policies, _cfg(), RewardConfig(), tmp_path / "again", False)
     assert again == first
     assert (tmp_path / "again" / "pareto.csv").read_text() == (out / "pareto.csv").read_text()
@@ -215,7 +228,8 @@ def test_config_errors_name_the_key() -> None:
 def test_cli_runs_from_params(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(
-        "eval:\n  baseline_steps: [3]\n  stability_thresholds: []\n  clip_delta_thresholds: []\n"
+        "eval:\n  baseline_steps: [3]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
+        "  stability_thresholds: []\n  clip_delta_thresholds: []\n"
         "  seeds_per_prompt: 1\n  n_prompts: 2\n  bootstrap_samples: 50\n  device: cpu\n"
         "rewards:\n  weights: {clip_score: 1.0, stability: 0.5}\n"
     )
@@ -223,7 +237,8 @@ def test_cli_runs_from_params(dataset: Path, tmp_path: Path, capsys: pytest.Capt
     argv = ["eval", "--dataset", str(dataset), "--out", str(out), "--params", str(params)]
     assert main([*argv, "--quiet", "--threads", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["ddim-3"] and metrics["ddim-3"]["n"] == 2
+    assert list(metrics) == ["ddim-3", "frontier"] and metrics["ddim-3"]["n"] == 2
+    assert "line" not in metrics["frontier"]  # no learned policy: no headline
     assert "ddim-3" in capsys.readouterr().out
     params.write_text("eval:\n  seeds_per_prompt: 0\n")
     assert main(argv) == 2
@@ -234,8 +249,9 @@ class RefineWhenLegal:
     """Refines whenever allowed, else continues, stopping only at the last step."""
 
     def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        legal_continue = np.where(mask[:, mdp.CONTINUE], mdp.CONTINUE, mdp.STOP)
-        return np.where(mask[:, mdp.REFINE], mdp.REFINE, legal_continue).astype(np.int64)
+        t = ActionTable.build([1, 2], N_MAX, WARMUP, 1, 2)
+        legal_continue = np.where(mask[:, t.jump(1)], t.jump(1), t.stop)
+        return np.where(mask[:, t.refine], t.refine, legal_continue).astype(np.int64)
 
 
 def test_refine_is_run_and_costs_k_more_nfe(tiny_models: tuple[Path, Path], tmp_path: Path) -> None:
@@ -286,7 +302,9 @@ def test_collect_build_eval_end_to_end(tiny_models: tuple[Path, Path], tmp_path:
     assert header == "method,kind,nfe,nfe_std,clip_score,quality"
 
 
-def test_cli_evaluates_real_offline_and_online_policies(dataset: Path, tmp_path: Path) -> None:
+def test_cli_evaluates_real_offline_and_online_policies(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Real (2-step) DiscreteIQL + DiscreteBC runs and a 1-iteration PPO fine-tune, loaded by the
     CLI from their output folders (sha256-checked) and run with masks."""
     from d3rlpy.constants import ActionSpace
@@ -303,11 +321,11 @@ def test_cli_evaluates_real_offline_and_online_policies(dataset: Path, tmp_path:
     terminals[3::4] = 1.0
     data = MDPDataset(
         rng.standard_normal((n, dim)).astype(np.float32),
-        rng.integers(0, 2, n),
+        rng.integers(0, TABLE.n, n),
         rng.standard_normal(n).astype(np.float32),
         terminals,
         action_space=ActionSpace.DISCRETE,
-        action_size=3,
+        action_size=TABLE.n,
     )
     offline = tmp_path / "offline"
     offline_cfg = OfflineRLConfig(
@@ -327,7 +345,8 @@ def test_cli_evaluates_real_offline_and_online_policies(dataset: Path, tmp_path:
 
     params = tmp_path / "params.yaml"
     params.write_text(
-        "eval:\n  baseline_steps: [2, 4]\n  stability_thresholds: []\n"
+        "eval:\n  baseline_steps: [2, 4]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
+        "  stability_thresholds: []\n"
         "  clip_delta_thresholds: []\n  seeds_per_prompt: 1\n  bootstrap_samples: 50\n"
         "  device: cpu\n"
     )
@@ -335,7 +354,9 @@ def test_cli_evaluates_real_offline_and_online_policies(dataset: Path, tmp_path:
     argv = ["eval", "--dataset", str(dataset), "--offline", str(offline), "--online", str(online)]
     assert main([*argv, "--out", str(out), "--params", str(params), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["ddim-2", "ddim-4", "iql", "bc", "ppo"]
+    assert list(metrics) == ["ddim-2", "ddim-4", "iql", "bc", "ppo", "frontier"]
+    assert metrics["frontier"]["method"] in ("iql", "bc", "ppo")
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("frontier: method=")
     for name in ("iql", "bc", "ppo"):
         m = metrics[name]
         assert m["kind"] == "policy" and m["masked_actions"] == 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from addiffusion.diffusion import mdp
+from addiffusion.diffusion.actions import ActionTable
 from addiffusion.eval.metrics import closest_baseline, compare, paired_bootstrap, summarize
 from addiffusion.eval.policies import ClipDeltaStop, StabilityStop, StopAtStep
 from addiffusion.eval.rollout import _legal
@@ -29,20 +30,22 @@ def _obs(clip_delta: list[float], stability: list[float], nfe: list[int], n_max:
 
 def test_heuristics_read_the_observation_and_respect_masks() -> None:
     obs = _obs([0.5, 0.0, 0.0, 0.5], [0.99, 0.5, 0.99, 0.2], [2, 2, 1, 4], n_max=4)
-    mask = mdp.action_mask(
-        np.array([1, 1, 0, 3]), n_max=4, warmup=1, refines_used=0, refine_budget=0
-    )
-    # Row 2 is in warm-up (stop illegal), row 3 at the last step (only stop legal).
-    assert StabilityStop(0.95).act(obs, mask).tolist() == [1, 0, 0, 1]
-    assert ClipDeltaStop(0.1).act(obs, mask).tolist() == [0, 1, 0, 1]
-    assert StopAtStep(1, n_max=4).act(obs, mask).tolist() == [1, 1, 0, 1]
+    t = ActionTable.build([1, 2], n_max=4, warmup=1, refine_budget=0, refine_k=2)
+    mask = t.mask(np.array([1, 1, 0, 3]), 0)
+    s, j = t.stop, t.jump(1)
+    # Row 2 is in warm-up (stop illegal), row 3 at the last point (only stop legal).
+    assert StabilityStop(0.95, t).act(obs, mask).tolist() == [s, j, j, s]
+    assert ClipDeltaStop(0.1, t).act(obs, mask).tolist() == [j, s, j, s]
+    assert StopAtStep(1, t).act(obs, mask).tolist() == [s, s, j, s]
 
 
 def test_illegal_actions_are_replaced_and_counted() -> None:
+    # One stride: ids jump-1 0, stop 1, refine 2.
+    t = ActionTable.build([1], n_max=4, warmup=1, refine_budget=0, refine_k=2)
     mask = np.array([[True, False, False], [False, True, False], [True, True, False]])
-    actions, n_bad = _legal(np.array([1, 0, 2]), mask)
+    actions, n_bad = _legal(np.array([1, 0, 2]), mask, t)
     assert actions.tolist() == [0, 1, 0] and n_bad == 3
-    actions, n_bad = _legal(np.array([0, 1, 1]), mask)
+    actions, n_bad = _legal(np.array([0, 1, 1]), mask, t)
     assert actions.tolist() == [0, 1, 1] and n_bad == 0
 
 
