@@ -173,7 +173,7 @@ class Behaviour:
     def root_action(self, legal: np.ndarray) -> tuple[int, float]:
         """(action, behaviour probability) of the root at a point with legal actions ``legal``."""
         t = self.table
-        if not legal[t.jumps].any():
+        if not legal[list(t.jumps)].any():
             return t.stop, 1.0
         if self.const is not None:
             return self.const, 1.0
@@ -265,7 +265,7 @@ def run_with_branches(
         out = sampler.apply(eps, [a for _, _, a, _ in chunk])
 
         def random_then_stop(legal: np.ndarray, b: int) -> tuple[int, float]:
-            if not legal[table.jumps].any():
+            if not legal[list(table.jumps)].any():
                 return table.stop, 1.0
             return policies[b].random_jump()
 

@@ -3,7 +3,8 @@
 Saved actor (no pickle anywhere)::
 
     <out>/actor.safetensors   MlpActor state dict (float32)
-    <out>/manifest.json       format, version, ActorSpec, sha256 of actor.safetensors
+    <out>/manifest.json       format, version, ActorSpec, the action table
+                              (``ActionTable.to_dict()``), sha256 of actor.safetensors
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from addiffusion.datasets.store import sha256_file
+from addiffusion.diffusion.actions import ActionTable
 from addiffusion.online_finetune.actor import (
     ACTIVATIONS,
     ActorSpec,
@@ -29,7 +31,8 @@ from addiffusion.online_finetune.actor import (
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
 
 MANIFEST_FORMAT = "addiffusion-mlp-actor"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: the manifest records the action table (``actions``); 1 had a fixed 3-action map."""
 WEIGHTS_FILE = "actor.safetensors"
 
 
@@ -63,6 +66,12 @@ def build_maskable_ppo(
     orthogonal init.
     """
     spec = actor.spec
+    n_actions = int(getattr(venv.action_space, "n", -1))
+    if spec.n_actions != n_actions:
+        raise ValueError(
+            f"the actor has {spec.n_actions} logits, the env's action space has {n_actions} "
+            "actions: the offline policy was trained on another action table"
+        )
     vf_hidden = spec.hidden_sizes
     if critic is not None:
         c = critic.spec
@@ -120,7 +129,7 @@ def build_maskable_ppo(
 
 
 def policy_logits(model: MaskablePPO, obs: torch.Tensor) -> torch.Tensor:
-    """Unmasked logits of the PPO policy: ``(B, D) -> (B, 3)``."""
+    """Unmasked logits of the PPO policy: ``(B, D) -> (B, table.n)``."""
     policy = model.policy
     features = policy.extract_features(obs.to(policy.device), policy.pi_features_extractor)
     return policy.action_net(policy.mlp_extractor.forward_actor(features))
@@ -140,8 +149,17 @@ def actor_from_ppo(model: MaskablePPO, spec: ActorSpec) -> MlpActor:
     return actor.eval()
 
 
-def save_actor(actor: MlpActor, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``actor.safetensors`` + ``manifest.json``; returns the manifest path."""
+def save_actor(
+    actor: MlpActor, table: ActionTable, out_dir: Path, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``actor.safetensors`` + ``manifest.json`` (with ``table``, the actions the actor's
+    logits are over); returns the manifest path."""
+    if actor.spec.n_actions != table.n:
+        raise ValueError(
+            f"the actor has {actor.spec.n_actions} logits but the action table {table.n} actions "
+            f"({list(table.names)})"
+        )
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in actor.state_dict().items()}, weights)
@@ -150,7 +168,8 @@ def save_actor(actor: MlpActor, out_dir: Path, extra: dict[str, Any] | None = No
         "version": MANIFEST_VERSION,
         "architecture": actor.spec.to_dict(),
         "obs_dim": actor.spec.obs_dim,
-        "action_map": {"continue": 0, "stop": 1, "refine": 2},
+        "action_size": table.n,
+        "actions": table.to_dict(),
         "weights": WEIGHTS_FILE,
         "sha256": sha256_file(weights),
         **(extra or {}),
@@ -161,16 +180,23 @@ def save_actor(actor: MlpActor, out_dir: Path, extra: dict[str, Any] | None = No
 
 
 class FinetunedPolicy:
-    """The fine-tuned actor for evaluation: greedy (or sampled) masked actions."""
+    """The fine-tuned actor for evaluation: greedy (or sampled) masked actions over
+    :attr:`table` (the action table it was trained on; ``action_size == table.n``)."""
 
-    def __init__(self, actor: MlpActor, manifest: dict[str, Any]) -> None:
+    def __init__(self, actor: MlpActor, manifest: dict[str, Any], table: ActionTable) -> None:
+        if actor.spec.n_actions != table.n:
+            raise ValueError(
+                f"the actor has {actor.spec.n_actions} logits but its action table {table.n}"
+            )
         self.actor = actor.eval()
         self.manifest = manifest
+        self.table = table
+        self.action_size = table.n
         self.obs_dim = actor.spec.obs_dim
 
     @torch.no_grad()
     def logits(self, obs: np.ndarray) -> np.ndarray:
-        """``obs (B, D) float32 -> (B, 3)`` float32 unmasked logits."""
+        """``obs (B, D) float32 -> (B, table.n)`` float32 unmasked logits."""
         obs = np.asarray(obs, dtype=np.float32)
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
             raise ValueError(f"expected observations of shape (B, {self.obs_dim}), got {obs.shape}")
@@ -179,7 +205,8 @@ class FinetunedPolicy:
     def act(
         self, obs: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
     ) -> np.ndarray:
-        """``obs (B, D) float32, mask (B, 3) bool -> (B,) int64`` actions, never a masked one.
+        """``obs (B, D) float32, mask (B, table.n) bool -> (B,) int64`` action ids, never a
+        masked one.
 
         Greedy (argmax of the masked logits) unless ``rng`` is given, then sampled.
         """
@@ -217,6 +244,7 @@ def load_finetuned_policy(out_dir: Path) -> FinetunedPolicy:
             f"{weights}: sha256 {digest} does not match {path} ({manifest['sha256']}); "
             "the file was changed after the run wrote it"
         )
+    table = ActionTable.from_dict(manifest.get("actions"), f"{path} 'actions'")
     actor = MlpActor(ActorSpec.from_dict(manifest["architecture"]))
     actor.load_state_dict(load_file(weights))
-    return FinetunedPolicy(actor, manifest)
+    return FinetunedPolicy(actor, manifest, table)

@@ -89,3 +89,43 @@ def test_reduced_x0_decode_keeps_final_image_full_size(
     eps, rec = sampler.start(["a red circle"], [1])
     assert rec.images.shape == (1, 16, 16, 3)
     assert sampler.stop(eps).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++"])
+@pytest.mark.parametrize("stride", [2, 4])
+def test_constant_stride_through_apply_matches_the_shorter_pipeline(
+    scheduler: str, stride: int, tiny_pipe_dir: Path, tiny_clip: ClipScorer
+) -> None:
+    """jump-s from point 0 on an 8-point trailing grid visits the stock 8/s-step schedule's
+    timesteps and latents (the policy's path to a fixed schedule)."""
+    n = 8
+    pipe = load_pipeline(str(tiny_pipe_dir), scheduler, "cpu")
+    pipe.scheduler = type(pipe.scheduler).from_config(
+        pipe.scheduler.config, timestep_spacing="trailing"
+    )
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(3))
+    seen: list[torch.Tensor] = []
+
+    def keep(p: object, i: int, t: object, kw: dict) -> dict:
+        seen.append(kw["latents"].clone())
+        return kw
+
+    pipe(
+        "a red circle",
+        num_inference_steps=n // stride,
+        guidance_scale=4.0,
+        height=32,
+        width=32,
+        latents=noise.clone(),
+        output_type="latent",
+        callback_on_step_end=keep,
+    )
+    settings = SamplerSettings(
+        n_max=n, strides=(1, 2, 4), warmup=1, guidance_scale=4.0, height=32, width=32
+    )
+    sampler = StepwiseSampler(pipe, tiny_clip, settings)
+    eps, rec = sampler.start(["a red circle"], [3])
+    for k in range(n // stride - 1):
+        rec = act(sampler, eps, f"jump-{stride}")
+        assert eps[0].step == (k + 1) * stride and eps[0].nfe == k + 2
+        torch.testing.assert_close(eps[0].latents, seen[k], atol=1e-4, rtol=1e-4)
