@@ -297,3 +297,25 @@ def test_half_precision_input_keeps_dtype(case: str, sd_pipe: StableDiffusionPip
     x = _noise().half()
     out = solver_step(sched, SolverHistory(), x, torch.zeros_like(x), 0, 4)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("stride", [3, 4])
+@pytest.mark.parametrize("case", ["dpm++2m", "dpm++2m-heun"])
+def test_dpm_second_order_at_stride_above_one(
+    case: str, stride: int, sd_pipe: StableDiffusionPipeline
+) -> None:
+    """On a 12-point grid, strides 3 and 4 take second-order steps of size > 1 before the final
+    (first-order) one; the trailing 4- and 3-step schedules are sub-grids of it."""
+    cls, kwargs = VP_CASES[case]
+    sd_pipe.scheduler = _scheduler(sd_pipe, cls, **kwargs)
+    fine, coarse = _fine(sd_pipe.scheduler, 12), _fine(sd_pipe.scheduler, 12 // stride)
+    assert torch.equal(fine.timesteps[::stride], coarse.timesteps)
+    mine = _run_path(sd_pipe, _sd_guided, list(range(0, 13, stride)), n=12)
+    stock = sd_pipe(
+        PROMPT,
+        num_inference_steps=12 // stride,
+        guidance_scale=GUIDANCE,
+        latents=_noise(),
+        output_type="latent",
+    ).images
+    _assert_close(mine, stock, f"{case} n_max 12 stride {stride}")
