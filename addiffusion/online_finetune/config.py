@@ -31,7 +31,8 @@ class OnlineFinetuneConfig(StageConfig):
     n_epochs: int = 4
     """Passes over each rollout."""
     gamma: float = 1.0
-    """Discount. Episodes are short (<= n_max decisions) and the reward telescopes, so 1.0
+    """Discount. Episodes are short (< n_max decisions, fewer with long jumps) and the reward
+    telescopes, so 1.0
     keeps the return equal to the offline definition (Q_stop - Q_0 - c_nfe * NFE + bonus)."""
     gae_lambda: float = 0.95
     clip_range: float = 0.2

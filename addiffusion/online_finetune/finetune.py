@@ -17,6 +17,7 @@ MDP.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -29,12 +30,13 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
-from addiffusion.online_finetune.dataset_mdp import build_sampler, read_dataset_mdp
+from addiffusion.online_finetune.dataset_mdp import train_prompts
 from addiffusion.online_finetune.env import SamplerVectorEnv
 from addiffusion.online_finetune.offline_init import load_offline_networks
 from addiffusion.online_finetune.ppo import actor_from_ppo, build_maskable_ppo, save_actor
 from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
 from addiffusion.rewards.config import RewardConfig
+from addiffusion.task import read_task, task_sampler
 
 SB3_TO_CLEANRL = {
     "train/approx_kl": "losses/approx_kl",
@@ -94,23 +96,32 @@ def finetune(
     """
     tic = time.perf_counter()
     out_dir = Path(out_dir)
-    mdp = read_dataset_mdp(Path(dataset_dir))
-    if rewards.normalize and not mdp.component_stats:
+    dataset_dir = Path(dataset_dir)
+    task = read_task(dataset_dir)
+    info_path = dataset_dir / "meta" / "info.json"
+    if rewards.normalize and not task.component_stats:
         raise ValueError(
-            f"rewards.normalize is true but {mdp.dataset_dir / 'meta' / 'info.json'} records no "
-            "component stats; rebuild the dataset or set rewards.normalize: false"
+            f"rewards.normalize is true but {info_path} records no component stats; rebuild the "
+            "dataset or set rewards.normalize: false"
         )
-    offline = load_offline_networks(Path(offline_dir))
+    prompts = train_prompts(dataset_dir)
+    offline = load_offline_networks(Path(offline_dir), task.actions)
     actor = offline.actor
     critic = offline.critic if cfg.init_critic else None
     torch.manual_seed(cfg.seed)
-    sampler = build_sampler(mdp, cfg.device)
-    env = SamplerVectorEnv(
-        sampler, mdp.train_prompts, cfg.n_envs, rewards, mdp.component_stats, seed=cfg.seed
-    )
-    if mdp.obs_dim is not None and mdp.obs_dim != env.single_observation_space.shape[0]:
+    sampler = task_sampler(task, cfg.device)
+    if sampler.table != task.actions:
         raise ValueError(
-            f"the dataset's observations have dim {mdp.obs_dim}, this sampler's "
+            f"the sampler built from {info_path} offers actions {list(sampler.table.names)}, but "
+            f"the dataset records {list(task.actions.names)} (a scheduler without variable-stride "
+            "steps offers only jump-1): the live MDP would not be the dataset's"
+        )
+    env = SamplerVectorEnv(
+        sampler, prompts, cfg.n_envs, rewards, task.component_stats, seed=cfg.seed
+    )
+    if task.obs_dim is not None and task.obs_dim != env.single_observation_space.shape[0]:
+        raise ValueError(
+            f"the dataset's observations have dim {task.obs_dim}, this sampler's "
             f"{env.single_observation_space.shape[0]}"
         )
     model = build_maskable_ppo(Sb3VecEnv(env), actor, cfg, sampler.device, critic=critic)
@@ -147,15 +158,16 @@ def finetune(
     final = actor_from_ppo(model, actor.spec)
     save_actor(
         final,
+        task.actions,
         out_dir,
         extra={
             "source": {
-                "dataset": str(mdp.dataset_dir),
+                "dataset": str(dataset_dir),
                 "offline": str(offline_dir),
-                "backbone": mdp.backbone,
-                "scheduler": mdp.scheduler,
-                "scorer": mdp.scorer,
-                "sampler": {k: getattr(mdp.settings, k) for k in mdp.settings.__dataclass_fields__},
+                "backbone": task.backbone,
+                "scheduler": task.scheduler,
+                "scorer": task.scorer,
+                "sampler": dataclasses.asdict(task.settings),
             },
             "config": cfg.to_dict(),
             "rewards": rewards.to_dict(),

@@ -1,5 +1,6 @@
 """Shared tiny fixtures: the tiny SD pipeline + tiny CLIP (built once per session), a sampler over
-them, and a minimal built-dataset folder (meta/info.json + episodes table) pointing at them."""
+them (DDIM, strides 1/2/4, so its action table has jumps of several strides), and a minimal
+built-dataset folder (meta/info.json with that action table + episodes table) pointing at them."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from online_finetune_consts import N_MAX, PROMPTS, STATS, WARMUP
+from online_finetune_consts import N_MAX, PROMPTS, STATS, STRIDES, WARMUP
 
+from addiffusion.diffusion.actions import ActionTable
 from addiffusion.diffusion.backbone import load_pipeline, save_tiny_pipeline
 from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
 from addiffusion.rewards.clip import ClipScorer, save_tiny_clip
@@ -29,7 +31,9 @@ def sampler(tiny_models: tuple[Path, Path]) -> StepwiseSampler:
     pipe_dir, clip_dir = tiny_models
     pipe = load_pipeline(str(pipe_dir), "ddim", "cpu")
     return StepwiseSampler(
-        pipe, ClipScorer(str(clip_dir)), SamplerSettings(n_max=N_MAX, warmup=WARMUP)
+        pipe,
+        ClipScorer(str(clip_dir)),
+        SamplerSettings(n_max=N_MAX, warmup=WARMUP, strides=STRIDES),
     )
 
 
@@ -39,12 +43,23 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Pa
     pipe_dir, clip_dir = tiny_models
     root = tmp_path_factory.mktemp("dataset")
     (root / "meta").mkdir()
+    settings = SamplerSettings(n_max=N_MAX, warmup=WARMUP, strides=STRIDES, height=32)
+    table = ActionTable.build(
+        settings.strides, N_MAX, WARMUP, settings.refine_budget, settings.refine_k
+    )
     info = {
         "backbone": str(pipe_dir),
         "scheduler": "ddim",
         "scorer": str(clip_dir),
         "components": ["clip_score", "stability"],
-        "sampler": {"n_max": N_MAX, "warmup": WARMUP, "refine_budget": 0, "height": 32},
+        "sampler": {
+            "n_max": N_MAX,
+            "warmup": WARMUP,
+            "strides": list(STRIDES),
+            "refine_budget": 0,
+            "height": 32,
+        },
+        "actions": table.to_dict(),
         "component_stats": STATS,
         "observation": {
             "image_dim": 32,

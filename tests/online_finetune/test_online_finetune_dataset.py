@@ -1,37 +1,28 @@
-"""Reading the MDP (models, sampler settings, stats, train prompts) back from a built dataset."""
+"""What online fine-tuning reads from a built dataset: its task (addiffusion.task) and train
+prompts; the dataset's action table is the one the live sampler builds."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
-from online_finetune_consts import N_MAX, PROMPTS, STATS, WARMUP
+from online_finetune_consts import N_MAX, PROMPTS, STATS, STRIDES, WARMUP
 
-from addiffusion.online_finetune.dataset_mdp import read_dataset_mdp
+from addiffusion.online_finetune.dataset_mdp import train_prompts
+from addiffusion.task import read_task
 
 
-def test_reads_the_dataset_mdp(tiny_dataset: Path) -> None:
-    mdp = read_dataset_mdp(tiny_dataset)
-    assert mdp.scheduler == "ddim" and mdp.components == ("clip_score", "stability")
-    assert (mdp.settings.n_max, mdp.settings.warmup, mdp.settings.height) == (N_MAX, WARMUP, 32)
-    assert mdp.component_stats == STATS and mdp.obs_dim == 85
+def test_task_and_train_prompts(tiny_dataset: Path, sampler) -> None:
+    task = read_task(tiny_dataset)
+    assert task.scheduler == "ddim" and task.components == ("clip_score", "stability")
+    assert (task.settings.n_max, task.settings.warmup, task.settings.height) == (N_MAX, WARMUP, 32)
+    assert task.settings.strides == STRIDES
+    assert task.component_stats == STATS and task.obs_dim == 85
+    assert task.actions == sampler.table  # the env's MDP is the dataset's
     # train split only, distinct, in prompt-id order
-    assert mdp.train_prompts == (PROMPTS[0], PROMPTS[1], PROMPTS[2])
+    assert train_prompts(tiny_dataset) == (PROMPTS[0], PROMPTS[1], PROMPTS[2])
 
 
-def test_bad_datasets_are_named(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_not_a_dataset_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a built dataset"):
-        read_dataset_mdp(tmp_path)
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_dataset, bad)
-    info = json.loads((bad / "meta" / "info.json").read_text())
-    info["sampler"]["teleport"] = 1
-    (bad / "meta" / "info.json").write_text(json.dumps(info))
-    with pytest.raises(ValueError, match="sampler setting 'teleport' is unknown"):
-        read_dataset_mdp(bad)
-    del info["sampler"]
-    (bad / "meta" / "info.json").write_text(json.dumps(info))
-    with pytest.raises(KeyError, match="no 'sampler' entry"):
-        read_dataset_mdp(bad)
+        train_prompts(tmp_path)

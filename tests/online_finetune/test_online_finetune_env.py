@@ -1,13 +1,13 @@
-"""The vector env over the stepwise sampler and its SB3 adapter (tiny models, n_max = 4)."""
+"""The vector env over the stepwise sampler and its SB3 adapter (tiny models, n_max = 6, jump
+strides 1/2/4: the action table is jump-1, jump-2, jump-4, stop, refine)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from online_finetune_consts import N_MAX, PROMPTS, STATS
+from online_finetune_consts import N_MAX, PROMPTS, STATS, STRIDES, WARMUP
 from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
 
-from addiffusion.diffusion import mdp
 from addiffusion.online_finetune.env import SamplerVectorEnv
 from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
 from addiffusion.rewards.config import RewardConfig
@@ -20,18 +20,31 @@ def make_env(sampler, n: int = 2, seed: int = 0) -> SamplerVectorEnv:
     return SamplerVectorEnv(sampler, PROMPTS, n, REWARDS, STATS, seed=seed)
 
 
+def q_of(env: SamplerVectorEnv) -> np.ndarray:
+    return quality({k: [ep.components[k] for ep in env.episodes] for k in STATS}, REWARDS, STATS)
+
+
+def only(table, *ids: int) -> list[bool]:
+    return [j in ids for j in range(table.n)]
+
+
 def test_spaces_reset_and_masks(sampler) -> None:
     env = make_env(sampler)
+    t = env.table
+    assert t is sampler.table and t.strides == STRIDES
     dim = env.single_observation_space.shape[0]
     assert env.observation_space.shape == (2, dim)
-    assert env.action_space.shape == (2,) and env.single_action_space.n == 3
+    assert env.action_space.shape == (2,) and env.single_action_space.n == t.n
     obs, info = env.reset(seed=0)
     assert obs.shape == (2, dim) and obs.dtype == np.float32 and info == {}
     assert env.observation_space.contains(obs)
-    # step 0 is warm-up: only continue
-    np.testing.assert_array_equal(env.action_masks(), [[True, False, False]] * 2)
-    with pytest.raises(ValueError, match="sub-env 1 .*not allowed by the action mask"):
-        env.step(np.array([mdp.CONTINUE, mdp.STOP]))
+    # point 0 is warm-up: jumps only (no stop, no refine)
+    assert WARMUP == 1
+    np.testing.assert_array_equal(env.action_masks(), [only(t, *t.jumps)] * 2)
+    with pytest.raises(ValueError, match="sub-env 1 .*action stop is not allowed.*legal: jump-1"):
+        env.step(np.array([t.jump(1), t.stop]))
+    with pytest.raises(ValueError, match="id 99 is not allowed"):
+        env.step(np.array([t.jump(1), 99]))
     with pytest.raises(ValueError, match="expected 2 actions"):
         env.step(np.array([0, 0, 0]))
 
@@ -52,42 +65,86 @@ def test_same_seed_same_episodes(sampler) -> None:
     assert not np.array_equal(a, c)
 
 
-def test_nfe_rewards_and_autoreset(sampler) -> None:
-    """Sub-env 0 stops at step 1, sub-env 1 runs to the forced stop at n_max - 1: they sit at
-    different steps in the same batch; NFE of an episode stopping at step i is i + 1."""
+def test_one_apply_call_per_step(sampler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All sub-envs' actions (different kinds) go to the sampler in one ``apply`` call."""
+    env = make_env(sampler, n=3)
+    t = env.table
+    env.reset(seed=0)
+    env.step(np.array([t.jump(1)] * 3))  # past warm-up
+    calls = []
+    real = sampler.apply
+
+    def spy(episodes, actions):
+        calls.append(np.asarray(actions).tolist())
+        return real(episodes, actions)
+
+    monkeypatch.setattr(sampler, "apply", spy)
+    env.step(np.array([t.jump(4), t.stop, t.jump(2)]))
+    assert calls == [[t.jump(4), t.stop, t.jump(2)]]
+
+
+def test_jump_of_stride_4_moves_4_points_for_1_nfe(sampler) -> None:
+    """jump-4 and jump-1 side by side in one step; the reward charges the 1 NFE of the jump."""
     env = make_env(sampler)
+    t = env.table
+    env.reset(seed=0)
+    q0 = q_of(env)
+    assert [(ep.step, ep.nfe) for ep in env.episodes] == [(0, 1), (0, 1)]
+    _, r, term, _, _ = env.step(np.array([t.jump(4), t.jump(1)]))
+    assert [(ep.step, ep.nfe) for ep in env.episodes] == [(4, 2), (1, 2)]
+    assert not term.any()
+    np.testing.assert_allclose(r, q_of(env) - q0 - REWARDS.c_nfe, rtol=1e-5, atol=1e-6)
+    # a stride past the grid's end lands on its last point, which allows only stop
+    q4 = q_of(env)
+    _, r, _, _, _ = env.step(np.array([t.jump(4), t.jump(2)]))
+    assert [(ep.step, ep.nfe) for ep in env.episodes] == [(N_MAX - 1, 3), (3, 3)]
+    np.testing.assert_allclose(r, q_of(env) - q4 - REWARDS.c_nfe, rtol=1e-5, atol=1e-6)
+    masks = env.action_masks()
+    np.testing.assert_array_equal(masks[0], only(t, t.stop))
+    np.testing.assert_array_equal(masks[1], only(t, *t.jumps, t.stop))  # no refine budget
+    with pytest.raises(ValueError, match="sub-env 0 .*jump-1 is not allowed.*legal: stop$"):
+        env.step(np.array([t.jump(1), t.jump(1)]))
+
+
+def test_nfe_rewards_and_autoreset(sampler) -> None:
+    """Sub-env 0 stops at point 1, sub-env 1 runs jump-1 to the forced stop at n_max - 1: they sit
+    at different points in the same batch; NFE of a stride-1 episode stopping at i is i + 1."""
+    env = make_env(sampler)
+    t = env.table
+    one = t.jump(1)
     env.reset(seed=0)
     ep_returns = np.zeros(2)
-    q0 = quality({k: [ep.components[k] for ep in env.episodes] for k in STATS}, REWARDS, STATS)
+    q0 = q_of(env)
 
-    obs, r, term, trunc, info = env.step(np.array([mdp.CONTINUE, mdp.CONTINUE]))
+    obs, r, term, trunc, info = env.step(np.array([one, one]))
     assert [ep.step for ep in env.episodes] == [1, 1] and not term.any() and info == {}
-    q1 = quality({k: [ep.components[k] for ep in env.episodes] for k in STATS}, REWARDS, STATS)
+    q1 = q_of(env)
     np.testing.assert_allclose(r, q1 - q0 - REWARDS.c_nfe, rtol=1e-5, atol=1e-6)
     ep_returns += r
     stopped = env.episodes[0]
 
-    obs, r, term, trunc, info = env.step(np.array([mdp.STOP, mdp.CONTINUE]))
+    obs, r, term, trunc, info = env.step(np.array([t.stop, one]))
     np.testing.assert_array_equal(term, [True, False])
     assert not trunc.any()
     np.testing.assert_allclose(r[0], REWARDS.terminal_bonus * q1[0], rtol=1e-5)
     ep_returns += r
-    assert stopped.done and stopped.nfe == 2  # stopped at step 1 -> 2 NFE
+    assert stopped.done and stopped.nfe == 2  # stopped at point 1 -> 2 NFE
     np.testing.assert_array_equal(info["_episode"], [True, False])
     assert info["episode"]["nfe"][0] == 2 and info["episode"]["l"][0] == 2
     np.testing.assert_allclose(info["episode"]["r"][0], ep_returns[0], rtol=1e-5)
-    # same-step autoreset: a new episode at step 0, the terminal observation in the infos
+    # same-step autoreset: a new episode at point 0, the terminal observation in the infos
     assert env.episodes[0] is not stopped and env.episodes[0].step == 0
     assert info["_final_obs"][0] and not info["_final_obs"][1]
     assert info["final_obs"][0][-2] == pytest.approx(2 / N_MAX)  # nfe_frac of the stopped one
     assert [ep.step for ep in env.episodes] == [0, 2]
-    np.testing.assert_array_equal(env.action_masks(), [[True, False, False], [True, True, False]])
+    masks = env.action_masks()
+    np.testing.assert_array_equal(masks, [only(t, *t.jumps), only(t, *t.jumps, t.stop)])
 
-    obs, r, term, trunc, info = env.step(np.array([mdp.CONTINUE, mdp.CONTINUE]))
-    assert env.episodes[1].step == N_MAX - 1
-    np.testing.assert_array_equal(env.action_masks()[1], [False, True, False])  # only stop
+    while env.episodes[1].step < N_MAX - 1:
+        env.step(np.array([one, one]))
+    np.testing.assert_array_equal(env.action_masks()[1], only(t, t.stop))  # only stop
     last = env.episodes[1]
-    obs, r, term, trunc, info = env.step(np.array([mdp.CONTINUE, mdp.STOP]))
+    obs, r, term, trunc, info = env.step(np.array([one, t.stop]))
     assert term[1] and last.nfe == N_MAX and info["episode"]["nfe"][1] == N_MAX
     assert info["episode"]["l"][1] == N_MAX
     # every NFE spent is counted: the live episodes' plus the two finished ones
@@ -96,15 +153,16 @@ def test_nfe_rewards_and_autoreset(sampler) -> None:
 
 def test_sb3_adapter(sampler) -> None:
     venv = Sb3VecEnv(make_env(sampler))
+    t = venv.env.table
     assert is_masking_supported(venv)
     venv.seed(0)
     obs = venv.reset()
     assert obs.shape == (2, venv.observation_space.shape[0])
     masks = get_action_masks(venv)  # what MaskablePPO calls: np.stack(env_method("action_masks"))
-    assert masks.shape == (2, 3) and masks.dtype == bool
+    assert masks.shape == (2, t.n) and masks.dtype == bool
     assert len(venv.env_method("action_masks", indices=[1])) == 1
-    venv.step(np.array([0, 0]))
-    obs, rewards, dones, infos = venv.step(np.array([mdp.STOP, mdp.CONTINUE]))
+    venv.step(np.array([t.jump(1), t.jump(1)]))
+    obs, rewards, dones, infos = venv.step(np.array([t.stop, t.jump(2)]))
     assert rewards.dtype == np.float32 and dones.tolist() == [True, False]
     assert infos[0]["terminal_observation"].shape == obs.shape[1:]
     assert infos[0]["TimeLimit.truncated"] is False
@@ -117,27 +175,29 @@ def test_sb3_adapter(sampler) -> None:
 
 def test_refine_charges_its_nfe(tiny_models) -> None:
     """With a refine budget the env takes refine from the mask and charges what the sampler
-    spent (refine_k re-denoise evaluations + the evaluation at the next step)."""
+    spent (refine_k re-denoise evaluations + the evaluation at the next point)."""
     from addiffusion.diffusion.backbone import load_pipeline
     from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
     from addiffusion.rewards.clip import ClipScorer
 
     pipe_dir, clip_dir = tiny_models
-    settings = SamplerSettings(n_max=N_MAX, warmup=1, refine_budget=1, refine_k=2)
+    settings = SamplerSettings(n_max=N_MAX, strides=STRIDES, warmup=1, refine_budget=1, refine_k=2)
     sampler = StepwiseSampler(
         load_pipeline(str(pipe_dir), "ddim", "cpu"), ClipScorer(str(clip_dir)), settings
     )
     env = SamplerVectorEnv(sampler, PROMPTS, 2, REWARDS, STATS, seed=0)
+    t = env.table
+    assert t.nfe_cost[t.refine] == settings.refine_k + 1
     env.reset(seed=0)
-    env.step(np.array([mdp.CONTINUE, mdp.CONTINUE]))
-    assert env.action_masks()[:, mdp.REFINE].all()
-    q1 = quality({k: [ep.components[k] for ep in env.episodes] for k in STATS}, REWARDS, STATS)
-    _, r, term, _, _ = env.step(np.array([mdp.REFINE, mdp.CONTINUE]))
-    refined, plain = env.episodes
-    assert (refined.step, refined.refines_used, plain.step) == (2, 1, 2)
+    assert not env.action_masks()[:, t.refine].any()  # warm-up
+    env.step(np.array([t.jump(1), t.jump(1)]))
+    assert env.action_masks()[:, t.refine].all()
+    q1 = q_of(env)
+    _, r, term, _, _ = env.step(np.array([t.refine, t.jump(2)]))
+    refined, jumped = env.episodes
+    assert (refined.step, refined.refines_used, jumped.step) == (2, 1, 3)
     delta = refined.nfe - 2
-    assert delta == settings.refine_k + 1 and plain.nfe == 3
-    q2 = quality({k: [ep.components[k] for ep in env.episodes] for k in STATS}, REWARDS, STATS)
-    np.testing.assert_allclose(r, q2 - q1 - REWARDS.c_nfe * np.array([delta, 1]), atol=1e-5)
-    assert not env.action_masks()[0, mdp.REFINE]  # budget spent
-    assert env.action_masks()[1, mdp.REFINE]
+    assert delta == settings.refine_k + 1 and jumped.nfe == 3
+    np.testing.assert_allclose(r, q_of(env) - q1 - REWARDS.c_nfe * np.array([delta, 1]), atol=1e-5)
+    assert not env.action_masks()[0, t.refine]  # budget spent
+    assert env.action_masks()[1, t.refine]

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from addiffusion.cli import main
-from addiffusion.online_finetune.dataset_mdp import read_dataset_mdp
 from addiffusion.online_finetune.ppo import load_finetuned_policy
+from addiffusion.task import read_task
 
 
 @pytest.mark.slow
@@ -88,14 +88,14 @@ def test_cli_chain_on_a_collected_dataset(tmp_path: Path) -> None:
     for args in steps:
         assert main([*args, "--params", str(p)]) == 0, args
 
-    mdp = read_dataset_mdp(ds)
-    assert mdp.settings.n_max == 5 and set(mdp.component_stats) >= {"clip_score", "stability"}
+    task = read_task(ds)
+    assert task.settings.n_max == 5 and set(task.component_stats) >= {"clip_score", "stability"}
     metrics = json.loads((ft / "metrics.json").read_text())
     assert metrics["iterations"] == 2
     policy = load_finetuned_policy(ft)
-    assert policy.obs_dim == mdp.obs_dim
+    assert policy.obs_dim == task.obs_dim and policy.table == task.actions
+    t = task.actions
     obs = np.zeros((2, policy.obs_dim), np.float32)
-    assert policy.act(obs, np.array([[True, False, False], [False, True, False]])).tolist() == [
-        0,
-        1,
-    ]
+    mask = np.zeros((2, t.n), bool)
+    mask[0, t.jump(1)] = mask[1, t.stop] = True
+    assert policy.act(obs, mask).tolist() == [t.jump(1), t.stop]

@@ -15,13 +15,17 @@ from d3rlpy.dataset import MDPDataset
 from online_finetune_consts import PROMPTS, STATS
 
 from addiffusion.cli import main
+from addiffusion.datasets.store import sha256_file
 from addiffusion.offline_rl.config import OfflineRLConfig
-from addiffusion.offline_rl.policy import load_policy
-from addiffusion.offline_rl.train import train_offline
+from addiffusion.offline_rl.policy import MANIFEST_FORMAT, load_policy
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
 from addiffusion.online_finetune.env import SamplerVectorEnv
 from addiffusion.online_finetune.finetune import finetune
-from addiffusion.online_finetune.offline_init import load_offline_actor, load_offline_networks
+from addiffusion.online_finetune.offline_init import (
+    check_action_table,
+    load_offline_actor,
+    load_offline_networks,
+)
 from addiffusion.online_finetune.ppo import build_maskable_ppo, load_finetuned_policy
 from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
 from addiffusion.rewards.config import RewardConfig
@@ -39,22 +43,62 @@ CFG = {
 }
 
 
+def _fit_iql_direct(data: MDPDataset, out: Path, table) -> None:
+    import d3rlpy
+    from d3rlpy.models.encoders import VectorEncoderFactory
+    from d3rlpy.preprocessing import StandardObservationScaler
+
+    from addiffusion.offline_rl.discrete_iql import DiscreteIQLConfig
+
+    obs = np.concatenate([np.asarray(ep.observations) for ep in data.episodes])
+    enc = VectorEncoderFactory(hidden_units=[16, 16], activation="relu")
+    algo = DiscreteIQLConfig(
+        batch_size=8,
+        actor_encoder_factory=enc,
+        critic_encoder_factory=enc,
+        value_encoder_factory=enc,
+        observation_scaler=StandardObservationScaler(mean=obs.mean(0), std=obs.std(0)),
+    ).create(device="cpu:0")
+    algo.fit(data, n_steps=2, n_steps_per_epoch=2, show_progress=False, save_interval=10)
+    out.mkdir(parents=True, exist_ok=True)
+    algo.save(str(out / "policy.d3"))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "algo": "iql",
+        "d3rlpy_type": "discrete_iql",
+        "d3rlpy_version": d3rlpy.__version__,
+        "policy_file": "policy.d3",
+        "sha256": sha256_file(out / "policy.d3"),
+        "observation_dim": OBS_DIM,
+        "action_size": table.n,
+        "actions": table.to_dict(),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.fixture(scope="module")
-def offline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real DiscreteIQL run (2 gradient steps) on random transitions of the env's obs dim."""
+def offline_dir(tmp_path_factory: pytest.TempPathFactory, sampler) -> Path:
+    """A real DiscreteIQL run (2 gradient steps) on random transitions of the env's obs dim,
+    over the test MDP's action table."""
+    table = sampler.table
     rng = np.random.default_rng(0)
     n = 32
     terminals = np.zeros(n)
     terminals[3::4] = 1.0
     data = MDPDataset(
         rng.standard_normal((n, OBS_DIM)).astype(np.float32) * 0.3 + 0.1,
-        rng.integers(0, 2, n),
+        rng.choice([*table.jumps, table.stop], n),
         rng.standard_normal(n).astype(np.float32),
         terminals,
         action_space=ActionSpace.DISCRETE,
-        action_size=3,
+        action_size=table.n,
     )
     out = tmp_path_factory.mktemp("offline")
+    try:
+        from addiffusion.offline_rl.train import train_offline
+    except ImportError:  # offline_rl not yet on the action table: d3rlpy directly
+        _fit_iql_direct(data, out, table)
+        return out
     cfg = OfflineRLConfig(
         n_steps=2, n_steps_per_epoch=2, batch_size=8, hidden_units=[16, 16], device="cpu"
     )
@@ -69,8 +113,9 @@ def test_ppo_starts_as_the_iql_actor_and_value(offline_dir: Path, sampler) -> No
     assert critic is not None and critic.spec.n_actions == 1
     iql = load_policy(offline_dir / "policy.d3")
     obs = np.random.default_rng(1).standard_normal((16, OBS_DIM)).astype(np.float32)
-    mask = np.ones((16, 3), bool)
-    mask[::2, 2] = False
+    t = sampler.table
+    mask = np.ones((16, t.n), bool)
+    mask[::2, t.refine] = False
     impl = iql.algo.impl
     with torch.no_grad():
         v_iql = impl.predict_state_value(
@@ -82,7 +127,25 @@ def test_ppo_starts_as_the_iql_actor_and_value(offline_dir: Path, sampler) -> No
         np.testing.assert_allclose(dist.distribution.probs, iql.action_probs(obs, mask), atol=1e-5)
         values = ppo.policy.predict_values(torch.from_numpy(obs)).view(-1)
         np.testing.assert_allclose(values, v_iql, rtol=1e-4, atol=1e-5)
-    assert load_offline_actor(offline_dir).spec == actor.spec
+    assert load_offline_actor(offline_dir, t).spec == actor.spec
+    assert actor.spec.n_actions == t.n
+
+
+def test_offline_run_on_another_action_table_is_refused(offline_dir: Path, sampler) -> None:
+    from addiffusion.diffusion.actions import ActionTable
+
+    t = sampler.table
+    manifest = json.loads((offline_dir / "manifest.json").read_text())
+    where = offline_dir / "manifest.json"
+    other = ActionTable.build((1,), t.n_max, t.warmup, t.refine_budget, 2)
+    if "actions" in manifest:
+        with pytest.raises(ValueError, match="another action table.*jump-1', 'stop', 'refine'"):
+            check_action_table({**manifest, "actions": other.to_dict()}, t, where)
+    with pytest.raises(ValueError, match="action_size 3, but the dataset's action table has 5"):
+        check_action_table({"action_size": 3}, t, where)
+    check_action_table({"action_size": t.n}, t, where)  # older manifests: the size must match
+    with pytest.raises(ValueError, match="action_size|another action table"):
+        load_offline_networks(offline_dir, other)
 
 
 def test_cli_finetune_writes_loadable_outputs(
@@ -119,16 +182,19 @@ def test_cli_finetune_writes_loadable_outputs(
         "losses/value_loss",
     ):
         assert key in row
-    # 8 decisions per iteration on n_max = 4 episodes: some finish, each with 2..4 NFE
+    # 8 decisions per iteration on n_max = 6 episodes: some finish, each with 2..6 NFE
     assert sum(r["charts/episodes"] for r in metrics["history"]) >= 1
     nfes = [r["charts/episodic_nfe"] for r in metrics["history"] if r["charts/episodes"]]
-    assert all(2 <= v <= 4 for v in nfes)
+    assert all(2 <= v <= 6 for v in nfes)
     assert (out / "training.csv").read_text().count("\n") == 3
 
     policy = load_finetuned_policy(out)
-    assert policy.manifest["source"]["sampler"]["n_max"] == 4
+    assert policy.manifest["source"]["sampler"]["n_max"] == 6
+    t = policy.table
+    assert t.strides == (1, 2, 4) and policy.action_size == t.n == 5
     obs = np.random.default_rng(2).standard_normal((5, OBS_DIM)).astype(np.float32)
-    mask = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1], [0, 1, 1]], bool)
+    mask = np.array([[1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [1, 0, 0, 1, 0], [1] * 5, [0, 0, 1, 1, 1]])
+    mask = mask.astype(bool)
     acts = policy.act(obs, mask)
     assert mask[np.arange(5), acts].all()
 
