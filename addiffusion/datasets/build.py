@@ -5,7 +5,8 @@ Layout (``LAYOUT_VERSION`` 1)::
     <dataset>/
         README.md                       dataset card; Hub YAML ``configs``: episodes, steps,
                                         webdataset (``datasets.load_dataset(path, "steps")``)
-        meta/info.json                  schema/layout version, observation layout, action map,
+        meta/info.json                  schema/layout version, observation layout, action table
+                                        (``actions``, ActionTable.to_dict()),
                                         model ids, sampler settings, components and their
                                         normalisation stats (train split), counts, sha256 of
                                         every other file
@@ -62,7 +63,7 @@ SHARED_INFO_KEYS = (
     "scorer",
     "num_train_timesteps",
     "sampler",
-    "action_map",
+    "actions",
     "nfe_convention",
 )
 """Shard metadata that must agree across the shards of one dataset."""

@@ -14,6 +14,11 @@ from typing import Any
 import yaml
 
 
+def _action_names(info: dict[str, Any]) -> dict[str, int]:
+    """Action name -> id from the recorded action table (``info["actions"]``)."""
+    return {str(a["name"]): int(a["id"]) for a in (info.get("actions") or {}).get("actions", [])}
+
+
 def hub_configs(splits: list[str], webdataset: bool) -> list[dict[str, Any]]:
     configs: list[dict[str, Any]] = []
     for name in ("episodes", "steps"):
@@ -52,16 +57,17 @@ def dataset_card(info: dict[str, Any], splits: list[str], webdataset: bool) -> s
 # addiffusion denoising trajectories
 
 Whole denoising runs of `{info.get("backbone")}` ({info.get("scheduler")} scheduler) recorded by
-`addiffusion collect`: at **every** step the CLIP features of the one-step clean prediction x̂0
-and the raw reward components ({", ".join(info["components"])}, scored by `{info.get("scorer")}`).
-Stopping at step *i* means decoding x̂0 at step *i*, so each trajectory holds the outcome of every
-stop decision. Rewards are not stored: `addiffusion datasets relabel` derives them from the raw
+`addiffusion collect`: at every visited point of the fine grid (a path of jumps, plus branches
+taking another jump or refine) the CLIP features of the one-step clean prediction x̂0 and the raw
+reward components ({", ".join(info["components"])}, scored by `{info.get("scorer")}`).
+Stopping at point *i* means decoding x̂0 at point *i*, so each trajectory holds the outcome of
+every stop decision on its path. Rewards are not stored: `addiffusion datasets relabel` derives them from the raw
 components for any weights / NFE penalty.
 
 - {counts["episodes"]} episodes ({counts["root_episodes"]} roots), {counts["steps"]} steps,
   from {counts["shards"]} collector shards
 - sampler: `{sampler}`
-- actions: {json.dumps(info.get("action_map", {}))}; NFE: {info.get("nfe_convention", "")}
+- actions: {json.dumps(_action_names(info))}; NFE: {info.get("nfe_convention", "")}
 - schema version {info["schema_version"]}, layout version {info["layout_version"]}
 
 ## Layout

@@ -1,23 +1,27 @@
 """Convert a built dataset + a rewards file (``datasets relabel``) into d3rlpy replay buffers.
 
-Per trajectory (a root, or a refine branch) of the train split:
+Actions are ids of the dataset's action table (``info["actions"]``,
+:class:`~addiffusion.diffusion.actions.ActionTable`); ``action_size = table.n``. Per trajectory
+(a root, or a branch) of the train split:
 
-* the trajectory itself is one d3rlpy ``Episode``: continue transitions (reward ``r_continue``)
-  and, at its last step, STOP with ``r_stop`` (terminal). A branch episode starts with the
-  parent's state at ``branch_step`` and action REFINE (reward ``r_enter``), then its own steps;
-* every other step where stop is legal (``mdp.action_mask``: not in warm-up) adds a
-  counterfactual one-step terminal episode ``(s_i, STOP, r_stop_i)``.
+* the trajectory itself is one d3rlpy ``Episode``: each row's recorded action (a jump or refine)
+  with reward ``r_action`` to the episode's next row and, at its last row, ``stop`` with
+  ``r_stop`` (terminal). A branch episode starts with the parent's state at ``branch_step`` and
+  action ``branch_action`` (reward ``r_enter``), then its own rows;
+* every other row where stop is legal (``table.mask``: not in warm-up) adds a counterfactual
+  one-step terminal episode ``(s_i, stop, r_stop_i)``.
 
 d3rlpy (``BasicTransitionPicker``) gives a terminated episode of size T exactly T transitions, the
 last with ``terminal=1`` and a zero next observation, so a one-step terminal episode is one
 transition whose target is just its reward. Train and validation are split *by prompt_id*.
+Rows are related by (episode_id, step) keys (steps are not contiguous).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +31,31 @@ from d3rlpy.constants import ActionSpace
 from d3rlpy.dataset import Episode, EpisodeBase, InfiniteBuffer, ReplayBuffer, Signature
 
 from addiffusion.datasets.build import prompt_val_split
-from addiffusion.datasets.relabel import info_sha256, read_info, scan_table
+from addiffusion.datasets.relabel import info_sha256, scan_table
 from addiffusion.diffusion import mdp
+from addiffusion.diffusion.actions import ActionTable
+from addiffusion.task import read_info
 
 
 @dataclass(frozen=True)
 class TransitionCounts:
-    """Transitions of each kind in a list of converted episodes."""
+    """Transitions of each action (by table name) in a list of converted episodes."""
 
-    continue_: int
-    stop_final: int
-    """STOP at a trajectory's last step (end of schedule)."""
-    stop_counterfactual: int
-    refine: int
-    episodes: int
+    actions: dict[str, int] = field(default_factory=dict)
+    """Transitions per action name (``stop`` = stop_final + stop_counterfactual)."""
+    stop_final: int = 0
+    """stop at a trajectory's last row (end of its path)."""
+    stop_counterfactual: int = 0
+    episodes: int = 0
+
+
+def dataset_table(dataset_dir: Path) -> ActionTable:
+    """The action table the dataset records (``meta/info.json`` ``actions``)."""
+    info = read_info(dataset_dir)
+    where = f"{Path(dataset_dir) / 'meta' / 'info.json'} 'actions'"
+    if "actions" not in info:
+        raise ValueError(f"{where} is missing: rebuild the dataset with this version")
+    return ActionTable.from_dict(info["actions"], where)
 
 
 def _read_rows(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
@@ -66,7 +81,14 @@ def load_steps(dataset_dir: Path, rewards_path: Path, split: str = "train") -> p
     episodes = (
         scan_table(dataset_dir, "episodes")
         .filter(pl.col("split") == split)
-        .select("episode_id", "prompt_id", "parent_episode_id", "branch_step", "text_row")
+        .select(
+            "episode_id",
+            "prompt_id",
+            "parent_episode_id",
+            "branch_step",
+            "branch_action",
+            "text_row",
+        )
         .collect()
     )
     steps = scan_table(dataset_dir, "steps").collect().join(episodes, on="episode_id", how="inner")
@@ -83,7 +105,8 @@ def load_steps(dataset_dir: Path, rewards_path: Path, split: str = "train") -> p
 
 
 def observations(dataset_dir: Path, steps: pl.DataFrame, info: dict) -> np.ndarray:
-    """(N, layout.dim) float32 observations of the rows of ``steps`` (see :func:`load_steps`)."""
+    """(N, layout.dim) float32 observations of the rows of ``steps`` (see :func:`load_steps`:
+    sorted by (episode_id, step), with parent_episode_id / branch_step of the row's episode)."""
     for c in ("clip_score", "stability"):
         if c not in steps.columns:
             raise KeyError(
@@ -94,27 +117,25 @@ def observations(dataset_dir: Path, steps: pl.DataFrame, info: dict) -> np.ndarr
     image = _read_rows(group["image_features"], steps["feature_row"].to_numpy())
     text = _read_rows(group["text_features"], steps["text_row"].to_numpy())
     clip = steps["clip_score"].to_numpy().astype(np.float64)
-    # Delta vs the previous x̂0: the previous step of the episode, or for a branch's first
-    # step the parent's step it left from; 0 at a root's step 0.
-    prev = steps.select(
-        pl.when(pl.col("episode_id") == pl.col("episode_id").shift(1))
-        .then(pl.col("clip_score").shift(1))
-        .otherwise(None)
-        .alias("prev"),
-        "parent_episode_id",
-        "branch_step",
-        "episode_id",
-        "step",
-    )
+    # Delta vs the previous x̂0: the previous row of the episode (rows are sorted by
+    # (episode_id, step)), or for a branch's first row the parent's row at branch_step; 0 at a
+    # root's first row.
+    same_prev = (steps["episode_id"] == steps["episode_id"].shift(1)).fill_null(False).to_numpy()
+    prev_clip = np.where(same_prev, np.roll(clip, 1), np.nan)
     parent_clip = steps.select(
         pl.col("episode_id").alias("parent_episode_id"),
-        pl.col("step").alias("branch_step"),
-        pl.col("clip_score").alias("parent_clip"),
+        pl.col("step").cast(pl.Int64).alias("branch_step"),
+        pl.col("clip_score").cast(pl.Float64).alias("_parent_clip"),
     )
-    prev = prev.join(
-        parent_clip, on=["parent_episode_id", "branch_step"], how="left", maintain_order="left"
+    from_parent = (
+        steps.select("parent_episode_id", pl.col("branch_step").cast(pl.Int64))
+        .join(
+            parent_clip, on=["parent_episode_id", "branch_step"], how="left", maintain_order="left"
+        )["_parent_clip"]
+        .to_numpy()
+        .astype(np.float64)
     )
-    prev_clip = prev["prev"].fill_null(prev["parent_clip"]).to_numpy().astype(np.float64)
+    prev_clip = np.where(same_prev, prev_clip, from_parent)
     delta = np.where(np.isnan(prev_clip), 0.0, clip - np.nan_to_num(prev_clip))
     return mdp.build_observations(
         image,
@@ -144,21 +165,18 @@ def build_episodes(
 ) -> dict[int, list[EpisodeBase]]:
     """d3rlpy episodes of ``split`` grouped by prompt_id (see module docstring)."""
     info = read_info(dataset_dir)
-    s = info["sampler"]
+    table = dataset_table(dataset_dir)
+    stop = table.stop
     steps = load_steps(dataset_dir, rewards_path, split)
     obs = observations(dataset_dir, steps, info)
-    legal_stop = mdp.action_mask(
-        steps["step"].to_numpy(),
-        int(s["n_max"]),
-        int(s["warmup"]),
-        steps["refines_used"].to_numpy(),
-        int(s["refine_budget"]),
-    )[:, mdp.STOP]
     step_no = steps["step"].to_numpy()
-    r_cont = steps["r_continue"].to_numpy()
+    legal_stop = table.mask(step_no, steps["refines_used"].to_numpy())[:, stop]
+    recorded = steps["action"].to_numpy().astype(np.int64)
+    r_action = steps["r_action"].to_numpy()
     r_stop = steps["r_stop"].to_numpy()
     r_enter = steps["r_enter"].to_numpy()
-    out: dict[int, list[EpisodeBase]] = {}
+    # Row index of every (episode_id, step): the parent rows of the branches, by key.
+    keys = steps.select("episode_id", pl.col("step").cast(pl.Int64)).with_row_index("_i")
     bounds = (
         steps.with_row_index("_i")
         .group_by("episode_id", maintain_order=True)
@@ -167,35 +185,46 @@ def build_episodes(
             pl.col("_i").last().alias("hi"),
             pl.col("prompt_id").first(),
             pl.col("parent_episode_id").first(),
-            pl.col("branch_step").first(),
+            pl.col("branch_step").first().cast(pl.Int64),
+            pl.col("branch_action").first(),
             pl.col("action").last().alias("last_action"),
         )
+        .join(
+            keys.select(
+                pl.col("episode_id").alias("parent_episode_id"),
+                pl.col("step").alias("branch_step"),
+                pl.col("_i").alias("parent_row"),
+            ),
+            on=["parent_episode_id", "branch_step"],
+            how="left",
+            maintain_order="left",
+        )
     )
-    start_of = dict(zip(bounds["episode_id"].to_list(), bounds["lo"].to_list(), strict=True))
+    out: dict[int, list[EpisodeBase]] = {}
     for ep in bounds.iter_rows(named=True):
         lo, hi = int(ep["lo"]), int(ep["hi"])
         eps = out.setdefault(int(ep["prompt_id"]), [])
-        terminated = int(ep["last_action"]) == mdp.STOP
+        terminated = int(ep["last_action"]) == stop
         rows = list(range(lo, hi + 1))
-        actions = [mdp.CONTINUE] * (hi - lo) + [mdp.STOP]
-        rewards = [*np.nan_to_num(r_cont[lo:hi]), r_stop[hi] if terminated else 0.0]
-        if ep["parent_episode_id"] is not None:
-            p0 = start_of.get(ep["parent_episode_id"])
-            parent = None if p0 is None else int(p0 + ep["branch_step"] - step_no[p0])
-            if parent is not None and not np.isnan(r_enter[lo]):
-                rows, actions = [parent, *rows], [mdp.REFINE, *actions]
-                rewards = [r_enter[lo], *rewards]
+        actions = [*recorded[lo:hi].tolist(), stop if terminated else int(recorded[hi])]
+        rewards = [*np.nan_to_num(r_action[lo:hi]), r_stop[hi] if terminated else 0.0]
+        parent = ep["parent_row"]
+        if ep["parent_episode_id"] is not None and parent is not None and not np.isnan(r_enter[lo]):
+            rows = [int(parent), *rows]
+            actions = [int(ep["branch_action"]), *actions]
+            rewards = [r_enter[lo], *rewards]
         if len(rows) > 1 or terminated:
             eps.append(_episode(obs[rows], actions, np.asarray(rewards), terminated))
         for i in range(lo, hi + 1):
             if (i != hi or not terminated) and legal_stop[i]:
-                eps.append(_episode(obs[i : i + 1], [mdp.STOP], np.asarray([r_stop[i]]), True))
+                eps.append(_episode(obs[i : i + 1], [stop], np.asarray([r_stop[i]]), True))
     return out
 
 
-def make_buffer(episodes: list[EpisodeBase], obs_dim: int) -> ReplayBuffer:
+def make_buffer(episodes: list[EpisodeBase], obs_dim: int, action_size: int) -> ReplayBuffer:
     """An infinite d3rlpy buffer with the signatures and the discrete action space explicit
-    (an empty episode list is allowed, e.g. no validation prompts)."""
+    (``action_size``: the dataset's ``table.n``; an empty episode list is allowed, e.g. no
+    validation prompts)."""
     return ReplayBuffer(
         InfiniteBuffer(),
         episodes=episodes,
@@ -203,7 +232,7 @@ def make_buffer(episodes: list[EpisodeBase], obs_dim: int) -> ReplayBuffer:
         action_signature=Signature(dtype=[np.dtype(np.int64)], shape=[(1,)]),
         reward_signature=Signature(dtype=[np.dtype(np.float32)], shape=[(1,)]),
         action_space=ActionSpace.DISCRETE,
-        action_size=mdp.N_ACTIONS,
+        action_size=action_size,
     )
 
 
@@ -211,35 +240,35 @@ def to_replay_buffers(
     dataset_dir: Path, rewards_path: Path, val_fraction: float, seed: int
 ) -> tuple[ReplayBuffer, ReplayBuffer]:
     """(train, validation) buffers from the train split, validation prompts chosen by
-    :func:`addiffusion.datasets.build.prompt_val_split`. Observations: (layout.dim,) float32."""
+    :func:`addiffusion.datasets.build.prompt_val_split`. Observations: (layout.dim,) float32;
+    ``action_size``: the dataset's action table's ``n``."""
     by_prompt = build_episodes(Path(dataset_dir), Path(rewards_path), "train")
     if not by_prompt:
         raise ValueError(f"{dataset_dir} has no train-split steps to convert")
     val_ids = prompt_val_split(np.asarray(sorted(by_prompt)), val_fraction, seed)
     dim = int(read_info(dataset_dir)["observation"]["dim"])
+    n = dataset_table(dataset_dir).n
     train = [e for p, eps in sorted(by_prompt.items()) if p not in val_ids for e in eps]
     val = [e for p, eps in sorted(by_prompt.items()) if p in val_ids for e in eps]
-    return make_buffer(train, dim), make_buffer(val, dim)
+    return make_buffer(train, dim, n), make_buffer(val, dim, n)
 
 
-def transition_counts(episodes: list[EpisodeBase]) -> TransitionCounts:
-    """Count transitions by kind as d3rlpy will sample them (``episode.transition_count``)."""
+def transition_counts(episodes: list[EpisodeBase], table: ActionTable) -> TransitionCounts:
+    """Count transitions by action name as d3rlpy will sample them (``transition_count``)."""
     c: Counter[str] = Counter()
+    stop_final = stop_cf = 0
     for ep in episodes:
         acts = np.asarray(ep.actions).reshape(-1)[: ep.transition_count]
-        for a in acts:
-            if a == mdp.CONTINUE:
-                c["continue_"] += 1
-            elif a == mdp.REFINE:
-                c["refine"] += 1
-            elif ep.size() == 1:
-                c["stop_counterfactual"] += 1
-            else:
-                c["stop_final"] += 1
+        for a in acts.tolist():
+            c[table.names[int(a)]] += 1
+            if a == table.stop:
+                if ep.size() == 1:
+                    stop_cf += 1
+                else:
+                    stop_final += 1
     return TransitionCounts(
-        continue_=c["continue_"],
-        stop_final=c["stop_final"],
-        stop_counterfactual=c["stop_counterfactual"],
-        refine=c["refine"],
+        actions={name: c[name] for name in table.names if c[name]},
+        stop_final=stop_final,
+        stop_counterfactual=stop_cf,
         episodes=len(episodes),
     )

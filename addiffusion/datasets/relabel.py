@@ -1,15 +1,16 @@
 """``datasets relabel``: rewards of every step, derived from the raw components (never stored
 as the only truth). Reuses :mod:`addiffusion.rewards.reward` — one definition of the reward.
 
-For each step i of each episode (root or branch), with Q_i the quality of x̂0_i:
+For each row (episode, step i) of each episode (root or branch), with Q_i the quality of x̂0_i:
 
-* ``r_continue``: continue from i to i+1 of the same episode (null at the episode's last step)
-* ``r_stop``: stop at i (counterfactual for every step: stopping = decoding x̂0_i)
-* ``r_refine``: refine at i, where a recorded branch leaves the episode at i (null elsewhere;
-  with several branches at one step, the one with the smallest episode id)
-* ``r_enter``: on a branch's first row, the reward of the refine transition into it
+* ``r_action``: reward of the row's recorded action, to the episode's next row (a jump's next
+  point, a refine's i+1): ``step_reward(Q_i, Q_next, nfe_next - nfe_i)``; null on the last row
+* ``r_stop``: stop at i (counterfactual for every row: stopping = decoding x̂0_i)
+* ``r_enter``: on a branch's first row, the reward of the branch transition into it, from the
+  parent's row at ``branch_step`` (``branch_action``); null elsewhere
 
-Output: a Parquet file (episode_id, step, q, r_continue, r_stop, r_refine, r_enter) and a JSON
+Rows are located by (episode_id, step) keys, never by step arithmetic (steps are not
+contiguous). Output: a Parquet file (episode_id, step, q, r_action, r_stop, r_enter) and a JSON
 summary beside it (``<out>.json``).
 """
 
@@ -25,18 +26,9 @@ import polars as pl
 
 from addiffusion.rewards.config import RewardConfig
 from addiffusion.rewards.reward import quality, step_reward, stop_reward
+from addiffusion.task import read_info
 
-REWARD_COLUMNS = ("q", "r_continue", "r_stop", "r_refine", "r_enter")
-
-
-def read_info(dataset_dir: Path) -> dict[str, Any]:
-    path = Path(dataset_dir) / "meta" / "info.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {dataset_dir} is not a built dataset (run "
-            "`addiffusion datasets build`)"
-        )
-    return json.loads(path.read_text())
+REWARD_COLUMNS = ("q", "r_action", "r_stop", "r_enter")
 
 
 def info_sha256(dataset_dir: Path) -> str:
@@ -63,40 +55,39 @@ def compute_rewards(
     q = quality({c: steps[c].to_numpy() for c in steps.columns if c in cfg.weights}, cfg, stats)
     eid = steps["episode_id"]
     nfe = steps["nfe"].to_numpy().astype(np.float64)
+    # Sorted by (episode_id, step): the next row of the same episode is the episode's next row.
     same_next = (eid.shift(-1) == eid).fill_null(False).to_numpy()
-    q_next = np.roll(q, -1)
-    nfe_next = np.roll(nfe, -1)
-    r_cont = step_reward(q, q_next, nfe_next - nfe, cfg)
+    r_action = step_reward(q, np.roll(q, -1), np.roll(nfe, -1) - nfe, cfg)
     out = steps.select("episode_id", "step").with_columns(
         pl.Series("q", q.astype(np.float32)),
-        pl.Series("r_continue", np.where(same_next, r_cont, np.nan)).fill_nan(None),
+        pl.Series("r_action", np.where(same_next, r_action, np.nan)).fill_nan(None),
         pl.Series("r_stop", stop_reward(q, cfg)),
     )
-    # Refine: parent row (parent, branch_step) -> branch's first row (branch_step + 1). Rows are
-    # located through per-episode start rows (a few thousand episodes), not 1M-row joins.
-    starts = np.flatnonzero(~np.concatenate([[False], same_next[:-1]]))
-    start_of = dict(zip(eid.gather(starts).to_list(), starts.tolist(), strict=True))
-    steps_np = steps["step"].to_numpy()
-    r_refine = np.full(len(q), np.nan)
+    # Branch edges: parent row (parent, branch_step) -> the branch's first row, by key joins of
+    # the (few) branches against the row index.
+    keys = steps.select("episode_id", pl.col("step").cast(pl.Int64)).with_row_index("_i")
+    is_first = np.concatenate([[True], ~same_next[:-1]]) if len(q) else np.zeros(0, bool)
+    edges = (
+        episodes.filter(pl.col("parent_episode_id").is_not_null())
+        .select("episode_id", "parent_episode_id", pl.col("branch_step").cast(pl.Int64))
+        .join(
+            keys.filter(pl.Series(is_first)).select("episode_id", pl.col("_i").alias("_b")),
+            on="episode_id",
+        )
+        .join(
+            keys.select(
+                pl.col("episode_id").alias("parent_episode_id"),
+                pl.col("step").alias("branch_step"),
+                pl.col("_i").alias("_p"),
+            ),
+            on=["parent_episode_id", "branch_step"],
+        )
+    )  # branches whose own or parent row is missing drop out (validate reports them)
     r_enter = np.full(len(q), np.nan)
-    branches = episodes.filter(pl.col("parent_episode_id").is_not_null()).sort(
-        "episode_id", descending=True
-    )  # smallest id written last: it wins
-    for bid, parent, bstep in branches.select(
-        "episode_id", "parent_episode_id", "branch_step"
-    ).iter_rows():
-        b0, p0 = start_of.get(bid), start_of.get(parent)
-        if b0 is None or p0 is None or steps_np[b0] != bstep + 1:
-            continue  # branch or parent not in these rows (validate reports broken indices)
-        prow = p0 + bstep - int(steps_np[p0])
-        if not (p0 <= prow < len(q) and eid[prow] == parent and steps_np[prow] == bstep):
-            continue
-        r = step_reward(q[prow], q[b0], nfe[b0] - nfe[prow], cfg)
-        r_refine[prow] = r
-        r_enter[b0] = r
-    out = out.with_columns(
-        pl.Series("r_refine", r_refine).fill_nan(None), pl.Series("r_enter", r_enter).fill_nan(None)
-    )
+    b, par = edges["_b"].to_numpy(), edges["_p"].to_numpy()
+    if b.size:
+        r_enter[b] = step_reward(q[par], q[b], nfe[b] - nfe[par], cfg)
+    out = out.with_columns(pl.Series("r_enter", r_enter).fill_nan(None))
     return out.with_columns(pl.col(c).cast(pl.Float32) for c in REWARD_COLUMNS)
 
 
@@ -127,7 +118,7 @@ def relabel(dataset_dir: Path, reward_cfg: RewardConfig, out_path: Path) -> dict
         "dataset_info_sha256": info_sha256(dataset_dir),
         "rewards": reward_cfg.to_dict(),
         **{f"mean_{c}": _mean(rewards[c]) for c in REWARD_COLUMNS},
-        "refine_edges": int(rewards["r_refine"].is_not_null().sum()),
+        "branch_edges": int(rewards["r_enter"].is_not_null().sum()),
     }
     out_path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary

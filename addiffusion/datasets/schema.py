@@ -21,11 +21,18 @@ Shard layout (one writer per shard; written under ``<name>.tmp-<pid>`` and renam
 Episodes are assigned to shards by a deterministic global order (prompt × seed), so the shard
 index does not depend on the number of collector processes.
 
-Refine branches are episodes of their own: ``parent_episode_id`` names the episode they left and
-``branch_step`` the parent's step where refine was taken; their ``step`` values continue the
-schedule from ``branch_step + 1`` (contiguous up to ``branch_step + num_steps``). Roots start at
-step 0. A built dataset's episodes table adds ``shard`` (int64, source shard index) and
-``rl_split`` (string: ``train`` / ``val`` / ``heldout``; validation chosen by prompt).
+Steps are the visited points of the fine grid (``step`` = grid index ``i``), strictly increasing
+within an episode but NOT contiguous: a root visits e.g. 0, 4, 8, 12, 15 under jumps. Each row's
+``action`` is the id (in the dataset's action table, ``info["actions"]``, see
+:mod:`addiffusion.diffusion.actions`) of the action taken there, and the next row of the episode
+is at ``table.target(step, action)``; the last row of a complete episode has ``stop``. Roots start
+at step 0. Branches are episodes of their own, stored generically as (parent, step, action):
+``parent_episode_id`` names the episode they left, ``branch_step`` the parent's step where they
+diverged and ``branch_action`` the (non-stop) action taken there instead of the parent's; the
+branch's first row is the state that action led to (its step is
+``table.target(branch_step, branch_action)``). Roots have ``parent_episode_id`` null and
+``branch_step = branch_action = -1``. A built dataset's episodes table adds ``shard`` (int64,
+source shard index) and ``rl_split`` (string: ``train`` / ``val`` / ``heldout``; validation chosen by prompt).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ EPISODES_SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("parent_episode_id", pa.string()),  # null for roots
         ("branch_step", pa.int32()),  # step of the parent where the branch diverged, -1 for roots
+        ("branch_action", pa.int32()),  # action id taken at branch_step (jump/refine), -1 for roots
         ("num_steps", pa.int32()),
         ("text_row", pa.int64()),  # row of text_features in the shard's features.zarr
     ]
@@ -55,11 +63,11 @@ EPISODES_SCHEMA = pa.schema(
 STEPS_SCHEMA = pa.schema(
     [
         ("episode_id", pa.string()),
-        ("step", pa.int32()),  # schedule index i, 0-based
+        ("step", pa.int32()),  # grid index i, 0-based (strictly increasing, not contiguous)
         ("timestep", pa.float32()),  # the scheduler's t_i
         ("t_frac", pa.float32()),  # t_i / num_train_timesteps
         ("sigma", pa.float32()),  # noise level sqrt((1 - ᾱ) / ᾱ) at t_i
-        ("action", pa.int8()),  # behaviour action taken at this step (mdp.CONTINUE/STOP/REFINE)
+        ("action", pa.int8()),  # id of the action taken here (info['actions'] table)
         ("behavior_prob", pa.float32()),  # behaviour policy's probability of that action
         ("nfe", pa.int32()),  # cumulative denoiser evaluations when x̂0 of this step exists
         ("refines_used", pa.int32()),

@@ -1,7 +1,8 @@
 """``datasets stats``: what a dataset holds, with polars. Writes ``stats.json`` and ``stats.png``.
 
-Counts (episodes, roots, branches, steps, splits), behaviour actions, per category: steps and the
-returns of stopping at the end vs the best stop in hindsight (rewards recomputed for the given
+Counts (episodes, roots, branches, steps, splits), behaviour actions (by the dataset's action
+table's names), per category: steps and the returns of stopping at the end of the recorded path vs
+the best stop on it in hindsight (rewards recomputed for the given
 reward config), and the scale of each raw reward component (overall and per step).
 """
 
@@ -13,9 +14,10 @@ from typing import Any
 
 import polars as pl
 
-from addiffusion.datasets.relabel import compute_rewards, read_info, scan_table
-from addiffusion.diffusion import mdp
+from addiffusion.datasets.relabel import compute_rewards, scan_table
+from addiffusion.diffusion.actions import ActionTable
 from addiffusion.rewards.config import RewardConfig
+from addiffusion.task import read_info
 
 
 def _component_scales(steps: pl.DataFrame, components: list[str]) -> dict[str, dict[str, float]]:
@@ -34,8 +36,9 @@ def _component_scales(steps: pl.DataFrame, components: list[str]) -> dict[str, d
 
 
 def stop_returns(rewards: pl.DataFrame, warmup: int) -> pl.DataFrame:
-    """Per (episode, step): R(j) = Σ_{i<j} r_continue_i + r_stop_j, null in warm-up."""
-    excl = pl.col("r_continue").fill_null(0).cum_sum() - pl.col("r_continue").fill_null(0)
+    """Per (episode, step): R(j) = Σ_{i<j} r_action_i + r_stop_j along the episode's recorded
+    path (its rows before j), null in warm-up."""
+    excl = pl.col("r_action").fill_null(0).cum_sum() - pl.col("r_action").fill_null(0)
     return rewards.sort("episode_id", "step").with_columns(
         pl.when(pl.col("step") >= warmup)
         .then(excl.over("episode_id") + pl.col("r_stop"))
@@ -47,6 +50,7 @@ def stop_returns(rewards: pl.DataFrame, warmup: int) -> pl.DataFrame:
 def dataset_stats(dataset_dir: Path, reward_cfg: RewardConfig) -> dict[str, Any]:
     dataset_dir = Path(dataset_dir)
     info = read_info(dataset_dir)
+    table = ActionTable.from_dict(info["actions"], f"{dataset_dir}/meta/info.json 'actions'")
     components = list(info["components"])
     episodes = scan_table(dataset_dir, "episodes").collect()
     steps = scan_table(dataset_dir, "steps").collect()
@@ -55,7 +59,7 @@ def dataset_stats(dataset_dir: Path, reward_cfg: RewardConfig) -> dict[str, Any]
         steps.select("episode_id", "step", "nfe", *components), episodes, reward_cfg, stats
     )
     roots = episodes.filter(pl.col("parent_episode_id").is_null())
-    ret = stop_returns(rewards, int(info["sampler"]["warmup"])).join(
+    ret = stop_returns(rewards, table.warmup).join(
         roots.select("episode_id", "category"), on="episode_id"
     )
     per_ep = ret.group_by("episode_id", "category").agg(
@@ -97,7 +101,7 @@ def dataset_stats(dataset_dir: Path, reward_cfg: RewardConfig) -> dict[str, Any]
         "episodes_per_rl_split": dict(
             episodes.group_by("rl_split").len().sort("rl_split").iter_rows()
         ),
-        "behaviour_actions": {mdp.ACTION_NAMES[a]: n for a, n in actions.iter_rows()},
+        "behaviour_actions": {table.names[a]: n for a, n in actions.iter_rows()},
         "categories": {r.pop("category"): r for r in cats.iter_rows(named=True)},
         "components": _component_scales(steps, components),
         "rewards": reward_cfg.to_dict(),

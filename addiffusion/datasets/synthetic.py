@@ -1,25 +1,51 @@
 """A synthetic trajectory store written with the real :class:`ShardWriter` (tests, benchmark).
 
-Random features; components shaped like a real run (CLIP score rising with the step, stability
-rising towards 1) so rewards have a sensible trade-off. Optionally one refine branch per root.
+Random features; components shaped like a real run (CLIP score rising with the grid point,
+stability rising towards 1) so rewards have a sensible trade-off. The format is the collector's
+(:mod:`addiffusion.collect.collector`): roots run from grid point 0 to the last point along a path
+of jumps and stop there; root ``r`` (global index over prompts x seeds) follows the stride pattern
+``ROOT_PATTERNS[r % 3]`` (constant stride 1, constant stride 2, or alternating 1, 2). With
+``branch_step``, a root visiting that point (not its last) forks there into the branch
+``<root>-b<branch_step>``: roots with ``(r // 3) % 2 == 0`` take ``refine``, the others the
+smallest jump other than their own; a branch then continues with ``jump-1`` to the end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from addiffusion.datasets.store import ShardWriter
-from addiffusion.diffusion import mdp
+from addiffusion.diffusion.actions import ActionTable
 
 COMPONENTS = ["clip_score", "stability"]
+ROOT_PATTERNS: tuple[tuple[int, ...], ...] = ((1,), (2,), (1, 2))
+"""Stride patterns of the roots (cycled along the path)."""
+STRIDES = (1, 2, 4)
+
+
+def synthetic_table(
+    n_max: int,
+    strides: Sequence[int] = STRIDES,
+    warmup: int = 1,
+    refine_budget: int = 1,
+    refine_k: int = 2,
+) -> ActionTable:
+    return ActionTable.build(strides, n_max, warmup, refine_budget, refine_k)
 
 
 def synthetic_info(
-    n_max: int, image_dim: int, text_dim: int, warmup: int = 1, refine_k: int = 2
+    n_max: int,
+    image_dim: int,
+    text_dim: int,
+    warmup: int = 1,
+    refine_k: int = 2,
+    strides: Sequence[int] = STRIDES,
 ) -> dict[str, Any]:
+    table = synthetic_table(n_max, strides, warmup, 1, refine_k)
     return {
         "components": list(COMPONENTS),
         "image_dim": image_dim,
@@ -30,23 +56,49 @@ def synthetic_info(
         "num_train_timesteps": 1000,
         "sampler": {
             "n_max": n_max,
+            "strides": list(table.strides),
             "warmup": warmup,
-            "refine_budget": 1,
+            "refine_budget": table.refine_budget,
             "refine_k": refine_k,
             "guidance_scale": 5.0,
             "height": 8,
             "width": 8,
         },
-        "action_map": {name: i for i, name in enumerate(mdp.ACTION_NAMES)},
+        "actions": table.to_dict(),
         "nfe_convention": "one denoiser evaluation per image per step",
     }
 
 
-def _steps(
-    eid: str, first: int, n_max: int, nfe0: int, refines: int, rng: np.random.Generator
+def root_path(table: ActionTable, pattern: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Grid points and action ids of a root following ``pattern`` (cycled), stopping last."""
+    points, actions = [0], []
+    while points[-1] < table.n_max - 1:
+        a = table.jump(pattern[len(actions) % len(pattern)])
+        actions.append(a)
+        points.append(int(table.target(points[-1], a)))
+    return points, [*actions, table.stop]
+
+
+def continuation(table: ActionTable, first: int) -> tuple[list[int], list[int]]:
+    """``jump-1`` from ``first`` to the last point, then stop."""
+    points = list(range(first, table.n_max))
+    return points, [table.jump(1)] * (len(points) - 1) + [table.stop]
+
+
+def _rows(
+    eid: str,
+    points: list[int],
+    actions: list[int],
+    nfe0: int,
+    refines: int,
+    table: ActionTable,
+    probs: list[float],
+    rng: np.random.Generator,
 ) -> list[dict[str, Any]]:
-    rows = []
-    for i in range(first, n_max):
+    n_max = table.n_max
+    cost = table.nfe_cost
+    rows, nfe = [], nfe0
+    for j, (i, a) in enumerate(zip(points, actions, strict=True)):
         frac = (i + 1) / n_max
         rows.append(
             {
@@ -55,9 +107,9 @@ def _steps(
                 "timestep": float(1000 * (1 - i / n_max)),
                 "t_frac": float(1 - i / n_max),
                 "sigma": float(10 * (1 - frac) + 0.01),
-                "action": mdp.STOP if i == n_max - 1 else mdp.CONTINUE,
-                "behavior_prob": 1.0,
-                "nfe": nfe0 + (i - first),
+                "action": a,
+                "behavior_prob": probs[j],
+                "nfe": nfe,
                 "refines_used": refines,
                 "wall_time_s": 0.01,
                 "peak_mem_bytes": 1 << 20,
@@ -65,6 +117,7 @@ def _steps(
                 "stability": float(frac + 0.01 * rng.standard_normal()),
             }
         )
+        nfe += int(cost[a])
     return rows
 
 
@@ -81,17 +134,18 @@ def write_synthetic_store(
     thumbnails: bool = True,
     seed: int = 0,
 ) -> list[Path]:
-    """Write ``n_prompts * seeds_per_prompt`` root episodes of ``n_max`` steps in shards of
-    ``shard_size`` roots. Every ``heldout_every``-th prompt is heldout. With ``branch_step``,
-    each root also gets a refine branch leaving at that step (steps branch_step+1..n_max-1)."""
+    """Write ``n_prompts * seeds_per_prompt`` roots (see the module docstring) in shards of
+    ``shard_size`` roots. Every ``heldout_every``-th prompt is heldout."""
     rng = np.random.default_rng(seed)
     info = synthetic_info(n_max, image_dim, text_dim)
-    k = info["sampler"]["refine_k"]
+    table = ActionTable.from_dict(info["actions"])
+    cost = table.nfe_cost
     roots = [(p, s) for p in range(n_prompts) for s in range(seeds_per_prompt)]
     paths = []
     for shard, start in enumerate(range(0, len(roots), shard_size)):
         writer = ShardWriter(store_dir, shard, info)
-        for p, s in roots[start : start + shard_size]:
+        for r in range(start, min(start + shard_size, len(roots))):
+            p, s = roots[r]
             eid = f"{p:06d}-{s}"
             base = {
                 "prompt_id": p,
@@ -101,12 +155,25 @@ def write_synthetic_store(
                 "seed": s,
             }
             text = rng.standard_normal(text_dim).astype(np.float32)
-            episodes = [(eid, None, -1, _steps(eid, 0, n_max, 1, 0, rng))]
-            if branch_step is not None:
+            pattern = ROOT_PATTERNS[r % len(ROOT_PATTERNS)]
+            points, actions = root_path(table, pattern)
+            prob = 1.0 if len(pattern) == 1 else 1.0 / len(table.jumps)
+            root_rows = _rows(eid, points, actions, 1, 0, table, [prob] * len(points), rng)
+            episodes = [(eid, None, -1, -1, root_rows)]
+            if branch_step is not None and branch_step in points[:-1]:
+                j = points.index(branch_step)
+                if (r // len(ROOT_PATTERNS)) % 2 == 0:
+                    b_action, refines = table.refine, 1
+                else:
+                    b_action, refines = min(a for a in table.jumps if a != actions[j]), 0
+                first = int(table.target(branch_step, b_action))
+                b_points, b_actions = continuation(table, first)
+                nfe0 = root_rows[j]["nfe"] + int(cost[b_action])
                 bid = f"{eid}-b{branch_step}"
-                rows = _steps(bid, branch_step + 1, n_max, branch_step + 2 + k, 1, rng)
-                episodes.append((bid, eid, branch_step, rows))
-            for ep_id, parent, bstep, rows in episodes:
+                probs = [1.0] * len(b_points)
+                b_rows = _rows(bid, b_points, b_actions, nfe0, refines, table, probs, rng)
+                episodes.append((bid, eid, branch_step, b_action, b_rows))
+            for ep_id, parent, bstep, baction, rows in episodes:
                 n = len(rows)
                 writer.add_episode(
                     episode={
@@ -114,6 +181,7 @@ def write_synthetic_store(
                         **base,
                         "parent_episode_id": parent,
                         "branch_step": bstep,
+                        "branch_action": baction,
                         "num_steps": n,
                     },
                     steps=rows,

@@ -1,9 +1,12 @@
 """Validate a store shard, a whole store or a built dataset; every problem names file and row.
 
 Checks: schema version, sha256 of every file against the manifest (``shard.json`` / ``meta/
-info.json``), Parquet readability and column types, episode/step integrity (steps contiguous from
-the episode's first step, every step's episode exists, branch parents exist, feature/text rows in
-range), actions in range, NaN/inf in scalars and in the feature arrays, feature dims vs metadata.
+info.json``), Parquet readability and column types, episode/step integrity (every step's episode
+exists, feature/text rows in range), the paths against the recorded action table
+(``info["actions"]``): action ids valid and legal, steps strictly increasing on the grid, each
+non-last row's next step where its action leads (``table.target``), roots from step 0, branches
+leaving an existing parent row at ``branch_step`` by a legal non-stop ``branch_action`` and
+starting where it leads; NaN/inf in scalars and in the feature arrays, feature dims vs metadata.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import zarr
 
 from addiffusion.datasets.schema import EPISODES_SCHEMA, SCHEMA_VERSION
 from addiffusion.datasets.store import sha256_file, shard_paths, steps_schema
+from addiffusion.diffusion.actions import ActionTable
 
 MAX_ROWS_REPORTED = 5
 SPLITS = ("train", "heldout")
@@ -123,7 +127,12 @@ def _report(problems: list[Problem], rows: pl.DataFrame, message: str) -> None:
 
 
 def check_tables(
-    episodes: pl.DataFrame, steps: pl.DataFrame, components: list[str], n_image: int, n_text: int
+    episodes: pl.DataFrame,
+    steps: pl.DataFrame,
+    components: list[str],
+    n_image: int,
+    n_text: int,
+    table: ActionTable,
 ) -> list[Problem]:
     """Index integrity between the episodes and steps tables (frames from :func:`read_checked`)."""
     p: list[Problem] = []
@@ -152,30 +161,7 @@ def check_tables(
         ),
         "branch {episode_id!r} names parent {parent_episode_id!r}, which does not exist",
     )
-    per_ep = steps.group_by("episode_id").agg(
-        pl.len().alias("n"),
-        pl.col("step").min().alias("lo"),
-        pl.col("step").max().alias("hi"),
-        pl.col("step").n_unique().alias("uniq"),
-    )
-    first = (
-        pl.when(pl.col("parent_episode_id").is_null()).then(0).otherwise(pl.col("branch_step") + 1)
-    )
-    joined = episodes.join(per_ep, on="episode_id", how="left").with_columns(first.alias("first"))
-    bad = joined.filter(
-        pl.col("n").is_null()
-        | (pl.col("n") != pl.col("num_steps"))
-        | (pl.col("lo") != pl.col("first"))
-        | (pl.col("hi") != pl.col("first") + pl.col("num_steps") - 1)
-        | (pl.col("uniq") != pl.col("n"))
-    )
-    _report(
-        p,
-        bad,
-        "episode {episode_id!r}: num_steps={num_steps} but its steps are {n} rows "
-        "numbered {lo}..{hi} ({uniq} distinct); expected contiguous {first}.."
-        "{first}+num_steps-1",
-    )
+    p += _check_paths(episodes, steps, table)
     _report(
         p,
         steps.filter((pl.col("feature_row") < 0) | (pl.col("feature_row") >= n_image)),
@@ -191,13 +177,122 @@ def check_tables(
         episodes.filter((pl.col("text_row") < 0) | (pl.col("text_row") >= n_text)),
         f"text_row {{text_row}} out of range [0, {n_text})",
     )
-    _report(p, steps.filter(~pl.col("action").is_between(0, 2)), "action {action} not in 0..2")
     for c in ["timestep", "t_frac", "sigma", "behavior_prob", *components]:
         _report(
             p,
             steps.filter(pl.col(c).is_null() | ~pl.col(c).is_finite()),
             f"{c} is {{{c}}} (must be finite)",
         )
+    return p
+
+
+def _check_paths(episodes: pl.DataFrame, steps: pl.DataFrame, table: ActionTable) -> list[Problem]:
+    """Steps strictly increasing and on the grid, actions valid and legal, every next row where
+    the row's action leads, roots from 0, branches from a legal non-stop action at a parent row."""
+    p: list[Problem] = []
+    n, n_max = table.n, table.n_max
+    names = {i: name for i, name in enumerate(table.names)}
+    _report(
+        p,
+        steps.filter(~pl.col("action").is_between(0, n - 1)),
+        f"action {{action}} is not an id of the recorded action table (0..{n - 1}: "
+        + ", ".join(table.names)
+        + ")",
+    )
+    _report(
+        p,
+        steps.filter(~pl.col("step").is_between(0, n_max - 1)),
+        f"step {{step}} is off the grid [0, {n_max})",
+    )
+    st = steps.with_row_index("_i").sort("episode_id", "_i", maintain_order=True)
+    step = np.clip(st["step"].to_numpy().astype(np.int64), 0, n_max - 1)
+    action = np.clip(st["action"].to_numpy().astype(np.int64), 0, n - 1)
+    used = st["refines_used"].to_numpy().astype(np.int64)
+    ok_action = st["action"].is_between(0, n - 1).to_numpy()
+    legal = table.mask(step, used)[np.arange(len(st)), action] | ~ok_action
+    st = st.with_columns(
+        pl.Series("_target", table.target(step, action)),
+        pl.Series("_legal", legal),
+        pl.col("action").cast(pl.Int64).replace_strict(names, default="?").alias("_name"),
+        pl.col("step").shift(-1).over("episode_id").alias("_next"),
+        pl.col("step").shift(1).over("episode_id").alias("_prev"),
+    )
+    _report(
+        p,
+        st.filter(pl.col("_prev").is_not_null() & (pl.col("step") <= pl.col("_prev"))),
+        "episode {episode_id!r}: step {step} follows step {_prev}; steps must strictly increase",
+    )
+    _report(
+        p,
+        st.filter(~pl.col("_legal")),
+        "episode {episode_id!r}: action {_name} ({action}) is illegal at step {step} "
+        "(refines_used {refines_used})",
+    )
+    _report(
+        p,
+        st.filter(
+            pl.col("_next").is_not_null()
+            & pl.col("action").is_between(0, n - 1)
+            & (pl.col("_next") > pl.col("step"))
+            & (pl.col("_next") != pl.col("_target"))
+        ),
+        "episode {episode_id!r}: action {_name} at step {step} leads to step {_target}, but the "
+        "episode's next row is step {_next}",
+    )
+    per_ep = st.group_by("episode_id").agg(pl.len().alias("n"), pl.col("step").first().alias("lo"))
+    joined = episodes.join(per_ep, on="episode_id", how="left", maintain_order="left")
+    _report(
+        p,
+        joined.filter(pl.col("n").is_null() | (pl.col("n") != pl.col("num_steps"))),
+        "episode {episode_id!r}: num_steps={num_steps} but it has {n} step rows",
+    )
+    roots = joined.filter(pl.col("parent_episode_id").is_null())
+    _report(
+        p,
+        roots.filter((pl.col("branch_step") != -1) | (pl.col("branch_action") != -1)),
+        "root {episode_id!r} has branch_step {branch_step} / branch_action {branch_action} "
+        "(roots have -1, -1)",
+    )
+    _report(
+        p,
+        roots.filter(pl.col("lo").is_not_null() & (pl.col("lo") != 0)),
+        "root {episode_id!r} starts at step {lo}, expected 0",
+    )
+    parent_rows = st.select(
+        pl.col("episode_id").alias("parent_episode_id"),
+        pl.col("step").alias("branch_step"),
+        pl.col("refines_used").alias("_parent_refines"),
+    )
+    br = joined.filter(pl.col("parent_episode_id").is_not_null()).join(
+        parent_rows, on=["parent_episode_id", "branch_step"], how="left", maintain_order="left"
+    )
+    _report(
+        p,
+        br.filter(pl.col("_parent_refines").is_null()),
+        "branch {episode_id!r}: parent {parent_episode_id!r} has no row at branch_step "
+        "{branch_step}",
+    )
+    br = br.filter(pl.col("_parent_refines").is_not_null())
+    ba = br["branch_action"].to_numpy().astype(np.int64)
+    bstep = np.clip(br["branch_step"].to_numpy().astype(np.int64), 0, n_max - 1)
+    ba_c = np.clip(ba, 0, n - 1)
+    legal_b = table.mask(bstep, br["_parent_refines"].to_numpy())[np.arange(len(br)), ba_c]
+    ok = (ba >= 0) & (ba < n) & (ba != table.stop) & legal_b
+    br = br.with_columns(pl.Series("_ok", ok), pl.Series("_first", table.target(bstep, ba_c)))
+    _report(
+        p,
+        br.filter(~pl.col("_ok")),
+        "branch {episode_id!r}: branch_action {branch_action} is not a legal non-stop action "
+        "at step {branch_step} of {parent_episode_id!r} (actions: "
+        + ", ".join(f"{i}={name}" for i, name in enumerate(table.names))
+        + ")",
+    )
+    _report(
+        p,
+        br.filter(pl.col("_ok") & pl.col("lo").is_not_null() & (pl.col("lo") != pl.col("_first"))),
+        "branch {episode_id!r} starts at step {lo}, but branch_action {branch_action} from "
+        "step {branch_step} leads to step {_first}",
+    )
     return p
 
 
@@ -273,9 +368,15 @@ def _check_contents(
     episodes_schema: pa.Schema,
     image_dim: int,
     text_dim: int,
+    info_path: Path,
 ) -> list[Problem]:
     problems: list[Problem] = []
     components = list(info.get("components", []))
+    table = None
+    try:
+        table = ActionTable.from_dict(info.get("actions"), "actions")
+    except ValueError as e:
+        problems.append(Problem(str(info_path), None, f"no valid action table: {e}"))
     episodes = read_checked(episode_files, episodes_schema, problems)
     steps = read_checked(step_files, steps_schema(components), problems)
     group = _open_group(root / "features.zarr", problems)
@@ -295,8 +396,8 @@ def _check_contents(
         (text_dim,),
         problems,
     )
-    if episodes is not None and steps is not None:
-        problems += check_tables(episodes, steps, components, n_img, n_txt)
+    if episodes is not None and steps is not None and table is not None:
+        problems += check_tables(episodes, steps, components, n_img, n_txt, table)
     return problems
 
 
@@ -315,6 +416,7 @@ def validate_shard(path: Path) -> list[Problem]:
         EPISODES_SCHEMA,
         int(info["image_dim"]),
         int(info["text_dim"]),
+        path / "shard.json",
     )
     return problems
 
@@ -338,6 +440,7 @@ def validate_dataset(path: Path) -> list[Problem]:
         schema,
         int(obs.get("image_dim", -1)),
         int(obs.get("text_dim", -1)),
+        path / "meta" / "info.json",
     )
     return problems
 

@@ -14,8 +14,8 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from addiffusion.datasets.d3rlpy_convert import to_replay_buffers
-    from addiffusion.datasets.relabel import read_info
     from addiffusion.offline_rl.train import train_offline
+    from addiffusion.task import read_info, read_task
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -31,7 +31,10 @@ def _train(args: argparse.Namespace) -> int:
     train, val = to_replay_buffers(
         Path(args.dataset), Path(args.rewards), float(split["val_fraction"]), int(split["seed"])
     )
-    metrics = train_offline(train, val, cfg, Path(args.out), show_progress=not args.quiet)
+    table = read_task(Path(args.dataset)).actions
+    metrics = train_offline(
+        train, val, cfg, Path(args.out), actions=table, show_progress=not args.quiet
+    )
     rows = [(cfg.algo, metrics), *metrics.get("baselines", {}).items()]
     for name, m in rows:
         stop = (m.get("val") or {}).get("stop") or {}
@@ -59,6 +62,7 @@ def _verify(args: argparse.Namespace) -> int:
         "algo": policy.algo_name,
         "observation_dim": policy.observation_dim,
         "action_size": policy.action_size,
+        "actions": list(policy.actions.names),
         "sha256": policy.manifest["sha256"],
     }
     print(json.dumps(summary, indent=2))
@@ -68,7 +72,7 @@ def _verify(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "offline-rl",
-        help="train the stop/continue/refine policy offline (discrete IQL; CQL/BC baselines)",
+        help="train the jump/stop/refine policy offline (discrete IQL; CQL/BC baselines)",
     )
     stage = parser.add_subparsers(dest="offline_rl_command", required=True, metavar="<command>")
 

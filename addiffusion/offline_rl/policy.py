@@ -20,6 +20,7 @@ from torch import nn
 
 import addiffusion.offline_rl.discrete_iql  # noqa: F401  (registers discrete_iql for load_learnable)
 from addiffusion.datasets.store import sha256_file
+from addiffusion.diffusion.actions import ActionTable
 
 MANIFEST_FORMAT = "addiffusion.offline_rl.manifest/1"
 D3RLPY_TYPES = {"iql": "discrete_iql", "cql": "discrete_cql", "bc": "discrete_bc"}
@@ -43,6 +44,17 @@ class OfflinePolicy:
         self.algo_name: str = manifest["algo"]
         self.observation_dim: int = int(manifest["observation_dim"])
         self.action_size: int = int(manifest["action_size"])
+        self.actions: ActionTable = ActionTable.from_dict(manifest["actions"], "manifest 'actions'")
+        """The action table the policy was trained on (the dataset's); ``n == action_size``."""
+
+    def check_actions(self, table: ActionTable, where: str = "the task") -> None:
+        """Raise if ``table`` (e.g. a sampler's or a dataset's) is not the policy's table."""
+        if table != self.actions:
+            raise ValueError(
+                f"the policy was trained on actions {list(self.actions.names)} "
+                f"({self.actions.to_dict()}), but {where} has {list(table.names)} "
+                f"({table.to_dict()})"
+            )
 
     def _check(self, obs: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         obs = np.asarray(obs, dtype=np.float32)
@@ -65,7 +77,7 @@ class OfflinePolicy:
         return obs, mask
 
     def scores(self, obs: np.ndarray) -> np.ndarray:
-        """Unmasked preference per action, (B, 3) float32: logits (iql, bc) or mean Q (cql)."""
+        """Unmasked preference per action, (B, n) float32: logits (iql, bc) or mean Q (cql)."""
         obs, _ = self._check(obs, None)
         impl = self.algo.impl
         assert impl is not None
@@ -84,16 +96,16 @@ class OfflinePolicy:
         return logits.cpu().numpy().astype(np.float32)
 
     def masked_scores(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """:meth:`scores` with illegal actions set to -inf: (B, 3)."""
+        """:meth:`scores` with illegal actions set to -inf: (B, n)."""
         obs, mask = self._check(obs, mask)
         return np.where(mask, self.scores(obs), -np.inf).astype(np.float32)
 
     def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Greedy legal action. obs: (B, D) float32, mask: (B, 3) bool -> (B,) int64."""
+        """Greedy legal action. obs: (B, D) float32, mask: (B, n) bool -> (B,) int64."""
         return self.masked_scores(obs, mask).argmax(axis=1).astype(np.int64)
 
     def action_probs(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Probabilities over legal actions, (B, 3) float32, zero on illegal ones."""
+        """Probabilities over legal actions, (B, n) float32, zero on illegal ones."""
         z = self.masked_scores(obs, mask).astype(np.float64)
         if self.algo_name == "cql":
             probs = np.zeros_like(z)
@@ -127,9 +139,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{path} is not an offline_rl manifest (expected format {MANIFEST_FORMAT!r}, got "
             f"{manifest.get('format') if isinstance(manifest, dict) else type(manifest).__name__!r})"
         )
-    for key in ("algo", "sha256", "observation_dim", "action_size", "d3rlpy_type"):
+    for key in ("algo", "sha256", "observation_dim", "action_size", "actions", "d3rlpy_type"):
         if key not in manifest:
             raise PolicyLoadError(f"{path} has no {key!r} entry")
+    try:
+        table = ActionTable.from_dict(manifest["actions"], f"{path} 'actions'")
+    except ValueError as e:
+        raise PolicyLoadError(str(e)) from e
+    if table.n != int(manifest["action_size"]):
+        raise PolicyLoadError(
+            f"{path}: action_size {manifest['action_size']} != the action table's {table.n}"
+        )
     return manifest
 
 
@@ -163,11 +183,11 @@ def load_policy(path: Path, manifest: Path | None = None, device: str = "cpu:0")
 
 
 def actor_logits_module(policy: OfflinePolicy) -> nn.Sequential:
-    """The policy network as a plain torch MLP: obs (B, D) float32 -> logits (B, 3).
+    """The policy network as a plain torch MLP: obs (B, D) float32 -> logits (B, n).
 
     Architecture (for ``hidden_units = [h1, ..., hn]``)::
 
-        nn.Sequential(Linear(D, h1), ReLU(), Linear(h1, h2), ReLU(), ..., Linear(hn, 3))
+        nn.Sequential(Linear(D, h1), ReLU(), Linear(h1, h2), ReLU(), ..., Linear(hn, n))
 
     state_dict keys ``0.weight, 0.bias, 2.weight, ...``; the last Linear is the logits head. The
     observation standardisation (if any) is folded into the first Linear

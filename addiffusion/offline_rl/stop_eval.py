@@ -1,16 +1,18 @@
-"""Exact off-policy evaluation of *when to stop*, from the counterfactual stop transitions.
+"""Exact off-policy evaluation of *when to stop*, among the points on each recorded path.
 
-A root trajectory runs to ``n_max`` and the converter adds, for every step where stop is legal, a
-one-step terminal episode ``(s_i, STOP, r_stop_i)``. So the return of "continue until j, then
-stop" is known for every j without a model:
+A trajectory (a root, or a branch with its entry transition) follows a recorded path of actions
+(jumps / refine) and stops at its last point; the converter adds, for every point where stop is
+legal, a one-step terminal episode ``(s_i, stop, r_stop_i)``. So the return of "follow the path
+until its j-th point, then stop" is known for every j without a model:
 
-    R(j) = Σ_{i<j} r_cont_i + r_stop_j          (undiscounted: the quality/NFE trade-off itself)
+    R(j) = Σ_{i<j} r_i + r_stop_j          (undiscounted: the quality/NFE trade-off itself)
 
-A policy is rolled along each recorded trajectory with refine masked off (its outcome is not in the
-trajectory), stop masked off where no stop outcome was recorded (warm-up) and continue masked off at
-the last step; it stops at the first step it picks STOP. We report its mean R, the oracle's
-(best j in hindsight) and the regret. Stop outcomes are matched to trajectory steps by identical
-observation vectors.
+with ``r_i`` the reward of the recorded action at point i. A policy is rolled along each path
+with two legal choices per point: the path's recorded action (its outcome is in the data) and
+stop (where a stop outcome was recorded); at the last point only stop. It stops at the first
+point it picks stop. We report its mean R, the oracle's (best j in hindsight) and the regret.
+Stop outcomes are matched to path points by identical observation vectors. Action ids come from
+the dataset's action table.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from d3rlpy.dataset import EpisodeBase
 
-from addiffusion.diffusion.mdp import CONTINUE, N_ACTIONS, REFINE, STOP
+from addiffusion.diffusion.actions import ActionTable
 
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""``act(obs (N, D) float32, mask (N, 3) bool) -> (N,) int``."""
+"""``act(obs (N, D) float32, mask (N, table.n) bool) -> (N,) int``."""
 
 
 @dataclass(frozen=True)
 class StopEvaluation:
     n_episodes: int
-    """Root trajectories evaluated (all-continue episodes of >= 2 steps ending in a known stop)."""
+    """Trajectories evaluated (episodes of >= 2 points ending in a recorded stop)."""
     mean_return: float
     """Mean undiscounted return R(j) at the policy's stop step."""
     oracle_return: float
@@ -38,8 +40,9 @@ class StopEvaluation:
     regret: float
     """oracle_return - mean_return (>= 0)."""
     mean_stop_step: float
+    """Mean index (along its path, 0 = first point) of the point where the policy stops."""
     oracle_stop_step: float
-    """Mean of the earliest best stop step."""
+    """Mean index of the earliest best stop point."""
     best_stop_rate: float
     """Fraction of episodes where the policy's stop step attains max_j R(j)."""
 
@@ -50,43 +53,49 @@ class StopEvaluation:
 @dataclass(frozen=True)
 class _Trajectory:
     observations: np.ndarray  # (T, D) float32
-    continue_rewards: np.ndarray  # (T - 1,) reward of continuing from step i
+    actions: np.ndarray  # (T - 1,) recorded action at point i (the path)
+    path_rewards: np.ndarray  # (T - 1,) its reward
     stop_rewards: np.ndarray  # (T,) reward of stopping at step i, nan where unknown
 
 
-def stop_trajectories(episodes: Sequence[EpisodeBase]) -> list[_Trajectory]:
-    """Root trajectories with the stop outcome of each step attached (see module docstring)."""
+def stop_trajectories(episodes: Sequence[EpisodeBase], table: ActionTable) -> list[_Trajectory]:
+    """Trajectories with the stop outcome of each point attached (see module docstring)."""
+    stop = table.stop
     stop_at: dict[bytes, float] = {}
     for ep in episodes:
-        if ep.size() == 1 and ep.terminated and int(np.asarray(ep.actions).reshape(-1)[0]) == STOP:
+        if ep.size() == 1 and ep.terminated and int(np.asarray(ep.actions).reshape(-1)[0]) == stop:
             obs = np.ascontiguousarray(ep.observations[0], dtype=np.float32)
             stop_at[obs.tobytes()] = float(np.asarray(ep.rewards).reshape(-1)[0])
     out = []
     for ep in episodes:
         actions = np.asarray(ep.actions).reshape(-1).astype(np.int64)
-        if ep.size() < 2 or not ep.terminated or actions[-1] != STOP:
+        if (
+            ep.size() < 2
+            or not ep.terminated
+            or actions[-1] != stop
+            or np.any(actions[:-1] == stop)
+        ):
             continue
-        if np.any(actions[:-1] != CONTINUE):
-            continue  # a refine branch: its continuation is not the all-continue path
         obs = np.ascontiguousarray(ep.observations, dtype=np.float32)
         rewards = np.asarray(ep.rewards, dtype=np.float64).reshape(-1)
-        stop = np.array([stop_at.get(o.tobytes(), np.nan) for o in obs[:-1]] + [rewards[-1]])
-        out.append(_Trajectory(obs, rewards[:-1], stop))
+        known = [stop_at.get(o.tobytes(), np.nan) for o in obs[:-1]]
+        out.append(_Trajectory(obs, actions[:-1], rewards[:-1], np.array([*known, rewards[-1]])))
     return out
 
 
-def evaluate_stops(act: ActFn, episodes: Sequence[EpisodeBase]) -> StopEvaluation | None:
-    """Roll ``act`` along every root trajectory in ``episodes``; None if there is none."""
-    trajs = stop_trajectories(episodes)
+def evaluate_stops(
+    act: ActFn, episodes: Sequence[EpisodeBase], table: ActionTable
+) -> StopEvaluation | None:
+    """Roll ``act`` along every recorded path in ``episodes``; None if there is none."""
+    trajs = stop_trajectories(episodes, table)
     if not trajs:
         return None
     obs = np.concatenate([t.observations for t in trajs])
     masks = []
     for t in trajs:
-        m = np.zeros((len(t.observations), N_ACTIONS), dtype=bool)
-        m[:-1, CONTINUE] = True
-        m[:, STOP] = ~np.isnan(t.stop_rewards)
-        m[:, REFINE] = False
+        m = np.zeros((len(t.observations), table.n), dtype=bool)
+        m[np.arange(len(t.actions)), t.actions] = True
+        m[:, table.stop] = ~np.isnan(t.stop_rewards)
         masks.append(m)
     actions = np.asarray(act(obs, np.concatenate(masks))).reshape(-1)
 
@@ -97,8 +106,8 @@ def evaluate_stops(act: ActFn, episodes: Sequence[EpisodeBase]) -> StopEvaluatio
         a = actions[start : start + n]
         start += n
         # R(j) for every j; nan where stopping was not possible.
-        returns = np.concatenate([[0.0], np.cumsum(t.continue_rewards)]) + t.stop_rewards
-        stops = np.flatnonzero(a == STOP)
+        returns = np.concatenate([[0.0], np.cumsum(t.path_rewards)]) + t.stop_rewards
+        stops = np.flatnonzero(a == table.stop)
         j = int(stops[0]) if stops.size else n - 1
         best_value = float(np.nanmax(returns))
         got.append(float(returns[j]))

@@ -3,7 +3,8 @@
 Output folder of one run (``out_dir``)::
 
     policy.d3          d3rlpy checkpoint (``algo.save``): config, weights, optimizer states
-    manifest.json      algo, sha256 of policy.d3, observation dim, action size, config, metrics
+    manifest.json      algo, sha256 of policy.d3, observation dim, action size, the action table
+                       (``actions``: ActionTable.to_dict()), config, metrics
     metrics.json       final losses, validation metrics, stop-decision evaluation (+ baselines)
     training.csv       one row per epoch: losses and validation metrics (for ``dvc plots``)
     logs/<algo>/       d3rlpy's FileAdapter log (params.json, one CSV per metric)
@@ -35,7 +36,7 @@ from d3rlpy.models.encoders import VectorEncoderFactory
 from d3rlpy.preprocessing import StandardObservationScaler
 
 from addiffusion.datasets.store import sha256_file
-from addiffusion.diffusion.mdp import N_ACTIONS, REFINE
+from addiffusion.diffusion.actions import ActionTable
 from addiffusion.offline_rl.config import Algo, OfflineRLConfig
 from addiffusion.offline_rl.discrete_iql import DiscreteIQLConfig
 from addiffusion.offline_rl.policy import (
@@ -55,15 +56,16 @@ def resolve_device(device: str) -> str:
     return {"cpu": "cpu:0", "cuda": "cuda:0"}.get(device, device)
 
 
-def check_buffer(buffer: ReplayBuffer, name: str) -> int:
-    """Check a buffer holds our MDP's data; returns the observation dim."""
+def check_buffer(buffer: ReplayBuffer, name: str, table: ActionTable) -> int:
+    """Check a buffer holds our MDP's data (discrete, ``table.n`` actions); returns the
+    observation dim."""
     info = buffer.dataset_info
     if info.action_space != ActionSpace.DISCRETE:
         raise ValueError(f"{name} buffer must have action_space=DISCRETE, got {info.action_space}")
-    if info.action_size != N_ACTIONS:
+    if info.action_size != table.n:
         raise ValueError(
-            f"{name} buffer must have action_size={N_ACTIONS} (continue/stop/refine), got "
-            f"{info.action_size}"
+            f"{name} buffer must have action_size={table.n} (the dataset's action table: "
+            f"{', '.join(table.names)}), got {info.action_size}"
         )
     if not buffer.episodes:
         raise ValueError(f"{name} buffer has no episodes")
@@ -124,7 +126,9 @@ def make_algo(
     raise ValueError(f"offline_rl.algo must be one of iql, cql, bc, got {algo!r}")
 
 
-def _evaluators(algo: Algo, val: ReplayBuffer | None) -> dict[str, EvaluatorProtocol]:
+def _evaluators(
+    algo: Algo, val: ReplayBuffer | None, table: ActionTable
+) -> dict[str, EvaluatorProtocol]:
     if val is None or not val.episodes:
         return {}
     evaluators: dict[str, EvaluatorProtocol] = {
@@ -132,13 +136,9 @@ def _evaluators(algo: Algo, val: ReplayBuffer | None) -> dict[str, EvaluatorProt
     }
     if algo != "bc":  # BC has no Q function
         evaluators["val_td_error"] = TDErrorEvaluator(val.episodes)
-        # Root trajectories only: one-step counterfactual stops and refine branches (which start
-        # with the parent's state and REFINE) are not episode starts.
-        starts = [
-            ep
-            for ep in val.episodes
-            if ep.size() > 1 and int(np.asarray(ep.actions).reshape(-1)[0]) != REFINE
-        ]
+        # Trajectories only (one-step counterfactual stops are not episode starts); branches
+        # start at their parent's state, a state of the MDP too.
+        starts = [ep for ep in val.episodes if ep.size() > 1]
         if starts:
             evaluators["val_initial_value"] = InitialStateValueEstimationEvaluator(starts)
     return evaluators
@@ -160,8 +160,9 @@ def _train_one(
     out_dir: Path,
     log: bool,
     show_progress: bool,
+    table: ActionTable,
 ) -> dict[str, Any]:
-    obs_dim = check_buffer(train, "train")
+    obs_dim = check_buffer(train, "train", table)
     d3rlpy.seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     scaler = standard_scaler(train) if cfg.observation_scaler == "standard" else None
@@ -182,7 +183,7 @@ def _train_one(
         logger_adapter=adapter,
         show_progress=show_progress,
         save_interval=n_epochs + 1,  # the only checkpoint is policy.d3, whose hash is recorded
-        evaluators=_evaluators(cfg.algo, val),
+        evaluators=_evaluators(cfg.algo, val, table),
     )
     policy_path = out_dir / "policy.d3"
     algo.save(str(policy_path))
@@ -197,7 +198,8 @@ def _train_one(
         "policy_file": policy_path.name,
         "sha256": sha256_file(policy_path),
         "observation_dim": obs_dim,
-        "action_size": N_ACTIONS,
+        "action_size": table.n,
+        "actions": table.to_dict(),
         "actor": {
             "hidden_units": list(cfg.hidden_units),
             "activation": "relu",
@@ -218,9 +220,9 @@ def _train_one(
         "losses": {k: float(v) for k, v in final.items() if not k.startswith(("time_", "val_"))},
         "val": {k[4:]: float(v) for k, v in final.items() if k.startswith("val_")},
     }
-    train_stops = evaluate_stops(policy.act, train.episodes)
+    train_stops = evaluate_stops(policy.act, train.episodes, table)
     metrics["train_stop"] = train_stops.to_dict() if train_stops else None
-    val_stops = evaluate_stops(policy.act, val.episodes) if val is not None else None
+    val_stops = evaluate_stops(policy.act, val.episodes, table) if val is not None else None
     metrics["val"]["stop"] = val_stops.to_dict() if val_stops else None
     manifest["metrics"] = metrics
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -234,29 +236,37 @@ def train_offline(
     cfg: OfflineRLConfig,
     out_dir: Path,
     *,
+    actions: ActionTable,
     log: bool = True,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg.algo`` on ``train`` (validation metrics on ``val``), then each baseline.
 
-    Buffers: d3rlpy ReplayBuffers with ``ActionSpace.DISCRETE``, ``action_size=3`` and flat
-    float32 observations (B, D). Writes the files listed in the module docstring under
+    Buffers: d3rlpy ReplayBuffers with ``ActionSpace.DISCRETE``, ``action_size=actions.n`` (the
+    dataset's action table, recorded in the manifest as ``actions``) and flat float32
+    observations (B, D). Writes the files listed in the module docstring under
     ``out_dir`` and returns the content of ``out_dir/metrics.json`` (baselines under
     ``"baselines"``). ``log=False`` uses d3rlpy's NoopAdapter (no ``logs/`` folder).
     """
     out_dir = Path(out_dir)
-    obs_dim = check_buffer(train, "train")
-    if val is not None and val.episodes and check_buffer(val, "val") != obs_dim:
+    obs_dim = check_buffer(train, "train", actions)
+    if val is not None and val.episodes and check_buffer(val, "val", actions) != obs_dim:
         raise ValueError(
-            f"val observations have dim {check_buffer(val, 'val')}, train ones {obs_dim}"
+            f"val observations have dim {check_buffer(val, 'val', actions)}, train ones {obs_dim}"
         )
-    summary = _train_one(train, val, cfg, out_dir, log, show_progress)
+    summary = _train_one(train, val, cfg, out_dir, log, show_progress, actions)
     # Always present (maybe empty), so a pipeline can declare it as an output.
     (out_dir / "baselines").mkdir(exist_ok=True)
     if cfg.baselines:
         summary["baselines"] = {
             name: _train_one(
-                train, val, cfg.with_algo(name), out_dir / "baselines" / name, log, show_progress
+                train,
+                val,
+                cfg.with_algo(name),
+                out_dir / "baselines" / name,
+                log,
+                show_progress,
+                actions,
             )
             for name in cfg.baselines
         }

@@ -30,10 +30,10 @@ def test_build_layout_and_validate_clean(dataset: Path) -> None:
     assert set(info["component_stats"]) == {"clip_score", "stability"}
     assert info["counts"] == {
         "shards": 3,
-        "episodes": 24,
+        "episodes": 20,
         "root_episodes": 12,
-        "steps": 84,
-        "episodes_per_rl_split": {"heldout": 8, "train": 12, "val": 4},
+        "steps": 62,
+        "episodes_per_rl_split": {"heldout": 6, "train": 10, "val": 4},
     }
     assert len(list((dataset / "data" / "steps").glob("train-*.parquet"))) > 1  # chunked
     ep = pl.read_parquet(dataset / "data" / "episodes")
@@ -56,21 +56,21 @@ def test_hf_datasets_loads_the_folder(dataset: Path) -> None:
     import datasets
 
     steps = datasets.load_dataset(str(dataset), "steps")
-    assert steps["train"].num_rows + steps["heldout"].num_rows == 84
+    assert steps["train"].num_rows + steps["heldout"].num_rows == 62
     assert "clip_score" in steps["train"].column_names
     episodes = datasets.load_dataset(str(dataset), "episodes")
-    assert episodes["heldout"].num_rows == 8
+    assert episodes["heldout"].num_rows == 6
     wds = datasets.load_dataset(
         "webdataset", data_files=str(dataset / "webdataset" / "*.tar"), split="train"
     )
-    assert wds.num_rows == 24
+    assert wds.num_rows == 20
     row = wds[0]
     assert row["json"]["steps"][0]["step"] >= 0 and row["png"].size[1] == 4
 
 
 def test_stream_and_load(dataset: Path) -> None:
     eps = list(iter_episodes(dataset))
-    assert len(eps) == 24
+    assert len(eps) == 20
     root = next(e for e in eps if e["parent_episode_id"] is None)
     assert len(root["steps"]) == 5 and root["filmstrip"].shape == (4, 20, 3)
     assert load(str(dataset)) == dataset
@@ -139,10 +139,71 @@ def test_row_level_problems_name_the_row(store: Path) -> None:
     )
     table.write_parquet(p)
     problems = [str(x) for x in validate(shard)]
+    info = json.loads((shard / "shard.json").read_text())
     assert any(
         x.endswith("steps.parquet row 3: clip_score is nan (must be finite)") for x in problems
     ), problems
-    assert any("numbered" in x and "episodes.parquet row" in x for x in problems), problems
+    assert any(x.endswith("steps.parquet row 6: step 99 is off the grid [0, 5)") for x in problems)
+    assert info["actions"]["actions"][-2]["name"] == "stop"
+
+
+def _resign(shard: Path, name: str) -> None:
+    meta = json.loads((shard / "shard.json").read_text())
+    meta["files"][name] = sha256_file(shard / name)
+    (shard / "shard.json").write_text(json.dumps(meta))
+
+
+def test_wrong_next_step_is_named(store: Path) -> None:
+    shard = store / "shard-00000"
+    p = shard / "steps.parquet"
+    steps = pl.read_parquet(p)
+    # Root 000000-0 jumps by 1 (0, 1, 2, 3, 4); record jump-2 at its step 1 instead.
+    row = steps.with_row_index().filter(
+        (pl.col("episode_id") == "000000-0") & (pl.col("step") == 1)
+    )
+    i = int(row["index"][0])
+    steps.with_columns(
+        pl.when(pl.int_range(pl.len()) == i)
+        .then(1)
+        .otherwise(pl.col("action"))
+        .cast(pl.Int8)
+        .alias("action")
+    ).write_parquet(p)
+    _resign(shard, "steps.parquet")
+    problems = [str(x) for x in validate(shard)]
+    want = (
+        f"steps.parquet row {i}: episode '000000-0': action jump-2 at step 1 leads to step 3, "
+        "but the episode's next row is step 2"
+    )
+    assert any(x.endswith(want) for x in problems), problems
+
+
+def test_bad_branch_action_is_named(store: Path) -> None:
+    shard = store / "shard-00000"
+    p = shard / "episodes.parquet"
+    eps = pl.read_parquet(p)
+    i = eps["episode_id"].to_list().index("000000-0-b2")
+    stop = info_table(shard).stop
+    eps.with_columns(
+        pl.when(pl.int_range(pl.len()) == i)
+        .then(stop)
+        .otherwise(pl.col("branch_action"))
+        .cast(pl.Int32)
+        .alias("branch_action")
+    ).write_parquet(p)
+    _resign(shard, "episodes.parquet")
+    problems = [str(x) for x in validate(shard)]
+    assert any(
+        f"episodes.parquet row {i}: branch '000000-0-b2': branch_action {stop} is not a legal "
+        "non-stop action at step 2 of '000000-0'" in x
+        for x in problems
+    ), problems
+
+
+def info_table(shard: Path):
+    from addiffusion.diffusion.actions import ActionTable
+
+    return ActionTable.from_dict(json.loads((shard / "shard.json").read_text())["actions"])
 
 
 def test_stale_tmp_shard_is_not_built(store: Path, tmp_path: Path) -> None:

@@ -15,13 +15,18 @@ from addiffusion.datasets.d3rlpy_convert import (
     transition_counts,
 )
 from addiffusion.datasets.relabel import relabel
-from addiffusion.diffusion import mdp
+from addiffusion.diffusion.actions import ActionTable
+from addiffusion.task import read_info
 from addiffusion.rewards.config import RewardConfig
 
 # conftest: train prompts 0, 1, 3, 4 (2 seeds each) -> 8 roots of 5 steps, warm-up 1, and 8
 # branches leaving at step 2 (steps 3, 4).
 PER_ROOT = dict(continue_=4, stop_final=1, stop_counterfactual=3, refine=0)  # cf at 1, 2, 3
 PER_BRANCH = dict(continue_=1, stop_final=1, stop_counterfactual=1, refine=1)  # cf at 3
+
+
+def _table(dataset: Path) -> ActionTable:
+    return ActionTable.from_dict(read_info(dataset)["actions"])
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ def test_one_step_terminal_stop_episode(dataset: Path, rewards: Path) -> None:
     one_step = [e for e in train.episodes if e.size() == 1]
     assert one_step and all(e.terminated for e in one_step)
     t = train.transition_picker(one_step[0], 0)
-    assert t.terminal == 1.0 and int(t.action[0]) == mdp.STOP
+    assert t.terminal == 1.0 and int(t.action[0]) == _table(dataset).stop
     assert not np.any(t.next_observation)  # d3rlpy pads the terminal's next state with zeros
     r = pl.read_parquet(rewards)
     assert np.isclose(t.reward[0], r["r_stop"].to_numpy()).any()
@@ -64,7 +69,7 @@ def test_one_step_terminal_stop_episode(dataset: Path, rewards: Path) -> None:
     assert root.transition_count == 5
     mid, last = train.transition_picker(root, 1), train.transition_picker(root, 4)
     assert mid.terminal == 0.0 and np.array_equal(mid.next_observation, root.observations[2])
-    assert last.terminal == 1.0 and int(last.action[0]) == mdp.STOP
+    assert last.terminal == 1.0 and int(last.action[0]) == _table(dataset).stop
     batch = train.sample_transition_batch(16)
     assert batch.observations.shape == (16, 33) and batch.actions.shape == (16, 1)
 
@@ -91,7 +96,7 @@ def test_observations_follow_the_mdp_layout(dataset: Path, rewards: Path) -> Non
         np.diff(root.observations[:, q0]), root.observations[1:, q0 + 1], rtol=1e-5, atol=1e-6
     )
     # A branch starts at its parent's state with REFINE; its refines_used is then 1.
-    assert int(branch.actions[0, 0]) == mdp.REFINE
+    assert int(branch.actions[0, 0]) == _table(dataset).refine
     assert branch.observations[1, q0 + 4] == 1.0
     np.testing.assert_allclose(
         branch.observations[1, q0 + 1],
@@ -115,4 +120,4 @@ def test_discrete_cql_trains_on_the_buffer(dataset: Path, rewards: Path, tmp_pat
     )
     obs = np.stack([e.observations[0] for e in val.episodes])
     actions = cql.predict(obs)
-    assert actions.shape == (len(obs),) and set(actions.tolist()) <= {0, 1, 2}
+    assert actions.shape == (len(obs),) and set(actions.tolist()) <= set(range(_table(dataset).n))

@@ -26,7 +26,7 @@ def test_rewards_match_the_reward_definition(dataset: Path, tmp_path: Path) -> N
     cfg = RewardConfig(weights={"clip_score": 1.0, "stability": 0.5}, c_nfe=0.05)
     summary = relabel(dataset, cfg, tmp_path / "r.parquet")
     r = pl.read_parquet(tmp_path / "r.parquet")
-    assert summary["rows"] == r.height == 84
+    assert summary["rows"] == r.height == 62
     assert json.loads((tmp_path / "r.json").read_text())["rewards"]["c_nfe"] == 0.05
     stats = json.loads((dataset / "meta" / "info.json").read_text())["component_stats"]
 
@@ -35,19 +35,29 @@ def test_rewards_match_the_reward_definition(dataset: Path, tmp_path: Path) -> N
     got = r.filter(pl.col("episode_id") == "000000-0").sort("step")
     np.testing.assert_allclose(got["r_stop"], stop_reward(q, cfg), rtol=1e-5)
     np.testing.assert_allclose(
-        got["r_continue"][:-1], step_reward(q[:-1], q[1:], 1.0, cfg), rtol=1e-5, atol=1e-6
+        got["r_action"][:-1], step_reward(q[:-1], q[1:], 1.0, cfg), rtol=1e-5, atol=1e-6
     )
-    assert got["r_continue"][N_MAX - 1] is None  # no continue after the last step
-    # Refine at BRANCH_STEP -> the branch's first step, paying its extra NFE.
+    assert got["r_action"][N_MAX - 1] is None  # no continue after the last step
+    # Root 000000-0 jumps by 1 and branches by refine at BRANCH_STEP. Refine at BRANCH_STEP -> the branch's first step, paying its extra NFE.
     qb = quality({c: branch[c].to_numpy() for c in cfg.weights}, cfg, stats)
     dnfe = branch["nfe"][0] - root["nfe"][BRANCH_STEP]
     assert dnfe == 1 + 2  # one evaluation + refine_k
     expected = step_reward(q[BRANCH_STEP], qb[0], dnfe, cfg)
-    assert got["r_refine"].to_list()[BRANCH_STEP] == pytest.approx(float(expected), rel=1e-5)
-    assert got["r_refine"].null_count() == N_MAX - 1
+    assert summary["branch_edges"] == 8
     enter = r.filter(pl.col("episode_id") == f"000000-0-b{BRANCH_STEP}").sort("step")
     assert enter["r_enter"][0] == pytest.approx(float(expected), rel=1e-5)
     assert enter["r_enter"][1] is None
+    # Root 000000-1 jumps by 2 (0, 2, 4): r_action spans the jump to the next row by key.
+    q1 = _episode(dataset, "000000-1")
+    assert q1["step"].to_list() == [0, 2, 4]
+    g1 = r.filter(pl.col("episode_id") == "000000-1").sort("step")
+    qq = quality({c: q1[c].to_numpy() for c in cfg.weights}, cfg, stats)
+    np.testing.assert_allclose(
+        g1["r_action"][:-1], step_reward(qq[:-1], qq[1:], 1.0, cfg), rtol=1e-5, atol=1e-6
+    )
+    # Its branch takes jump-1 at point 2 instead of jump-2: enters at point 3 for one NFE.
+    b1 = _episode(dataset, "000002-0-b2")
+    assert b1["step"].to_list() == [3, 4]
 
 
 def test_weights_change_rewards_never_the_data(dataset: Path, tmp_path: Path) -> None:
@@ -59,7 +69,7 @@ def test_weights_change_rewards_never_the_data(dataset: Path, tmp_path: Path) ->
     relabel(dataset, RewardConfig(weights={"clip_score": 1.0}, c_nfe=0.5), tmp_path / "c.parquet")
     a, b, c = (pl.read_parquet(tmp_path / f"{n}.parquet") for n in "abc")
     assert not np.allclose(a["r_stop"], b["r_stop"])
-    assert not np.allclose(a["r_continue"].drop_nulls(), c["r_continue"].drop_nulls())
+    assert not np.allclose(a["r_action"].drop_nulls(), c["r_action"].drop_nulls())
     np.testing.assert_allclose(a["r_stop"], c["r_stop"])  # c_nfe only affects transitions
     assert file_checksums(dataset) == before and validate(dataset) == []
 

@@ -10,6 +10,9 @@ import pytest
 from addiffusion.datasets.store import ShardWriter, completed_shards, read_store
 from addiffusion.datasets.synthetic import synthetic_info
 from addiffusion.datasets.validate import validate
+from addiffusion.diffusion.actions import ActionTable
+
+STOP = ActionTable.from_dict(synthetic_info(5, 8, 4)["actions"]).stop
 
 
 def _episode(eid: str, n: int) -> tuple[dict, list[dict]]:
@@ -22,6 +25,7 @@ def _episode(eid: str, n: int) -> tuple[dict, list[dict]]:
         "seed": 0,
         "parent_episode_id": None,
         "branch_step": -1,
+        "branch_action": -1,
         "num_steps": n,
     }
     steps = [
@@ -31,7 +35,7 @@ def _episode(eid: str, n: int) -> tuple[dict, list[dict]]:
             "timestep": 900.0 - i,
             "t_frac": 0.9,
             "sigma": 1.0,
-            "action": 1 if i == n - 1 else 0,
+            "action": STOP if i == n - 1 else 0,  # jump-1 ... stop
             "behavior_prob": 1.0,
             "nfe": i + 1,
             "refines_used": 0,
@@ -49,9 +53,9 @@ def test_round_trip_and_checksums(store_master: Path) -> None:
     shards = read_store(store_master)
     assert [s.info["shard_index"] for s in shards] == [0, 1, 2]
     s = shards[0]
-    assert s.episodes.height == 8  # 4 roots + 4 branches
+    assert s.episodes.height == 7  # 4 roots + 3 branches (root 2 never visits point 2)
     assert s.features["image_features"].shape == (s.steps.height, 8)
-    assert s.features["text_features"].shape == (8, 4)
+    assert s.features["text_features"].shape == (7, 4)
     assert s.features["thumbnails"].shape == (s.steps.height, 4, 4, 3)
     assert set(s.info["files"]) >= {"episodes.parquet", "steps.parquet", "episodes.tar"}
     # The Zarr arrays use the sharding codec (one shard file per array here).

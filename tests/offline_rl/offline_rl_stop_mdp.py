@@ -14,11 +14,15 @@ import numpy as np
 from d3rlpy.constants import ActionSpace
 from d3rlpy.dataset import MDPDataset, ReplayBuffer
 
+from addiffusion.diffusion.actions import ActionTable
+
 N_STEPS = 8
 WARMUP = 1
 BEST_STOP = {0: 3, 1: 5}  # category -> best stop step
 RISE, C_NFE, BONUS = 0.5, 0.3, 1.0
 OBS_DIM = 12
+TABLE = ActionTable.build([1], N_STEPS, WARMUP, refine_budget=0, refine_k=2)
+"""jump-1 (the old continue) = 0, stop = 1, refine = 2."""
 
 
 def episode_observations(category: int, rng: np.random.Generator, noise: float) -> np.ndarray:
@@ -47,10 +51,7 @@ def episode_observations(category: int, rng: np.random.Generator, noise: float) 
 def stop_mask(step: np.ndarray) -> np.ndarray:
     """Legal actions per step: warm-up forces continue, the last step forces stop, no refine."""
     step = np.asarray(step)
-    mask = np.zeros((step.size, 3), dtype=bool)
-    mask[:, 0] = step < N_STEPS - 1
-    mask[:, 1] = step >= WARMUP
-    return mask
+    return TABLE.mask(np.asarray(step))
 
 
 def make_buffer(n_episodes: int, seed: int, noise: float = 0.05) -> ReplayBuffer:
@@ -76,5 +77,5 @@ def make_buffer(n_episodes: int, seed: int, noise: float = 0.05) -> ReplayBuffer
         rewards=np.asarray(rewards, dtype=np.float32).reshape(-1, 1),
         terminals=np.asarray(terminals, dtype=np.float32),
         action_space=ActionSpace.DISCRETE,
-        action_size=3,
+        action_size=TABLE.n,
     )

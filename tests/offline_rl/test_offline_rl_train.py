@@ -13,6 +13,7 @@ from offline_rl_stop_mdp import (
     BEST_STOP,
     N_STEPS,
     OBS_DIM,
+    TABLE,
     WARMUP,
     episode_observations,
     make_buffer,
@@ -50,7 +51,9 @@ TINY = dict(
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("offline_rl")
     cfg = OfflineRLConfig(algo="iql", baselines=["cql", "bc"], **TINY)
-    train_offline(make_buffer(80, seed=0), make_buffer(10, seed=1), cfg, out, log=True)
+    train_offline(
+        make_buffer(80, seed=0), make_buffer(10, seed=1), cfg, out, actions=TABLE, log=True
+    )
     return out
 
 
@@ -154,9 +157,11 @@ def test_empty_validation_and_bad_buffers(tmp_path: Path) -> None:
     from addiffusion.datasets.d3rlpy_convert import make_buffer as convert_buffer
 
     cfg = OfflineRLConfig(n_steps=10, n_steps_per_epoch=10, hidden_units=[4], batch_size=8)
-    empty_val = convert_buffer([], OBS_DIM)  # e.g. datasets.val_fraction = 0
-    metrics = train_offline(make_buffer(2, seed=0), empty_val, cfg, tmp_path / "a", log=False)
+    empty_val = convert_buffer([], OBS_DIM, TABLE.n)  # e.g. datasets.val_fraction = 0
+    metrics = train_offline(
+        make_buffer(2, seed=0), empty_val, cfg, tmp_path / "a", actions=TABLE, log=False
+    )
     assert metrics["val"] == {"stop": None} and metrics["train_stop"]["n_episodes"] == 2
     assert (tmp_path / "a" / "baselines").is_dir() and not (tmp_path / "a" / "logs").exists()
     with pytest.raises(ValueError, match="train buffer has no episodes"):
-        train_offline(empty_val, None, cfg, tmp_path / "b")
+        train_offline(empty_val, None, cfg, tmp_path / "b", actions=TABLE)
