@@ -171,9 +171,16 @@ def install_attention_capture(denoiser: torch.nn.Module) -> AttentionStore:
     """Set capture processors through ``set_attn_processor``: :class:`CaptureAttnProcessor` on a
     UNet's cross-attention layers (``attn2``), :class:`CaptureJointAttnProcessor` around an
     MMDiT's joint-attention layers (those with text projections); other layers keep their
-    processors. Returns the store the processors record into."""
-    store = AttentionStore()
+    processors. Returns the store the processors record into.
+
+    Installing twice keeps the processors already there and returns their store: samplers that
+    share one pipeline (eval's fixed baselines) share one store.
+    """
     procs = dict(denoiser.attn_processors)
+    for proc in procs.values():
+        if isinstance(proc, CaptureAttnProcessor | CaptureJointAttnProcessor):
+            return proc.store
+    store = AttentionStore()
     joint = {
         f"{name}.processor"
         for name, module in denoiser.named_modules()

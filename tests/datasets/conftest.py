@@ -1,7 +1,8 @@
 """A tiny synthetic store written with the real ShardWriter, and its built dataset.
 
-3 shards (4 roots each), 6 prompts x 2 seeds, n_max=5, warm-up 1, every third prompt heldout,
-one refine branch per root leaving at step 2 (steps 3..4).
+3 shards (4 roots each), 6 prompts x 2 seeds, n_max=5, warm-up 1, every third prompt heldout;
+roots follow the stride patterns of `addiffusion.datasets.synthetic` and those visiting step 2
+branch there (refine or another jump), then continue with jump-1.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import yaml
 from addiffusion.config import ConfigError
 from addiffusion.datasets import bench, cli
 from addiffusion.datasets.config import DatasetsConfig
+from addiffusion.datasets.relabel import scan_table
 
 
 def main(argv: list[str]) -> int:
@@ -47,7 +48,10 @@ def test_cli_build_validate_relabel_stats(
         )
         == 0
     )
-    assert "24 episodes, 84 steps from 3 shards" in capsys.readouterr().out
+    n_eps = scan_table(out, "episodes").collect().height
+    n_steps = scan_table(out, "steps").collect().height
+    assert n_eps == 20  # 12 roots; the 8 visiting step 2 branch there (conftest)
+    assert f"{n_eps} episodes, {n_steps} steps from 3 shards" in capsys.readouterr().out
     assert main(["datasets", "validate", str(out)]) == 0
     assert main(["datasets", "validate", str(store / "shard-00000")]) == 0
     assert (
@@ -66,7 +70,7 @@ def test_cli_build_validate_relabel_stats(
         == 0
     )
     summary = json.loads((tmp_path / "r" / "rewards.json").read_text())
-    assert summary["rows"] == 84 and summary["rewards"]["c_nfe"] == 0.02
+    assert summary["rows"] == n_steps and summary["rewards"]["c_nfe"] == 0.02
     assert (
         main(
             ["datasets", "stats", str(out), "--out", str(tmp_path / "st"), "--params", str(params)]
@@ -74,9 +78,12 @@ def test_cli_build_validate_relabel_stats(
         == 0
     )
     stats = json.loads((tmp_path / "st" / "stats.json").read_text())
-    assert stats["steps"] == 84 and stats["branches"] == 12
+    assert stats["steps"] == n_steps and stats["branches"] == 8
     assert set(stats["categories"]) == {"simple", "hard"}
-    assert stats["behaviour_actions"] == {"continue": 60, "stop": 24}
+    # Every episode ends with one stop; the other rows are the jumps of the root patterns.
+    actions = stats["behaviour_actions"]
+    assert set(actions) == {"jump-1", "jump-2", "stop"} and actions["stop"] == n_eps
+    assert sum(actions.values()) == n_steps
     assert (tmp_path / "st" / "stats.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -135,4 +142,4 @@ def test_relabel_bench_prints_seconds(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["bench", "relabel", "--steps", "2000", "--n-max", "10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("relabel_seconds=") and float(out[-1].split("=")[1]) >= 0
-    assert "refine edges" in out[0]
+    assert "branch edges" in out[0]

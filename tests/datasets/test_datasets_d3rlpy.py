@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,49 @@ from addiffusion.datasets.d3rlpy_convert import (
     transition_counts,
 )
 from addiffusion.datasets.relabel import relabel
+from addiffusion.datasets.synthetic import ROOT_PATTERNS, continuation, root_path
 from addiffusion.diffusion.actions import ActionTable
-from addiffusion.task import read_info
 from addiffusion.rewards.config import RewardConfig
+from addiffusion.task import read_info
 
-# conftest: train prompts 0, 1, 3, 4 (2 seeds each) -> 8 roots of 5 steps, warm-up 1, and 8
-# branches leaving at step 2 (steps 3, 4).
-PER_ROOT = dict(continue_=4, stop_final=1, stop_counterfactual=3, refine=0)  # cf at 1, 2, 3
-PER_BRANCH = dict(continue_=1, stop_final=1, stop_counterfactual=1, refine=1)  # cf at 3
+BRANCH_STEP = 2  # conftest.BRANCH_STEP
+TRAIN_PROMPTS = [0, 1, 3, 4]  # conftest: 6 prompts, every third heldout
+SEEDS = 2
+
+
+def expected_counts(table: ActionTable) -> TransitionCounts:
+    """What the conversion must produce, counted from the synthetic store's recipe: one
+    transition per recorded action, a branch's entry action from its parent's row, and one
+    single-step stop at every non-final point where stop is legal (warm-up excluded)."""
+    acts: Counter[str] = Counter()
+    cf = episodes = 0
+
+    def path(points: list[int], actions: list[int]) -> None:
+        nonlocal cf, episodes
+        acts.update(table.names[a] for a in actions)
+        legal = table.mask(np.array(points[:-1]), np.zeros(len(points) - 1, np.int64))
+        cf += int(legal[:, table.stop].sum())
+        episodes += 1 + int(legal[:, table.stop].sum())
+
+    for p in TRAIN_PROMPTS:
+        for s in range(SEEDS):
+            r = p * SEEDS + s
+            points, actions = root_path(table, ROOT_PATTERNS[r % len(ROOT_PATTERNS)])
+            path(points, actions)
+            if BRANCH_STEP in points[:-1]:
+                j = points.index(BRANCH_STEP)
+                own = actions[j]
+                b = table.refine if (r // 3) % 2 == 0 else min(a for a in table.jumps if a != own)
+                acts[table.names[b]] += 1
+                path(*continuation(table, int(table.target(BRANCH_STEP, b))))
+    finals = len([n for n in acts.elements() if n == "stop"])
+    acts["stop"] += cf
+    return TransitionCounts(
+        actions={n: acts[n] for n in table.names if acts[n]},
+        stop_final=finals,
+        stop_counterfactual=cf,
+        episodes=episodes,
+    )
 
 
 def _table(dataset: Path) -> ActionTable:
@@ -40,18 +76,20 @@ def test_transition_counts_of_each_kind(dataset: Path, rewards: Path) -> None:
     by_prompt = build_episodes(dataset, rewards)
     assert sorted(by_prompt) == [0, 1, 3, 4]  # train split only
     every = [e for eps in by_prompt.values() for e in eps]
-    want = {k: 8 * PER_ROOT[k] + 8 * PER_BRANCH[k] for k in PER_ROOT}
-    assert transition_counts(every) == TransitionCounts(**want, episodes=8 + 8 + 32)
+    table = _table(dataset)
+    want = expected_counts(table)
+    got = transition_counts(every, table)
+    assert got == want
+    assert set(got.actions) >= {"jump-1", "jump-2", "stop", "refine"}  # branches of both kinds
     train, val = to_replay_buffers(dataset, rewards, val_fraction=0.25, seed=0)
-    total = sum(want.values())
+    total = sum(want.actions.values())
     assert train.transition_count + val.transition_count == total
-    assert val.transition_count == total // 4  # one of four prompts
     val_prompt = prompt_val_split(np.array([0, 1, 3, 4]), 0.25, 0)
     assert len(val_prompt) == 1
     val_eps = by_prompt[val_prompt.pop()]
     assert sum(e.transition_count for e in val_eps) == val.transition_count
     info = train.dataset_info
-    assert info.action_size == 3 and info.action_space.name == "DISCRETE"
+    assert info.action_size == table.n and info.action_space.name == "DISCRETE"
     assert info.observation_signature.shape == [(33,)]
 
 

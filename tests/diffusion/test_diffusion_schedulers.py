@@ -126,6 +126,6 @@ def test_constant_stride_through_apply_matches_the_shorter_pipeline(
     sampler = StepwiseSampler(pipe, tiny_clip, settings)
     eps, rec = sampler.start(["a red circle"], [3])
     for k in range(n // stride - 1):
-        rec = act(sampler, eps, f"jump-{stride}")
+        act(sampler, eps, f"jump-{stride}")
         assert eps[0].step == (k + 1) * stride and eps[0].nfe == k + 2
         torch.testing.assert_close(eps[0].latents, seen[k], atol=1e-4, rtol=1e-4)

@@ -15,10 +15,11 @@ import yaml
 from addiffusion.config import ConfigError
 from addiffusion.datasets.build import build_dataset
 from addiffusion.datasets.config import DatasetsConfig
-from addiffusion.datasets.relabel import read_info, relabel
+from addiffusion.datasets.relabel import relabel
 from addiffusion.datasets.synthetic import write_synthetic_store
 from addiffusion.offline_rl.cli import register
 from addiffusion.rewards.config import RewardConfig
+from addiffusion.task import read_info
 
 torch.set_num_threads(1)
 
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def dataset_and_rewards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("offline_rl_data")
-    # 6 prompts x 2 seeds, n_max 5, every 3rd prompt heldout, one refine branch per root.
+    # 6 prompts x 2 seeds, n_max 5, every 3rd prompt heldout; roots visiting step 2 branch there.
     write_synthetic_store(root / "store", branch_step=2, n_max=5)
     dataset = build_dataset(
         root / "store", root / "dataset", DatasetsConfig(chunk_rows=20, val_fraction=0.25)
@@ -60,9 +61,10 @@ def test_train_then_verify(
     assert manifest["algo"] == "iql" and manifest["config"]["hidden_units"] == [8]
     assert manifest["observation_dim"] == read_info(dataset)["observation"]["dim"]
     metrics = json.loads((out / "metrics.json").read_text())
-    # 4 train prompts x 2 seeds; 1 prompt (2 roots) is validation; branches are not stop-evaluated.
-    assert metrics["train_stop"]["n_episodes"] == 6
-    assert metrics["val"]["stop"]["n_episodes"] == 2
+    # 4 train prompts x 2 seeds; 1 prompt (2 roots) is validation. Branches are recorded paths
+    # too (entered from their parent's row): 6 train roots + their 4 branches.
+    assert metrics["train_stop"]["n_episodes"] == 10
+    assert metrics["val"]["stop"]["n_episodes"] == 4  # 2 roots + 2 branches
     assert "td_error" in metrics["val"] and "cql" in metrics["baselines"]
     assert (out / "training.csv").read_text().startswith("epoch,")
 
@@ -82,14 +84,26 @@ def test_bad_params_are_reported(tmp_path: Path) -> None:
 
 
 def test_stop_outcomes_found_in_converted_data(dataset_and_rewards: tuple[Path, Path]) -> None:
-    """The stop evaluation finds every counterfactual stop the converter wrote (warm-up: none)."""
-    from addiffusion.datasets.d3rlpy_convert import to_replay_buffers
+    """The stop evaluation finds every counterfactual stop the converter wrote, and none in the
+    warm-up (a path's first row is step 0, where stop is illegal)."""
+    from addiffusion.datasets.d3rlpy_convert import dataset_table, to_replay_buffers
     from addiffusion.offline_rl.stop_eval import stop_trajectories
 
+    table = dataset_table(dataset_and_rewards[0])
     train, _ = to_replay_buffers(*dataset_and_rewards, 0.25, 0)
-    trajs = stop_trajectories(train.episodes)
-    assert len(trajs) == 6
+    trajs = stop_trajectories(train.episodes, table)
+    assert len(trajs) == 10  # 6 roots + 4 branches (see test_train_then_verify)
+    written = {
+        np.asarray(e.observations[0], np.float32).tobytes()
+        for e in train.episodes
+        if e.size() == 1 and int(np.asarray(e.actions).reshape(-1)[0]) == table.stop
+    }
+    found = set()
     for t in trajs:
-        assert len(t.observations) == 5
-        assert np.isnan(t.stop_rewards[0])  # warm-up step: stop illegal, never recorded
-        assert np.isfinite(t.stop_rewards[1:]).all()
+        assert np.isfinite(t.stop_rewards[-1])  # the recorded final stop
+        for o, r in zip(t.observations[:-1], t.stop_rewards[:-1], strict=True):
+            if np.isfinite(r):
+                found.add(np.asarray(o, np.float32).tobytes())
+    roots = [t for t in trajs if len(t.observations) > 1 and np.isnan(t.stop_rewards[0])]
+    assert len(roots) == 6  # every root starts in the warm-up
+    assert found == written

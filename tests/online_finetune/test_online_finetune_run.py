@@ -15,9 +15,9 @@ from d3rlpy.dataset import MDPDataset
 from online_finetune_consts import PROMPTS, STATS
 
 from addiffusion.cli import main
-from addiffusion.datasets.store import sha256_file
 from addiffusion.offline_rl.config import OfflineRLConfig
-from addiffusion.offline_rl.policy import MANIFEST_FORMAT, load_policy
+from addiffusion.offline_rl.policy import load_policy
+from addiffusion.offline_rl.train import train_offline
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
 from addiffusion.online_finetune.env import SamplerVectorEnv
 from addiffusion.online_finetune.finetune import finetune
@@ -43,39 +43,6 @@ CFG = {
 }
 
 
-def _fit_iql_direct(data: MDPDataset, out: Path, table) -> None:
-    import d3rlpy
-    from d3rlpy.models.encoders import VectorEncoderFactory
-    from d3rlpy.preprocessing import StandardObservationScaler
-
-    from addiffusion.offline_rl.discrete_iql import DiscreteIQLConfig
-
-    obs = np.concatenate([np.asarray(ep.observations) for ep in data.episodes])
-    enc = VectorEncoderFactory(hidden_units=[16, 16], activation="relu")
-    algo = DiscreteIQLConfig(
-        batch_size=8,
-        actor_encoder_factory=enc,
-        critic_encoder_factory=enc,
-        value_encoder_factory=enc,
-        observation_scaler=StandardObservationScaler(mean=obs.mean(0), std=obs.std(0)),
-    ).create(device="cpu:0")
-    algo.fit(data, n_steps=2, n_steps_per_epoch=2, show_progress=False, save_interval=10)
-    out.mkdir(parents=True, exist_ok=True)
-    algo.save(str(out / "policy.d3"))
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "algo": "iql",
-        "d3rlpy_type": "discrete_iql",
-        "d3rlpy_version": d3rlpy.__version__,
-        "policy_file": "policy.d3",
-        "sha256": sha256_file(out / "policy.d3"),
-        "observation_dim": OBS_DIM,
-        "action_size": table.n,
-        "actions": table.to_dict(),
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest))
-
-
 @pytest.fixture(scope="module")
 def offline_dir(tmp_path_factory: pytest.TempPathFactory, sampler) -> Path:
     """A real DiscreteIQL run (2 gradient steps) on random transitions of the env's obs dim,
@@ -94,15 +61,10 @@ def offline_dir(tmp_path_factory: pytest.TempPathFactory, sampler) -> Path:
         action_size=table.n,
     )
     out = tmp_path_factory.mktemp("offline")
-    try:
-        from addiffusion.offline_rl.train import train_offline
-    except ImportError:  # offline_rl not yet on the action table: d3rlpy directly
-        _fit_iql_direct(data, out, table)
-        return out
     cfg = OfflineRLConfig(
         n_steps=2, n_steps_per_epoch=2, batch_size=8, hidden_units=[16, 16], device="cpu"
     )
-    train_offline(data, None, cfg, out, log=False)
+    train_offline(data, None, cfg, out, log=False, actions=table)
     return out
 
 

@@ -31,7 +31,9 @@ class ShapesConfig(StageConfig):
     unet_steps: int = 20000
     unet_batch: int = 32
     unet_lr: float = 4e-4
-    unet_decay_steps: int = 8000  # linear learning-rate decay to 0 over the last steps (0: constant)
+    unet_decay_steps: int = (
+        8000  # linear learning-rate decay to 0 over the last steps (0: constant)
+    )
     ema_decay: float = 0.999
     cond_dropout: float = 0.1  # caption dropped to "" for classifier-free guidance
     checkpoint_minutes: float = 4.0
