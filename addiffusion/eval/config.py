@@ -36,6 +36,14 @@ class EvalConfig(StageConfig):
     clip_delta_thresholds: list[float] = field(default_factory=lambda: [0.002, 0.01])
     """Heuristic ``clip-delta<x``: stop at the first step whose CLIP-score gain over the previous
     step is below x."""
+    patience: list[int] = field(default_factory=lambda: [2])
+    """Heuristic ``patience-<n>``: stop once the CLIP score has not beaten its best so far by
+    more than ``patience_min_gain`` for n consecutive points."""
+    patience_min_gain: float = 0.002
+    """The gain that counts as progress for the patience heuristics."""
+    progress_tolerances: list[float] = field(default_factory=lambda: [0.02, 0.05])
+    """Heuristic ``progress<=x``: the adaptive schedule taking, at every point, the longest
+    jump whose predicted x̂0 change ``stride * (1 - stability)`` is <= x."""
     seeds_per_prompt: int = 2
     """Seeds per held-out prompt; seed s of prompt p is ``seed * 1_000_003 + p * seeds_per_prompt
     + s`` (the collector's formula, so eval.seed = collect.seed reuses the held-out episodes')."""
@@ -75,6 +83,10 @@ class EvalConfig(StageConfig):
             check(k >= 1, f"{s}.best_of_steps[{i}]", ">= 1", k)
         for i, x in enumerate(self.stability_thresholds):
             check(-1.0 <= x <= 1.0, f"{s}.stability_thresholds[{i}]", "in [-1, 1] (a cosine)", x)
+        for i, n in enumerate(self.patience):
+            check(n >= 1, f"{s}.patience[{i}]", ">= 1", n)
+        for i, x in enumerate(self.progress_tolerances):
+            check(x > 0, f"{s}.progress_tolerances[{i}]", "> 0", x)
         for name in ("seeds_per_prompt", "batch_size", "bootstrap_samples"):
             value = getattr(self, name)
             check(value >= 1, f"{s}.{name}", ">= 1", value)

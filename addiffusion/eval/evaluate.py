@@ -33,7 +33,9 @@ from addiffusion.eval.metrics import closest_baseline, compare, summarize
 from addiffusion.eval.policies import (
     ClipDeltaStop,
     FixedSchedule,
+    PatienceStop,
     Policy,
+    ProgressStride,
     RandomStride,
     StabilityStop,
 )
@@ -87,6 +89,14 @@ def _methods(
     methods += [
         (f"clip-delta<{x:g}", "heuristic", ClipDeltaStop(x, t)) for x in cfg.clip_delta_thresholds
     ]
+    methods += [
+        (f"patience-{n}", "heuristic", PatienceStop(cfg.patience_min_gain, n, t))
+        for n in cfg.patience
+    ]
+    if len(t.jumps) > 1:
+        methods += [
+            (f"progress<={x:g}", "heuristic", ProgressStride(x, t)) for x in cfg.progress_tolerances
+        ]
     for name, policy in policies.items():
         if not callable(getattr(policy, "act", None)):
             raise TypeError(f"policy {name!r} has no act(obs, mask) method")

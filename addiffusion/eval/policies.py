@@ -8,7 +8,7 @@ see :mod:`addiffusion.diffusion.mdp`), so they see exactly what a learned policy
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -30,6 +30,17 @@ class Policy(Protocol):
     """
 
     def act(self, obs: np.ndarray | None, mask: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class EpisodicPolicy(Protocol):
+    """A policy with memory per episode. The rollout calls ``begin(n)`` before each batch of
+    ``n`` episodes and ``act_episodes(ids, obs, mask)`` instead of ``act``: ``ids`` (B,) are the
+    positions in the batch of the rows of ``obs`` / ``mask`` (episodes that stopped drop out)."""
+
+    def begin(self, n: int) -> None: ...
+
+    def act_episodes(self, ids: np.ndarray, obs: np.ndarray, mask: np.ndarray) -> np.ndarray: ...
 
 
 def quality_field(obs: np.ndarray, name: str) -> np.ndarray:
@@ -92,6 +103,52 @@ class ClipDeltaStop:
         return _stop_where(
             quality_field(obs, "clip_score_delta") < self.threshold, mask, self.table
         )
+
+
+@dataclass
+class PatienceStop:
+    """Quality-guided early stop with patience: stop once the CLIP score of x̂0 has not beaten
+    its best so far by more than ``min_gain`` for ``patience`` consecutive points."""
+
+    min_gain: float
+    patience: int
+    table: ActionTable
+    _best: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    _stale: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+
+    def begin(self, n: int) -> None:
+        self._best = np.full(n, -np.inf)
+        self._stale = np.zeros(n, np.int64)
+
+    def act_episodes(self, ids: np.ndarray, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        score = quality_field(obs, "clip_score")
+        better = score > self._best[ids] + self.min_gain
+        self._stale[ids] = np.where(better, 0, self._stale[ids] + 1)
+        self._best[ids] = np.maximum(self._best[ids], score)
+        return _stop_where(self._stale[ids] >= self.patience, mask, self.table)
+
+    def act(self, obs: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+        raise TypeError("PatienceStop keeps state per episode: call begin() and act_episodes()")
+
+
+@dataclass(frozen=True)
+class ProgressStride:
+    """A progress-based adaptive schedule, like an adaptive step-size controller: the change of
+    x̂0 per point is ``1 - stability`` (cosine of consecutive x̂0 features); take the longest
+    jump whose predicted change ``stride * (1 - stability)`` stays within ``tolerance``
+    (jump-1 at least), and stop at the last point. Small changes -> long jumps."""
+
+    tolerance: float
+    table: ActionTable
+
+    def act(self, obs: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+        change = np.maximum(1.0 - quality_field(obs, "stability"), 1e-9)
+        strides = np.array(self.table.strides)
+        jumps = np.array(self.table.jumps)
+        fits = strides[None, :] * change[:, None] <= self.tolerance
+        fits[:, strides == 1] = True
+        pick = jumps[np.where(fits, strides[None, :], 0).argmax(axis=1)]
+        return np.where(mask[:, self.table.jump(1)], pick, self.table.stop).astype(np.int64)
 
 
 @dataclass(frozen=True)

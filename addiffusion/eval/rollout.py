@@ -15,7 +15,7 @@ import numpy as np
 
 from addiffusion.diffusion.actions import ActionTable
 from addiffusion.diffusion.sampler import Episode, StepwiseSampler
-from addiffusion.eval.policies import Policy
+from addiffusion.eval.policies import EpisodicPolicy, Policy
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ def _run_batch(
     """One batch to the end: its episodes, final components and images (in input order) and the
     number of masked actions replaced."""
     episodes, _ = sampler.start(prompts, seeds)
+    episodic = isinstance(policy, EpisodicPolicy)
+    if episodic:
+        policy.begin(len(episodes))
     finals: dict[int, dict[str, float]] = {}
     images: dict[int, np.ndarray] = {}
     masked = 0
@@ -76,7 +79,11 @@ def _run_batch(
     while active:
         eps = [episodes[i] for i in active]
         mask = sampler.action_masks(eps)
-        raw = policy.act(sampler.observations(eps) if sampler.observe else None, mask.copy())
+        obs = sampler.observations(eps) if sampler.observe else None
+        if episodic:
+            raw = policy.act_episodes(np.array(active, np.int64), obs, mask.copy())
+        else:
+            raw = policy.act(obs, mask.copy())
         actions, n_bad = _legal(
             _check_actions(raw, len(eps), name, sampler.table), mask, sampler.table
         )

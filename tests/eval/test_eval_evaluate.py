@@ -97,6 +97,8 @@ def _cfg(**kw: object) -> EvalConfig:
         random_stride=False,
         stability_thresholds=[],
         clip_delta_thresholds=[],
+        patience=[],
+        progress_tolerances=[],
         seeds_per_prompt=2,
         batch_size=4,
         bootstrap_samples=200,
@@ -236,6 +238,7 @@ def test_cli_runs_from_params(dataset: Path, tmp_path: Path, capsys: pytest.Capt
     params.write_text(
         "eval:\n  baseline_steps: [3]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
         "  stability_thresholds: []\n  clip_delta_thresholds: []\n"
+        "  patience: []\n  progress_tolerances: []\n"
         "  seeds_per_prompt: 1\n  n_prompts: 2\n  bootstrap_samples: 50\n  device: cpu\n"
         "rewards:\n  weights: {clip_score: 1.0, stability: 0.5}\n"
     )
@@ -353,7 +356,8 @@ def test_cli_evaluates_real_offline_and_online_policies(
     params.write_text(
         "eval:\n  baseline_steps: [2, 4]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
         "  stability_thresholds: []\n"
-        "  clip_delta_thresholds: []\n  seeds_per_prompt: 1\n  bootstrap_samples: 50\n"
+        "  clip_delta_thresholds: []\n  patience: []\n  progress_tolerances: []\n"
+        "  seeds_per_prompt: 1\n  bootstrap_samples: 50\n"
         "  device: cpu\n"
     )
     out = tmp_path / "out"
@@ -367,3 +371,15 @@ def test_cli_evaluates_real_offline_and_online_policies(
         m = metrics[name]
         assert m["kind"] == "policy" and m["masked_actions"] == 0
         assert WARMUP + 1 <= m["nfe"] <= N_MAX and m["vs"] in ("ddim-2", "ddim-4")
+
+
+def test_patience_and_progress_heuristics_run_in_eval(dataset: Path, tmp_path: Path) -> None:
+    """The stateful patience stop (per-episode memory through the rollout) and the
+    progress-based schedule run on the dataset's grid, within its NFE range."""
+    cfg = _cfg(baseline_steps=[N_MAX], patience=[1], progress_tolerances=[1e-6, 2.0])
+    m = evaluate(dataset, {}, cfg, RewardConfig(), tmp_path / "o", False)
+    assert 2 <= m["patience-1"]["nfe"] <= N_MAX and m["patience-1"]["kind"] == "heuristic"
+    # A tolerance nothing fits: jump-1 everywhere (the full grid); one everything fits: the
+    # longest jump (jump-2 twice on 4 points: 0 -> 2 -> 3).
+    assert m["progress<=1e-06"]["nfe"] == N_MAX
+    assert m["progress<=2"]["nfe"] == 3
