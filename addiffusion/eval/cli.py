@@ -63,7 +63,13 @@ def _eval(args: argparse.Namespace) -> int:
     from addiffusion.eval.evaluate import evaluate  # heavy imports only once params are valid
 
     metrics = evaluate(
-        Path(args.dataset), policies, cfg, reward_cfg, Path(args.out), progress=not args.quiet
+        Path(args.dataset),
+        policies,
+        cfg,
+        reward_cfg,
+        Path(args.out),
+        progress=not args.quiet,
+        prompts=args.prompts,
     )
     summary = metrics.pop("frontier")
     metric = summary["metric"]
@@ -83,22 +89,37 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="compare fixed-step samplers, heuristics and learned policies on held-out prompts",
         description=(
-            "Evaluate on the dataset's held-out prompts (episodes with split == heldout), "
-            "eval.seeds_per_prompt seeds each, all methods on the same (prompt, seed) pairs: "
-            "fixed-step baselines <scheduler>-<k> for k in eval.baseline_steps (NFE = k); "
-            "heuristics on the dataset's n_max schedule (stop once stability >= x, or once the "
-            "CLIP-score gain < x); the offline-rl policies (policy.d3 and baselines/*, each loaded "
-            "only after its sha256 matches its manifest.json) and the online-finetune policy. "
-            "Metrics per method: mean NFE ± std, CLIP score of the final image, the shapes "
-            "verifier's score and accuracy when the dataset has it, reward-defined quality Q "
-            "(the `rewards` section with the dataset's normalisation stats), per category, and a "
-            "prompt-cluster paired bootstrap against the baseline of closest mean NFE. Writes "
-            "<out>/metrics.json (dvc metrics), pareto.csv (dvc plots), pareto.png, samples.png, "
-            "report.md. Settings come from the `eval` and `rewards` sections of the params file."
+            "Evaluate on the dataset's held-out prompts (episodes with split == heldout; or "
+            "--prompts), eval.seeds_per_prompt seeds each, all methods on the same (prompt, "
+            "seed) pairs. Fixed schedules <solver>-<k> for every solver that fits the backbone "
+            "(eval.solvers) and k in eval.baseline_steps (NFE = k) draw the fixed-schedule "
+            "frontier; the oracle in hindsight is the cheapest fixed schedule reaching each "
+            "item's best score. Baselines at matched NFE: best-of-N seeds picked by CLIP score, "
+            "a random-stride policy. Heuristics on the dataset's grid: stop once stability >= x, "
+            "once the CLIP-score gain < x, or after n points without gain (patience); a "
+            "progress-based adaptive stride schedule. Learned policies: the offline-rl ones "
+            "(policy.d3 and baselines/*, each loaded only after its sha256 matches its "
+            "manifest.json) and the online-finetune actor. Metrics per method: mean NFE, wall "
+            "seconds per image, CLIP score, the shapes verifier's score when the dataset has it, "
+            "reward-defined quality Q, per category, a prompt-cluster paired bootstrap against "
+            "the fixed schedule of closest NFE and against the interpolated all-solver frontier. "
+            "Writes <out>/metrics.json (dvc metrics), pareto.csv (dvc plots), pareto.png, "
+            "samples.png, report.md; the last line printed is the headline "
+            "'frontier: method=... gain=... ci=[...] nfe_ratio=... oracle_ratio=...'. Settings "
+            "come from the `eval` and `rewards` sections of the params file."
         ),
     )
     p.add_argument(
         "--dataset", required=True, help="built dataset folder (meta/info.json + episodes)"
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="SOURCE",
+        help="evaluate these prompts instead of the dataset's held-out ones, on the dataset's "
+        "task: a .txt (one per line), .csv/.tsv (DrawBench, PartiPrompts or a prompt column), "
+        ".json (COCO captions), .jsonl (GenEval) file, builtin, shapes or hf:<dataset id>; "
+        "eval.seeds_per_prompt seeds each, eval.n_prompts caps the count (default: held-out)",
     )
     p.add_argument("--offline", default=None, help="offline-rl output folder (optional)")
     p.add_argument("--online", default=None, help="online-finetune output folder (optional)")

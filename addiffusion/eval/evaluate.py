@@ -205,8 +205,12 @@ def evaluate(
     reward_cfg: RewardConfig,
     out_dir: Path,
     progress: bool = True,
+    prompts: str | None = None,
 ) -> dict[str, Any]:
     """Run every method on the held-out pairs and write the outputs into ``out_dir``.
+
+    ``prompts``: a prompt source the user brings (see :func:`addiffusion.eval.heldout.
+    load_heldout`) evaluated instead of the dataset's held-out prompts, on the dataset's task.
 
     Returns the metrics written to ``metrics.json``: ``{method: {"kind", "nfe", "nfe_std",
     "clip_score", "quality", ["verifier", "verifier_acc"], "refines", "masked_actions",
@@ -216,7 +220,7 @@ def evaluate(
     """
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
-    held = load_heldout(Path(dataset_dir), cfg)
+    held = load_heldout(Path(dataset_dir), cfg, prompts)
     task = held.task
     settings = task.settings
     methods = _methods(cfg, policies, task)

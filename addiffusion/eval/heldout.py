@@ -88,11 +88,28 @@ def heldout_prompts(dataset_dir: Path) -> pl.DataFrame:
     return held
 
 
-def load_heldout(dataset_dir: Path, cfg: EvalConfig) -> HeldoutSet:
+def load_heldout(dataset_dir: Path, cfg: EvalConfig, prompts: str | None = None) -> HeldoutSet:
     """The held-out (prompt, seed) pairs of ``cfg`` (``n_prompts`` first prompts by id, each with
-    ``seeds_per_prompt`` seeds), in prompt-major order."""
+    ``seeds_per_prompt`` seeds), in prompt-major order.
+
+    ``prompts``: evaluate a prompt list the user brings instead of the dataset's held-out
+    prompts: any source :func:`addiffusion.collect.prompts.load_prompts` reads (a .txt / .csv /
+    .tsv / .json / .jsonl file in the benchmark layouts, ``builtin``, ``shapes``, ``hf:<id>``);
+    every prompt is evaluated, with the same seed formula."""
     task = read_task(dataset_dir)
-    held = heldout_prompts(dataset_dir)
+    if prompts is None:
+        held = heldout_prompts(dataset_dir)
+    else:
+        from addiffusion.collect.prompts import load_prompts
+
+        records = load_prompts(prompts, cfg.n_prompts, heldout_fraction=1.0, seed=cfg.seed)
+        held = pl.DataFrame(
+            {
+                "prompt_id": [r.prompt_id for r in records],
+                "prompt": [r.text for r in records],
+                "category": [r.category for r in records],
+            }
+        )
     if cfg.n_prompts:
         held = held.head(cfg.n_prompts)
     items = [

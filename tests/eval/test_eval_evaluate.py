@@ -383,3 +383,27 @@ def test_patience_and_progress_heuristics_run_in_eval(dataset: Path, tmp_path: P
     # longest jump (jump-2 twice on 4 points: 0 -> 2 -> 3).
     assert m["progress<=1e-06"]["nfe"] == N_MAX
     assert m["progress<=2"]["nfe"] == 3
+
+
+def test_cli_evaluates_a_prompt_file_the_user_brings(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "mine.csv"
+    prompts.write_text("prompt,category\na yellow square,mine\nthree red circles,mine\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "eval:\n  baseline_steps: [2]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
+        "  stability_thresholds: []\n  clip_delta_thresholds: []\n  patience: []\n"
+        "  progress_tolerances: []\n  seeds_per_prompt: 2\n  bootstrap_samples: 50\n"
+        "  device: cpu\n"
+    )
+    out = tmp_path / "out"
+    argv = ["eval", "--dataset", str(dataset), "--out", str(out), "--params", str(params)]
+    assert main([*argv, "--prompts", str(prompts), "--quiet", "--threads", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ddim-2"]["n"] == 4  # 2 prompts x 2 seeds, not the dataset's held-out set
+    assert set(metrics["ddim-2"]["by_category"]) == {"mine"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text\nx\n")
+    with pytest.raises(ValueError, match="expected a header with a Prompt"):
+        main([*argv, "--prompts", str(bad), "--quiet"])
