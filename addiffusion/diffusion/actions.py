@@ -9,10 +9,13 @@ the denoiser has been evaluated at ``t_i`` and x̂0_i exists). The actions, in i
 * ``stop``: decode x̂0_i; the episode ends (0 NFE).
 * ``refine``: ``k`` re-denoise iterations on the under-generation mask at ``t_i``, then a solver
   step to ``t_{i+1}`` and the evaluation there (``k + 1`` NFE).
+* ``reuse`` (only in tables built with ``reuse=True``): a solver step to ``t_{i+1}`` that keeps
+  the denoiser output of the last evaluated point instead of evaluating at ``t_{i+1}`` (0 NFE):
+  the skip of AdaptiveDiffusion-style training-free rules.
 
 Every fixed k-step schedule with ``k | n_max`` is a path: ``jump-(n_max/k)`` from point 0 until
 point ``n_max - n_max/k``, then ``stop``. Legality (:meth:`ActionTable.mask`): jumps and refine
-need a next point (not at the last one); stop and refine are illegal during warm-up
+need a next point (not at the last one); stop, refine and reuse are illegal during warm-up
 (``i < warmup``), except that the last point allows only stop; refine needs budget left.
 
 The table is recorded in every shard and dataset (``info["actions"]``); consumers rebuild it with
@@ -27,7 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-ActionKind = Literal["jump", "stop", "refine"]
+ActionKind = Literal["jump", "stop", "refine", "reuse"]
+KINDS: tuple[str, ...] = ("jump", "stop", "refine", "reuse")
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,9 @@ class Action:
     name: str
     kind: ActionKind
     stride: int
-    """Grid points advanced (jump: its stride; refine: 1; stop: 0)."""
+    """Grid points advanced (jump: its stride; refine, reuse: 1; stop: 0)."""
     nfe: int
-    """Denoiser evaluations the action costs (jump 1, refine k + 1, stop 0)."""
+    """Denoiser evaluations the action costs (jump 1, refine k + 1, stop 0, reuse 0)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class ActionTable:
         warmup: int,
         refine_budget: int,
         refine_k: int,
+        reuse: bool = False,
     ) -> ActionTable:
         strides = list(strides)
         if not strides or 1 not in strides:
@@ -69,6 +74,8 @@ class ActionTable:
         rows = [Action(j, f"jump-{s}", "jump", s, 1) for j, s in enumerate(sorted(strides))]
         rows.append(Action(len(rows), "stop", "stop", 0, 0))
         rows.append(Action(len(rows), "refine", "refine", 1, refine_k + 1))
+        if reuse:
+            rows.append(Action(len(rows), "reuse", "reuse", 1, 0))
         return cls(tuple(rows), int(n_max), int(warmup), int(refine_budget))
 
     # Derived views: the count, names, ids and per-action arrays all come from the rows.
@@ -93,6 +100,15 @@ class ActionTable:
     @property
     def refine(self) -> int:
         return self.id("refine")
+
+    @property
+    def reuse(self) -> int:
+        """Id of ``reuse`` (KeyError when the table has none: see :attr:`has_reuse`)."""
+        return self.id("reuse")
+
+    @property
+    def has_reuse(self) -> bool:
+        return "reuse" in self.kinds
 
     @property
     def jumps(self) -> tuple[int, ...]:
@@ -137,6 +153,8 @@ class ActionTable:
                 mask[..., a.id] = ~last
             elif a.kind == "stop":
                 mask[..., a.id] = ~warm
+            elif a.kind == "reuse":
+                mask[..., a.id] = ~last & ~warm
             else:
                 mask[..., a.id] = ~last & ~warm & (used < budget)
         return mask
@@ -172,17 +190,23 @@ class ActionTable:
                 )
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{where}.actions[{j}] is malformed ({e!r}): {row!r}") from e
-            if a.id != j or a.kind not in ("jump", "stop", "refine"):
+            if a.id != j or a.kind not in KINDS:
                 raise ValueError(
-                    f"{where}.actions[{j}] must have id {j} and kind jump|stop|refine, got {row!r}"
+                    f"{where}.actions[{j}] must have id {j} and kind {'|'.join(KINDS)}, got {row!r}"
                 )
             rows.append(a)
         table = cls(
             tuple(rows), int(data["n_max"]), int(data["warmup"]), int(data["refine_budget"])
         )
         kinds = table.kinds
-        if kinds.count("stop") != 1 or kinds.count("refine") != 1 or 1 not in table.strides:
+        if (
+            kinds.count("stop") != 1
+            or kinds.count("refine") != 1
+            or kinds.count("reuse") > 1
+            or 1 not in table.strides
+        ):
             raise ValueError(
-                f"{where} needs exactly one stop, one refine and a jump-1, got {list(table.names)}"
+                f"{where} needs exactly one stop, one refine, at most one reuse and a jump-1, "
+                f"got {list(table.names)}"
             )
         return table

@@ -79,6 +79,9 @@ class SamplerSettings:
     width: int = 32
     mask_blur_sigma: float = 1.0
     """Gaussian blur of the under-generation mask, in latent pixels."""
+    reuse: bool = False
+    """Offer the ``reuse`` action (0 NFE: step on with the last denoiser output, no evaluation;
+    AdaptiveDiffusion's skip). Eval's AdaptiveDiffusion baseline turns it on."""
     x0_decode_scale: float = 1.0
     """Per-step x̂0 is decoded from latents resized by this factor (1: exact). Below 1 the
     per-step images, features and scores are approximations that cost ~scale² of a decode;
@@ -179,7 +182,12 @@ class StepwiseSampler:
         self.timings: dict[str, float] = {}
         strides = settings.strides if variable_stride(self.scheduler) else (1,)
         self.table = ActionTable.build(
-            strides, settings.n_max, settings.warmup, settings.refine_budget, settings.refine_k
+            strides,
+            settings.n_max,
+            settings.warmup,
+            settings.refine_budget,
+            settings.refine_k,
+            reuse=settings.reuse,
         )
         """The MDP's actions on this backbone (the dataset records it)."""
 
@@ -229,9 +237,10 @@ class StepwiseSampler:
         """Carry out ``actions[b]`` (ids of :attr:`table`) on ``episodes[b]``.
 
         Stops decode their x̂0 and end; refines run their k re-denoise iterations; then every
-        moving episode (jumps and refines) takes its solver step to its target point and all of
-        them are evaluated there in one batched denoiser call (per-sample timesteps). Raises on an
-        illegal action, naming the episode, the action and the legal ones.
+        moving episode (jumps, refines, reuses) takes its solver step to its target point and
+        all of them but the reuses are evaluated there in one batched denoiser call (per-sample
+        timesteps); a reuse keeps its last denoiser output and predicts x̂0 from it (0 NFE).
+        Raises on an illegal action, naming the episode, the action and the legal ones.
         """
         tic = time.perf_counter()
         actions = np.asarray(actions, dtype=np.int64).reshape(-1)
@@ -260,14 +269,18 @@ class StepwiseSampler:
         if refining:
             self._refine([episodes[b] for b in refining])
         for b in moved:
-            if kinds[b] == "jump":
+            if kinds[b] in ("jump", "reuse"):
                 ep = episodes[b]
                 j = int(t.target(ep.step, actions[b]))
                 ep.latents = solver_step(
                     ep.scheduler, ep.history, ep.latents, ep.model_output, ep.step, j
                 )
                 ep.step = j
-        record = self.evaluate([episodes[b] for b in moved]) if moved else None
+        record = (
+            self.evaluate([episodes[b] for b in moved], [kinds[b] == "reuse" for b in moved])
+            if moved
+            else None
+        )
         if record is not None:
             # The record's cost covers the refine iterations and the stops' decodes too.
             record = dataclasses.replace(record, wall_time_s=time.perf_counter() - tic)
@@ -482,26 +495,39 @@ class StepwiseSampler:
 
     # 4. evaluate: denoiser at each episode's current step (1 NFE), x̂0, mask, decode, score
     @torch.no_grad()
-    def evaluate(self, episodes: Sequence[Episode]) -> StepRecord:
+    def evaluate(
+        self, episodes: Sequence[Episode], reuse: Sequence[bool] | None = None
+    ) -> StepRecord:
+        """Observe the episodes at their current points. ``reuse[b]``: episode b keeps its last
+        denoiser output (and mask) instead of evaluating the denoiser (0 NFE)."""
         tic = time.perf_counter()
         before = dict(self.timings)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        latents = torch.cat([ep.latents for ep in episodes])
-        guided, maps = self._guided(episodes, latents, capture=True)
+        reuse = [False] * len(episodes) if reuse is None else list(reuse)
+        fresh = [b for b, r in enumerate(reuse) if not r]
+        outputs = [ep.model_output for ep in episodes]
+        new_masks: list[torch.Tensor | None] = [ep.mask for ep in episodes]
+        if fresh:
+            latents = torch.cat([episodes[b].latents for b in fresh])
+            guided, maps = self._guided([episodes[b] for b in fresh], latents, capture=True)
+            masks_fresh = None
+            if maps is not None:
+                content = torch.stack([episodes[b].content_tokens for b in fresh])
+                masks_fresh = undergeneration_mask(maps, content, self.settings.mask_blur_sigma)
+            for k, b in enumerate(fresh):
+                outputs[b] = guided[k : k + 1]
+                new_masks[b] = masks_fresh[k] if masks_fresh is not None else None
         x0 = torch.cat(
-            [self._predict_x0(ep, ep.latents, guided[b : b + 1]) for b, ep in enumerate(episodes)]
+            [self._predict_x0(ep, ep.latents, outputs[b]) for b, ep in enumerate(episodes)]
         )
-        masks = None
-        if maps is not None:
-            content = torch.stack([ep.content_tokens for ep in episodes])
-            masks = undergeneration_mask(maps, content, self.settings.mask_blur_sigma)
+        masks = torch.stack(new_masks) if all(m is not None for m in new_masks) else None
         now = self._tick("denoiser", tic)
         for b, ep in enumerate(episodes):
-            ep.model_output = guided[b : b + 1].to(ep.latents.dtype)
+            ep.model_output = outputs[b].to(ep.latents.dtype)
             ep.x0 = x0[b : b + 1]
-            ep.mask = masks[b] if masks is not None else None
-            ep.nfe += 1
+            ep.mask = new_masks[b]
+            ep.nfe += 0 if reuse[b] else 1
         if self.observe:
             scale = self.settings.x0_decode_scale
             small = x0 if scale == 1.0 else F.interpolate(x0, scale_factor=scale, mode="area")

@@ -77,6 +77,8 @@ def _eval(args: argparse.Namespace) -> int:
     for name, m in metrics.items():
         f = m.get("frontier")
         vs = f"  vs frontier {f['frontier']:.4f}: gain {f['gain']:+.4f}" if f else ""
+        if "stopped_early" in m:
+            vs += f"  stopped early {m['stopped_early']:.0%}"
         print(f"{name:<{width}}  NFE {m['nfe']:6.2f}  {metric} {m[metric]:.4f}{vs}")
     print(f"eval: wrote metrics.json, pareto.csv, pareto.png, samples.png, report.md to {args.out}")
     # The headline, last: the best learned policy against the all-solver fixed frontier.

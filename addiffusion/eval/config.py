@@ -44,6 +44,11 @@ class EvalConfig(StageConfig):
     progress_tolerances: list[float] = field(default_factory=lambda: [0.02, 0.05])
     """Heuristic ``progress<=x``: the adaptive schedule taking, at every point, the longest
     jump whose predicted x̂0 change ``stride * (1 - stability)`` is <= x."""
+    adaptive_diffusion_thresholds: list[float] = field(default_factory=lambda: [0.01, 0.05])
+    """AdaptiveDiffusion baselines ``adaptive-diffusion<=x`` on the dataset's grid: reuse the last
+    denoiser output (0 NFE) while the third-order latent difference is <= x times the first."""
+    adaptive_diffusion_max_skips: int = 4
+    """Cap on consecutive reuses of the AdaptiveDiffusion baselines."""
     seeds_per_prompt: int = 2
     """Seeds per held-out prompt; seed s of prompt p is ``seed * 1_000_003 + p * seeds_per_prompt
     + s`` (the collector's formula, so eval.seed = collect.seed reuses the held-out episodes')."""
@@ -85,6 +90,14 @@ class EvalConfig(StageConfig):
             check(-1.0 <= x <= 1.0, f"{s}.stability_thresholds[{i}]", "in [-1, 1] (a cosine)", x)
         for i, n in enumerate(self.patience):
             check(n >= 1, f"{s}.patience[{i}]", ">= 1", n)
+        for i, x in enumerate(self.adaptive_diffusion_thresholds):
+            check(x >= 0, f"{s}.adaptive_diffusion_thresholds[{i}]", ">= 0", x)
+        check(
+            self.adaptive_diffusion_max_skips >= 1,
+            f"{s}.adaptive_diffusion_max_skips",
+            ">= 1",
+            self.adaptive_diffusion_max_skips,
+        )
         for i, x in enumerate(self.progress_tolerances):
             check(x > 0, f"{s}.progress_tolerances[{i}]", "> 0", x)
         for name in ("seeds_per_prompt", "batch_size", "bootstrap_samples"):

@@ -31,6 +31,7 @@ from addiffusion.eval.config import EvalConfig
 from addiffusion.eval.heldout import HeldoutSet, load_heldout
 from addiffusion.eval.metrics import closest_baseline, compare, summarize
 from addiffusion.eval.policies import (
+    AdaptiveDiffusionSkip,
     ClipDeltaStop,
     FixedSchedule,
     PatienceStop,
@@ -214,7 +215,8 @@ def evaluate(
 
     Returns the metrics written to ``metrics.json``: ``{method: {"kind", "nfe", "nfe_std",
     "clip_score", "quality", ["verifier", "verifier_acc"], "refines", "masked_actions",
-    "seconds_per_image", "by_category", and for heuristics and policies "vs", "nfe_diff",
+    "seconds_per_image", "by_category", for heuristics and policies "stopped_early" (fraction
+    of images decoded before the grid's last point), and for heuristics and policies "vs", "nfe_diff",
     "<score>_diff", "<score>_ci_low", "<score>_ci_high", "<score>_p", "frontier"}}`` plus
     ``"frontier"``: the best learned policy against the all-solver fixed frontier.
     """
@@ -228,10 +230,24 @@ def evaluate(
     seeds = [it.seed for it in held.items]
     sampler = task_sampler(task, cfg.device)
     _check_observation_layout(task, sampler)
+    runnable = [(name, kind, policy, sampler) for name, kind, policy in methods]
+    if cfg.adaptive_diffusion_thresholds:
+        # Its own sampler over the same pipeline: the dataset's grid plus the reuse action
+        # (0 NFE); the rule reads latents, so no per-point observation is computed.
+        skip = task_sampler(task, cfg.device, observe=False, share=sampler, reuse=True)
+        runnable += [
+            (
+                f"adaptive-diffusion<={x:g}",
+                "heuristic",
+                AdaptiveDiffusionSkip(x, cfg.adaptive_diffusion_max_skips, skip.table),
+                skip,
+            )
+            for x in cfg.adaptive_diffusion_thresholds
+        ]
     n_fixed = len(cfg.solvers or fitting_solvers(sampler)) * len(cfg.baseline_steps)
     n_fixed += sum(cfg.best_of) * len(cfg.best_of_steps)
     bar = tqdm(
-        total=(n_fixed + len(methods)) * len(prompts),
+        total=(n_fixed + len(runnable)) * len(prompts),
         unit="image",
         disable=not progress,
         desc="eval",
@@ -241,11 +257,11 @@ def evaluate(
     fixed_names = {name for name, _, _ in fixed}
     for name, run in fixed_runs.items():
         runs[name] = ("baseline" if name in fixed_names else "heuristic", run)
-    for name, kind, policy in methods:
+    for name, kind, policy, on in runnable:
         bar.set_postfix_str(name)
         runs[name] = (
             kind,
-            run_method(sampler, policy, prompts, seeds, cfg.batch_size, name, bar.update),
+            run_method(on, policy, prompts, seeds, cfg.batch_size, name, bar.update),
         )
     bar.close()
 
@@ -261,6 +277,10 @@ def evaluate(
         m["refines"] = float(run.refines.mean())
         m["masked_actions"] = run.masked_actions
         m["seconds_per_image"] = run.seconds_per_image
+        if kind != "baseline":
+            # Images decoded from x̂0 before the grid's last point (a stop mid-schedule) rather
+            # than at its end: the way a stop-and-jump policy can lose to a short schedule.
+            m["stopped_early"] = float((run.stop_step < settings.n_max - 1).mean())
         metrics[name] = m
     base_nfe = {n: m["nfe"] for n, m in metrics.items() if m["kind"] == "baseline"}
     fruns = [frontier.FixedRun(n, solver, k, scores[n][metric]) for n, solver, k in fixed]

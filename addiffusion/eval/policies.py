@@ -8,13 +8,18 @@ see :mod:`addiffusion.diffusion.mdp`), so they see exactly what a learned policy
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from addiffusion.diffusion import mdp
 from addiffusion.diffusion.actions import ActionTable
+
+if TYPE_CHECKING:
+    from addiffusion.diffusion.sampler import Episode
 
 _Q = {name: i - len(mdp.QUALITY_FIELDS) for i, name in enumerate(mdp.QUALITY_FIELDS)}
 """Negative index of each quality field in the observation vector."""
@@ -35,12 +40,20 @@ class Policy(Protocol):
 @runtime_checkable
 class EpisodicPolicy(Protocol):
     """A policy with memory per episode. The rollout calls ``begin(n)`` before each batch of
-    ``n`` episodes and ``act_episodes(ids, obs, mask)`` instead of ``act``: ``ids`` (B,) are the
-    positions in the batch of the rows of ``obs`` / ``mask`` (episodes that stopped drop out)."""
+    ``n`` episodes and ``act_episodes(ids, obs, mask, episodes)`` instead of ``act``: ``ids``
+    (B,) are the positions in the batch of the rows of ``obs`` / ``mask`` (episodes that stopped
+    drop out) and ``episodes`` the sampler's live episodes of those rows (training-free rules
+    read their latents)."""
 
     def begin(self, n: int) -> None: ...
 
-    def act_episodes(self, ids: np.ndarray, obs: np.ndarray, mask: np.ndarray) -> np.ndarray: ...
+    def act_episodes(
+        self,
+        ids: np.ndarray,
+        obs: np.ndarray | None,
+        mask: np.ndarray,
+        episodes: Sequence[Episode],
+    ) -> np.ndarray: ...
 
 
 def quality_field(obs: np.ndarray, name: str) -> np.ndarray:
@@ -120,7 +133,13 @@ class PatienceStop:
         self._best = np.full(n, -np.inf)
         self._stale = np.zeros(n, np.int64)
 
-    def act_episodes(self, ids: np.ndarray, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def act_episodes(
+        self,
+        ids: np.ndarray,
+        obs: np.ndarray | None,
+        mask: np.ndarray,
+        episodes: Sequence[Episode] = (),
+    ) -> np.ndarray:
         score = quality_field(obs, "clip_score")
         better = score > self._best[ids] + self.min_gain
         self._stale[ids] = np.where(better, 0, self._stale[ids] + 1)
@@ -129,6 +148,62 @@ class PatienceStop:
 
     def act(self, obs: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
         raise TypeError("PatienceStop keeps state per episode: call begin() and act_episodes()")
+
+
+@dataclass
+class AdaptiveDiffusionSkip:
+    """AdaptiveDiffusion's training-free rule (Ye et al., NeurIPS 2024) on the sampler's
+    ``reuse`` action: skip the denoiser (reuse its last output) while the latent trajectory is
+    locally linear, i.e. its third-order difference is small.
+
+    With ``d_j = mean |x_j - x_{j-1}|`` over the latents visited so far, point i reuses when
+    ``|(d_i + d_{i-2}) / 2 - d_{i-1}| <= threshold * d_{i-1}`` (``2 *`` that is the second
+    difference of d, a third-order difference of x) and fewer than ``max_skips`` reuses are in
+    a row; else jump-1; stop at the last point. Needs the table's reuse action. One
+    difference from the reference implementation: there the test runs on the latent the
+    solver step just produced, here at the decision point before it (a one-point lag), because
+    the MDP decides before stepping.
+    """
+
+    threshold: float
+    max_skips: int
+    table: ActionTable
+    _d: list[list[float]] = field(default_factory=list, repr=False)
+    _last: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+    _skips: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+
+    def begin(self, n: int) -> None:
+        self._d = [[] for _ in range(n)]
+        self._last = [None] * n
+        self._skips = np.zeros(n, np.int64)
+
+    def act_episodes(
+        self,
+        ids: np.ndarray,
+        obs: np.ndarray | None,
+        mask: np.ndarray,
+        episodes: Sequence[Episode],
+    ) -> np.ndarray:
+        t = self.table
+        out = np.empty(len(ids), np.int64)
+        for row, (i, ep) in enumerate(zip(ids.tolist(), episodes, strict=True)):
+            x = ep.latents.detach().float().cpu()
+            if self._last[i] is not None:
+                self._d[i].append(float((x - self._last[i]).abs().mean()))
+            self._last[i] = x
+            d = self._d[i]
+            linear = len(d) >= 3 and abs((d[-1] + d[-3]) / 2 - d[-2]) <= self.threshold * d[-2]
+            if not mask[row, t.jump(1)]:
+                out[row] = t.stop
+            elif linear and self._skips[i] < self.max_skips and mask[row, t.reuse]:
+                out[row] = t.reuse
+            else:
+                out[row] = t.jump(1)
+            self._skips[i] = self._skips[i] + 1 if out[row] == t.reuse else 0
+        return out
+
+    def act(self, obs: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+        raise TypeError("AdaptiveDiffusionSkip reads latents: call begin() and act_episodes()")
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ def _run_batch(
         mask = sampler.action_masks(eps)
         obs = sampler.observations(eps) if sampler.observe else None
         if episodic:
-            raw = policy.act_episodes(np.array(active, np.int64), obs, mask.copy())
+            raw = policy.act_episodes(np.array(active, np.int64), obs, mask.copy(), eps)
         else:
             raw = policy.act(obs, mask.copy())
         actions, n_bad = _legal(

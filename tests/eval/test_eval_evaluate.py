@@ -99,6 +99,7 @@ def _cfg(**kw: object) -> EvalConfig:
         clip_delta_thresholds=[],
         patience=[],
         progress_tolerances=[],
+        adaptive_diffusion_thresholds=[],
         seeds_per_prompt=2,
         batch_size=4,
         bootstrap_samples=200,
@@ -154,6 +155,7 @@ def test_stop_at_step_policy_nfe_and_masks(result: tuple[dict, Path, Recorder]) 
     metrics, _, rec = result
     assert metrics["stop-at-2"]["nfe"] == 3 and metrics["stop-at-2"]["masked_actions"] == 0
     assert metrics["stop-at-1"]["nfe"] == 2
+    assert metrics["stop-at-1"]["stopped_early"] == 1.0 and "stopped_early" not in metrics["ddim-2"]
     # Warm-up (1 step) forces continue: stopping at step 0 is replaced, each episode once.
     assert metrics["stop-now"]["nfe"] == WARMUP + 1
     assert metrics["stop-now"]["masked_actions"] == 6
@@ -238,7 +240,7 @@ def test_cli_runs_from_params(dataset: Path, tmp_path: Path, capsys: pytest.Capt
     params.write_text(
         "eval:\n  baseline_steps: [3]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
         "  stability_thresholds: []\n  clip_delta_thresholds: []\n"
-        "  patience: []\n  progress_tolerances: []\n"
+        "  patience: []\n  progress_tolerances: []\n  adaptive_diffusion_thresholds: []\n"
         "  seeds_per_prompt: 1\n  n_prompts: 2\n  bootstrap_samples: 50\n  device: cpu\n"
         "rewards:\n  weights: {clip_score: 1.0, stability: 0.5}\n"
     )
@@ -357,6 +359,7 @@ def test_cli_evaluates_real_offline_and_online_policies(
         "eval:\n  baseline_steps: [2, 4]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
         "  stability_thresholds: []\n"
         "  clip_delta_thresholds: []\n  patience: []\n  progress_tolerances: []\n"
+        "  adaptive_diffusion_thresholds: []\n"
         "  seeds_per_prompt: 1\n  bootstrap_samples: 50\n"
         "  device: cpu\n"
     )
@@ -382,6 +385,7 @@ def test_patience_and_progress_heuristics_run_in_eval(dataset: Path, tmp_path: P
     # A tolerance nothing fits: jump-1 everywhere (the full grid); one everything fits: the
     # longest jump (jump-2 twice on 4 points: 0 -> 2 -> 3).
     assert m["progress<=1e-06"]["nfe"] == N_MAX
+    assert m["progress<=1e-06"]["stopped_early"] == 0.0  # always reaches the last point
     assert m["progress<=2"]["nfe"] == 3
 
 
@@ -394,7 +398,7 @@ def test_cli_evaluates_a_prompt_file_the_user_brings(
     params.write_text(
         "eval:\n  baseline_steps: [2]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
         "  stability_thresholds: []\n  clip_delta_thresholds: []\n  patience: []\n"
-        "  progress_tolerances: []\n  seeds_per_prompt: 2\n  bootstrap_samples: 50\n"
+        "  progress_tolerances: []\n  adaptive_diffusion_thresholds: []\n  seeds_per_prompt: 2\n  bootstrap_samples: 50\n"
         "  device: cpu\n"
     )
     out = tmp_path / "out"
@@ -407,3 +411,13 @@ def test_cli_evaluates_a_prompt_file_the_user_brings(
     bad.write_text("text\nx\n")
     with pytest.raises(ValueError, match="expected a header with a Prompt"):
         main([*argv, "--prompts", str(bad), "--quiet"])
+
+
+def test_adaptive_diffusion_baseline_runs_on_a_reuse_sampler(dataset: Path, tmp_path: Path) -> None:
+    """Eval gives the baseline its own sampler (the dataset's grid + reuse); with threshold 0 it
+    never skips and is the full fixed schedule, image for image. (Skipping: test_diffusion_reuse.)"""
+    cfg = _cfg(baseline_steps=[N_MAX], adaptive_diffusion_thresholds=[0.0])
+    m = evaluate(dataset, {}, cfg, RewardConfig(), tmp_path / "o", False)
+    ad = m["adaptive-diffusion<=0"]
+    assert ad["kind"] == "heuristic" and ad["nfe"] == N_MAX
+    assert ad["clip_score"] == pytest.approx(m[f"ddim-{N_MAX}"]["clip_score"], abs=1e-6)
