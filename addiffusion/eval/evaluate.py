@@ -277,7 +277,7 @@ def evaluate(
         m["refines"] = float(run.refines.mean())
         m["masked_actions"] = run.masked_actions
         m["seconds_per_image"] = run.seconds_per_image
-        if kind != "baseline":
+        if name not in fixed_runs:  # methods on the dataset's grid (best-of-N runs k-point ones)
             # Images decoded from x̂0 before the grid's last point (a stop mid-schedule) rather
             # than at its end: the way a stop-and-jump policy can lose to a short schedule.
             m["stopped_early"] = float((run.stop_step < settings.n_max - 1).mean())
