@@ -33,6 +33,7 @@ from addiffusion.eval.metrics import closest_baseline, compare, summarize
 from addiffusion.eval.policies import (
     AdaptiveDiffusionSkip,
     ClipDeltaStop,
+    EpisodicPolicy,
     FixedSchedule,
     PatienceStop,
     Policy,
@@ -78,10 +79,10 @@ def _scores(run: MethodRun, reward_cfg: RewardConfig, held: HeldoutSet) -> dict[
 
 def _methods(
     cfg: EvalConfig, policies: Mapping[str, Policy], task: Task
-) -> list[tuple[str, str, Policy]]:
+) -> list[tuple[str, str, Policy | EpisodicPolicy]]:
     """(name, kind, policy) of the methods on the dataset's grid."""
     t = task.actions
-    methods: list[tuple[str, str, Policy]] = []
+    methods: list[tuple[str, str, Policy | EpisodicPolicy]] = []
     if cfg.random_stride and len(t.jumps) > 1:
         methods.append(("random-stride", "heuristic", RandomStride(t, cfg.seed)))
     methods += [

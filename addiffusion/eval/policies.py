@@ -138,16 +138,13 @@ class PatienceStop:
         ids: np.ndarray,
         obs: np.ndarray | None,
         mask: np.ndarray,
-        episodes: Sequence[Episode] = (),
+        episodes: Sequence[Episode],
     ) -> np.ndarray:
         score = quality_field(obs, "clip_score")
         better = score > self._best[ids] + self.min_gain
         self._stale[ids] = np.where(better, 0, self._stale[ids] + 1)
         self._best[ids] = np.maximum(self._best[ids], score)
         return _stop_where(self._stale[ids] >= self.patience, mask, self.table)
-
-    def act(self, obs: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
-        raise TypeError("PatienceStop keeps state per episode: call begin() and act_episodes()")
 
 
 @dataclass
@@ -201,9 +198,6 @@ class AdaptiveDiffusionSkip:
                 out[row] = t.jump(1)
             self._skips[i] = self._skips[i] + 1 if out[row] == t.reuse else 0
         return out
-
-    def act(self, obs: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
-        raise TypeError("AdaptiveDiffusionSkip reads latents: call begin() and act_episodes()")
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def _check_actions(raw: object, n: int, name: str, table: ActionTable) -> np.nda
 
 def _run_batch(
     sampler: StepwiseSampler,
-    policy: Policy,
+    policy: Policy | EpisodicPolicy,
     prompts: Sequence[str],
     seeds: Sequence[int],
     name: str,
@@ -100,7 +100,7 @@ def _run_batch(
 
 def run_method(
     sampler: StepwiseSampler,
-    policy: Policy,
+    policy: Policy | EpisodicPolicy,
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int,

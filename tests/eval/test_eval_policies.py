@@ -35,20 +35,20 @@ def test_patience_stop_counts_points_without_gain_per_episode() -> None:
     mask = TABLE.mask(np.array([1, 1]))
     names = lambda a: [TABLE.names[i] for i in a]  # noqa: E731
     # Episode 0 keeps improving; episode 1 stalls after its first point.
-    assert names(p.act_episodes(np.array([0, 1]), obs(clip_score=[0.1, 0.3]), mask)) == [
+    assert names(p.act_episodes(np.array([0, 1]), obs(clip_score=[0.1, 0.3]), mask, ())) == [
         "jump-1",
         "jump-1",
     ]
-    assert names(p.act_episodes(np.array([0, 1]), obs(clip_score=[0.2, 0.305]), mask)) == [
+    assert names(p.act_episodes(np.array([0, 1]), obs(clip_score=[0.2, 0.305]), mask, ())) == [
         "jump-1",
         "jump-1",
     ]
-    assert names(p.act_episodes(np.array([0, 1]), obs(clip_score=[0.3, 0.30]), mask)) == [
+    assert names(p.act_episodes(np.array([0, 1]), obs(clip_score=[0.3, 0.30]), mask, ())) == [
         "jump-1",
         "stop",
     ]
     # Episode 1 dropped out: the rows now are episode 0 only, its memory intact.
-    assert names(p.act_episodes(np.array([0]), obs(clip_score=[0.305]), mask[:1])) == ["jump-1"]
-    assert names(p.act_episodes(np.array([0]), obs(clip_score=[0.306]), mask[:1])) == ["stop"]
+    assert names(p.act_episodes(np.array([0]), obs(clip_score=[0.305]), mask[:1], ())) == ["jump-1"]
+    assert names(p.act_episodes(np.array([0]), obs(clip_score=[0.306]), mask[:1], ())) == ["stop"]
     p.begin(1)  # a new batch forgets
-    assert names(p.act_episodes(np.array([0]), obs(clip_score=[0.0]), mask[:1])) == ["jump-1"]
+    assert names(p.act_episodes(np.array([0]), obs(clip_score=[0.0]), mask[:1], ())) == ["jump-1"]
