@@ -216,9 +216,9 @@ def evaluate(
 
     Returns the metrics written to ``metrics.json``: ``{method: {"kind", "nfe", "nfe_std",
     "clip_score", "quality", ["verifier", "verifier_acc"], "refines", "masked_actions",
-    "seconds_per_image", "by_category", for heuristics and policies "stopped_early" (fraction
-    of images decoded before the grid's last point), and for heuristics and policies "vs", "nfe_diff",
-    "<score>_diff", "<score>_ci_low", "<score>_ci_high", "<score>_p", "frontier"}}`` plus
+    "seconds_per_image", "by_category", for methods on the dataset's grid "stopped_early"
+    (fraction of images decoded before its last point), and for heuristics and policies "vs",
+    "nfe_diff", "<score>_diff", "<score>_ci_low", "<score>_ci_high", "<score>_p", "frontier"}}`` plus
     ``"frontier"``: the best learned policy against the all-solver fixed frontier.
     """
     torch.manual_seed(cfg.seed)
