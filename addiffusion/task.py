@@ -56,8 +56,9 @@ def sampler_settings(data: Any, where: str) -> SamplerSettings:
             f"(known: {', '.join(sorted(known))})"
         )
     values = dict(data)
-    if "strides" in values:
-        values["strides"] = tuple(int(s) for s in values["strides"])
+    for key in ("strides", "timesteps"):
+        if key in values:
+            values[key] = tuple(int(s) for s in values[key])
     return SamplerSettings(**values)
 
 

@@ -29,6 +29,13 @@ class CollectConfig(StageConfig):
     n_max: int = 12
     """Points of the fine grid the policy jumps on; an episode stops at point n_max - 1 at the
     latest."""
+    grid: str = "uniform"
+    """Base grid the points sit on: ``uniform`` (the scheduler's ``set_timesteps(n_max)``),
+    ``ays`` (an Align-Your-Steps-style grid: SD 1.5's AYS sigmas log-linearly interpolated to
+    ``n_max`` points) or ``custom`` (``timesteps``). ays / custom need ddim, dpmsolver++, euler
+    or flowmatch-euler."""
+    timesteps: tuple[int, ...] = ()
+    """The custom grid: ``n_max`` strictly decreasing training timesteps (only with grid custom)."""
     strides: tuple[int, ...] = (1, 2, 4, 8)
     """Jump strides (``jump-s`` actions; must include 1). Solvers without variable-stride steps
     (euler, unipc) offer only stride 1."""
@@ -96,6 +103,28 @@ class CollectConfig(StageConfig):
         )
         check(self.n_max >= 1, "collect.n_max", ">= 1", self.n_max)
         check(
+            self.grid in ("uniform", "ays", "custom"),
+            "collect.grid",
+            "one of uniform, ays, custom",
+            self.grid,
+        )
+        check(
+            (self.grid == "custom") == bool(self.timesteps),
+            "collect.timesteps",
+            "a list exactly when grid is custom",
+            list(self.timesteps),
+        )
+        check(
+            not self.timesteps
+            or (
+                len(self.timesteps) == self.n_max
+                and all(a > b for a, b in zip(self.timesteps, self.timesteps[1:], strict=False))
+            ),
+            "collect.timesteps",
+            f"n_max = {self.n_max} strictly decreasing training timesteps",
+            list(self.timesteps),
+        )
+        check(
             0 <= self.warmup < self.n_max,
             "collect.warmup",
             f"in [0, n_max) = [0, {self.n_max})",
@@ -147,6 +176,8 @@ class CollectConfig(StageConfig):
 
         return SamplerSettings(
             n_max=self.n_max,
+            grid=self.grid,
+            timesteps=tuple(self.timesteps),
             strides=tuple(self.strides),
             warmup=self.warmup,
             refine_budget=self.refine_budget,

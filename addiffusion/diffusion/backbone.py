@@ -278,14 +278,106 @@ def denoise(
     )[0]
 
 
+GRIDS = ("uniform", "ays", "custom")
+"""Base grids of the sampler: ``uniform`` (the scheduler's own ``set_timesteps(n)`` spacing),
+``ays`` (:func:`ays_timesteps`) and ``custom`` (timesteps the user lists)."""
+CUSTOM_GRID_SCHEDULERS = (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+"""Schedulers that take a custom grid: DDIM (the project's exact DDIM step goes between any two
+timesteps), DPM-Solver++ and Euler (``set_timesteps(timesteps=...)``), flow Euler
+(``set_timesteps(sigmas=t / num_train_timesteps)``). UniPC in diffusers 0.42 takes only
+``sigmas=`` in its own space and is left at ``uniform``."""
+
+
+def ays_timesteps(scheduler: object, n: int) -> list[int]:
+    """An Align-Your-Steps-style ``n``-point grid for ``scheduler``'s noise schedule.
+
+    Sayak et al.'s AYS schedule for Stable Diffusion 1.5 (``diffusers.schedulers.AysSchedules
+    ["StableDiffusionSigmas"]``, 10 steps) log-linearly interpolated to ``n`` points (the AYS
+    paper's ``loglinear_interp``), each sigma mapped to the nearest training timestep of this
+    model's ``alphas_cumprod`` (VP sigma ``sqrt((1 - ᾱ) / ᾱ)``). The AYS sigmas were optimised for
+    SD 1.5, so on other VP backbones this is an AYS-*style* grid, not an optimised one.
+    Flow-matching schedulers have no VP sigmas: ``ValueError``. Returns ``n`` strictly decreasing
+    integer timesteps (``ValueError`` when ``n`` is too large for distinct timesteps).
+    """
+    import numpy as np
+    from diffusers.schedulers import AysSchedules
+
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or not hasattr(
+        scheduler, "alphas_cumprod"
+    ):
+        raise ValueError(
+            f"the ays grid needs a VP noise schedule (alphas_cumprod); "
+            f"{type(scheduler).__name__} has none: use grid uniform or custom"
+        )
+    if n < 1:
+        raise ValueError(f"an ays grid needs n >= 1 points, got {n}")
+    ref = np.asarray(AysSchedules["StableDiffusionSigmas"][:-1], np.float64)  # drop the final 0
+    if n == 1:
+        sigmas = ref[:1]
+    else:
+        xs = np.linspace(0.0, 1.0, len(ref))
+        sigmas = np.exp(np.interp(np.linspace(0.0, 1.0, n), xs, np.log(ref[::-1])))[::-1]
+    ac = scheduler.alphas_cumprod.double().numpy()
+    log_model = np.log(np.sqrt((1.0 - ac) / ac))  # increasing with t
+    t = np.interp(np.log(sigmas), log_model, np.arange(len(ac), dtype=np.float64))
+    ts = [int(x) for x in np.clip(np.round(t), 0, len(ac) - 1)]
+    if any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
+        raise ValueError(f"an ays grid of {n} points has repeated timesteps ({ts}): use fewer")
+    return ts
+
+
+def grid_timesteps(
+    scheduler: object, grid: str, n: int, timesteps: Sequence[float] = ()
+) -> list[int] | None:
+    """The ``n`` timesteps of the base ``grid`` (None for ``uniform``: ``set_timesteps(n)``).
+
+    ``custom`` returns ``timesteps`` after checking them: ``n`` strictly decreasing values in
+    ``[0, num_train_timesteps)``. Errors name the grid and what was wrong."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; expected one of {', '.join(GRIDS)}")
+    if grid == "uniform":
+        if len(timesteps):
+            raise ValueError(f"grid 'uniform' takes no timesteps, got {list(timesteps)}")
+        return None
+    if not isinstance(scheduler, CUSTOM_GRID_SCHEDULERS):
+        names = ", ".join(c.__name__ for c in CUSTOM_GRID_SCHEDULERS)
+        raise ValueError(
+            f"grid {grid!r} needs a scheduler that takes custom timesteps ({names}); "
+            f"got {type(scheduler).__name__}: use grid uniform"
+        )
+    if grid == "ays":
+        if len(timesteps):
+            raise ValueError(f"grid 'ays' computes its timesteps, got {list(timesteps)}")
+        return ays_timesteps(scheduler, n)
+    ts = [int(t) for t in timesteps]
+    top = int(scheduler.config.num_train_timesteps)
+    if len(ts) != n:
+        raise ValueError(f"grid 'custom' needs {n} timesteps (n_max), got {len(ts)}: {ts}")
+    if any(float(t) != int(t) for t in timesteps) or not all(0 <= t < top for t in ts):
+        raise ValueError(f"custom timesteps must be integers in [0, {top}), got {list(timesteps)}")
+    if any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
+        raise ValueError(f"custom timesteps must be strictly decreasing, got {ts}")
+    return ts
+
+
 def set_schedule(
     pipe: DiffusionPipeline,
     scheduler: object,
     n_steps: int,
     latent_hw: tuple[int, int],
     device: torch.device,
+    grid: str = "uniform",
+    timesteps: Sequence[float] = (),
 ) -> None:
-    """``scheduler.set_timesteps`` as the family's ``__call__`` calls it (SD3: resolution shift)."""
+    """``scheduler.set_timesteps`` as the family's ``__call__`` calls it (SD3: resolution shift),
+    on the base ``grid`` (:func:`grid_timesteps`): what the stock pipeline does when called with
+    ``num_inference_steps=n_steps`` (uniform) or with ``timesteps=`` the grid's timesteps
+    (``sigmas=t / num_train_timesteps`` for flow matching)."""
     kwargs = {}
     if scheduler.config.get("use_dynamic_shifting", False):
         patch = pipe.transformer.config.patch_size
@@ -296,7 +388,19 @@ def set_schedule(
             scheduler.config.get("base_shift", 0.5),
             scheduler.config.get("max_shift", 1.16),
         )
-    scheduler.set_timesteps(n_steps, device=device, **kwargs)
+    custom = grid_timesteps(scheduler, grid, n_steps, timesteps)
+    if custom is None:
+        scheduler.set_timesteps(n_steps, device=device, **kwargs)
+    elif isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        top = float(scheduler.config.num_train_timesteps)
+        scheduler.set_timesteps(sigmas=[t / top for t in custom], device=device, **kwargs)
+    elif isinstance(scheduler, DDIMScheduler):
+        # DDIMScheduler.set_timesteps has no `timesteps=`; the solver's DDIM step reads the grid
+        # and alphas_cumprod directly, so the grid is all it needs.
+        scheduler.set_timesteps(n_steps, device=device)
+        scheduler.timesteps = torch.tensor(custom, dtype=torch.long, device=device)
+    else:
+        scheduler.set_timesteps(timesteps=custom, device=device)
 
 
 def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,12 @@ class SamplerSettings:
     """The MDP's sampler settings (mirrors the ``collect`` section of params.yaml)."""
 
     n_max: int = 12
-    """Points of the fine grid (the scheduler's ``set_timesteps(n_max)`` timesteps)."""
+    """Points of the fine grid (``grid`` uniform: the scheduler's ``set_timesteps(n_max)``)."""
+    grid: str = "uniform"
+    """Base grid: ``uniform``, ``ays`` or ``custom`` (see
+    :func:`addiffusion.diffusion.backbone.grid_timesteps`)."""
+    timesteps: tuple[int, ...] = ()
+    """The ``custom`` grid's ``n_max`` strictly decreasing training timesteps (else empty)."""
     strides: tuple[int, ...] = (1,)
     """Jump strides the policy may take (must include 1); a solver without variable-stride steps
     (:func:`addiffusion.diffusion.solvers.variable_stride`) offers only stride 1."""
@@ -86,6 +91,21 @@ class SamplerSettings:
     """Per-step x̂0 is decoded from latents resized by this factor (1: exact). Below 1 the
     per-step images, features and scores are approximations that cost ~scale² of a decode;
     :meth:`StepwiseSampler.stop` always decodes the final image at full resolution."""
+
+    def __post_init__(self) -> None:
+        from addiffusion.diffusion.backbone import GRIDS
+
+        if self.grid not in GRIDS:
+            raise ValueError(f"sampler grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if (self.grid == "custom") != bool(self.timesteps):
+            raise ValueError(
+                "sampler timesteps must be given exactly when grid is 'custom' "
+                f"(grid {self.grid!r}, timesteps {list(self.timesteps)})"
+            )
+        if self.timesteps and len(self.timesteps) != self.n_max:
+            raise ValueError(
+                f"the custom grid has {len(self.timesteps)} timesteps but n_max is {self.n_max}"
+            )
 
 
 @dataclass
@@ -210,7 +230,9 @@ class StepwiseSampler:
         episodes = []
         for b, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
             scheduler = copy.deepcopy(self.scheduler)
-            backbone.set_schedule(self.pipe, scheduler, s.n_max, self.latent_hw, self.device)
+            backbone.set_schedule(
+                self.pipe, scheduler, s.n_max, self.latent_hw, self.device, s.grid, s.timesteps
+            )
             # Noise drawn on the CPU from the episode's own seed: same seed, same bytes, any device.
             noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
             init_sigma = 1.0 if self.flow else scheduler.init_noise_sigma  # flow: pure noise

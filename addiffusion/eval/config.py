@@ -24,6 +24,10 @@ class EvalConfig(StageConfig):
     solvers: list[str] = field(default_factory=list)
     """Solvers of the fixed schedules (empty: every solver that fits the backbone: ddim,
     dpmsolver++, euler, unipc; flow-matching models: flowmatch-euler)."""
+    grids: list[str] = field(default_factory=lambda: ["uniform", "ays"])
+    """Base grids of the fixed schedules: ``uniform`` (``<solver>-<k>``: ``set_timesteps(k)``)
+    and/or ``ays`` (``<solver>-ays-<k>``: an Align-Your-Steps-style k-point grid, for the solvers
+    that take custom timesteps: ddim, dpmsolver++, euler, flowmatch-euler)."""
     best_of: list[int] = field(default_factory=lambda: [2])
     """Best-of-N baselines: N seeds of the dataset's solver, the CLIP score picks (NFE = N·k)."""
     best_of_steps: list[int] = field(default_factory=lambda: [2, 4])
@@ -82,6 +86,14 @@ class EvalConfig(StageConfig):
             check(
                 solver in SCHEDULERS, f"{s}.solvers[{i}]", f"one of {', '.join(SCHEDULERS)}", solver
             )
+        check(
+            len(self.grids) >= 1
+            and set(self.grids) <= {"uniform", "ays"}
+            and len(set(self.grids)) == len(self.grids),
+            f"{s}.grids",
+            "a non-empty list of distinct uniform, ays",
+            self.grids,
+        )
         for i, n in enumerate(self.best_of):
             check(n >= 2, f"{s}.best_of[{i}]", ">= 2", n)
         for i, k in enumerate(self.best_of_steps):

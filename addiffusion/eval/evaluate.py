@@ -4,7 +4,8 @@
 2. build the dataset's sampler (:func:`addiffusion.task.task_sampler`: backbone, CLIP scorer and
    every extra scorer it recorded, so Q is defined the same way);
 3. run every method on every pair: fixed schedules ``<solver>-<k>`` for every solver of
-   ``eval.solvers`` and k of ``eval.baseline_steps`` (a k-point grid run to the end, NFE = k),
+   ``eval.solvers`` and k of ``eval.baseline_steps`` (a k-point grid run to the end, NFE = k;
+   ``<solver>-ays-<k>`` on the Align-Your-Steps-style grid when ``eval.grids`` has ``ays``),
    best-of-N seeds picked by CLIP score, a random-stride policy, stop heuristics and the learned
    policies on the dataset's grid with its action table and masks;
 4. score the final images (CLIP score, verifier, reward-defined quality Q), summarise per method
@@ -46,7 +47,14 @@ from addiffusion.rewards.config import RewardConfig
 from addiffusion.rewards.reward import quality
 from addiffusion.task import Task, task_sampler
 
-OUTPUTS = ("metrics.json", "pareto.csv", "pareto.png", "samples.png", "report.md")
+OUTPUTS = (
+    "metrics.json",
+    "pareto.csv",
+    "items.parquet",
+    "pareto.png",
+    "samples.png",
+    "report.md",
+)
 
 
 def _check_observation_layout(task: Task, sampler: StepwiseSampler) -> None:
@@ -119,25 +127,27 @@ def _methods(
 def _fixed(
     share: StepwiseSampler, task: Task, cfg: EvalConfig, held: HeldoutSet, bar: Any
 ) -> tuple[dict[str, MethodRun], list[tuple[str, str, int]]]:
-    """Fixed schedules ``<solver>-<k>`` (k-point grid, every point, NFE = k) and best-of-N."""
+    """Fixed schedules ``<solver>[-ays]-<k>`` (k-point grid, every point, NFE = k) and best-of-N."""
     prompts = [it.prompt for it in held.items]
     seeds = [it.seed for it in held.items]
     runs: dict[str, MethodRun] = {}
     fixed: list[tuple[str, str, int]] = []
-    solvers = list(cfg.solvers) or fitting_solvers(share)
-    for solver in solvers:
+    for grid, solver in fixed_families(share, cfg):
+        label = solver if grid == "uniform" else f"{solver}-{grid}"
         for k in sorted(cfg.baseline_steps):
-            sampler = _fixed_sampler(share, task, solver, k)
-            name = f"{solver}-{k}"
+            sampler = _fixed_sampler(share, task, solver, k, grid)
+            name = f"{label}-{k}"
             bar.set_postfix_str(name)
             policy = FixedSchedule(sampler.table)
             runs[name] = run_method(
                 sampler, policy, prompts, seeds, cfg.batch_size, name, bar.update
             )
-            fixed.append((name, solver, k))
+            fixed.append((name, label, k))
     for n in cfg.best_of:
         for k in cfg.best_of_steps:
-            sampler = _fixed_sampler(share, task, task.scheduler, k)
+            # On the dataset's own base grid (a custom one exists only at n_max points).
+            grid = "uniform" if task.settings.grid == "custom" else task.settings.grid
+            sampler = _fixed_sampler(share, task, task.scheduler, k, grid)
             name = f"best-of-{n}-{task.scheduler}-{k}"
             bar.set_postfix_str(name)
             policy = FixedSchedule(sampler.table)
@@ -167,7 +177,28 @@ def fitting_solvers(sampler: StepwiseSampler) -> list[str]:
     return [s for s in SCHEDULERS if (s in FLOW_SCHEDULERS) == sampler.flow]
 
 
-def _fixed_sampler(share: StepwiseSampler, task: Task, solver: str, k: int) -> StepwiseSampler:
+def fixed_families(sampler: StepwiseSampler, cfg: EvalConfig) -> list[tuple[str, str]]:
+    """(grid, solver) of the fixed schedules: every solver of ``eval.solvers`` (or
+    :func:`fitting_solvers`) on the uniform grid, and on the ays grid those that take custom
+    timesteps (:data:`addiffusion.diffusion.backbone.CUSTOM_GRID_SCHEDULERS`) when the backbone
+    has a VP noise schedule."""
+    from addiffusion.diffusion.backbone import CUSTOM_GRID_SCHEDULERS, SCHEDULERS
+
+    solvers = list(cfg.solvers) or fitting_solvers(sampler)
+    out = []
+    for grid in cfg.grids:
+        for solver in solvers:
+            if grid == "ays" and (
+                sampler.flow or not issubclass(SCHEDULERS[solver][0], CUSTOM_GRID_SCHEDULERS)
+            ):
+                continue
+            out.append((grid, solver))
+    return out
+
+
+def _fixed_sampler(
+    share: StepwiseSampler, task: Task, solver: str, k: int, grid: str = "uniform"
+) -> StepwiseSampler:
     # A k-point grid of `solver`, always advanced: no warm-up or refine applies, and no
     # per-point observation is needed (only the final image is decoded and scored).
     return task_sampler(
@@ -177,6 +208,8 @@ def _fixed_sampler(share: StepwiseSampler, task: Task, solver: str, k: int) -> S
         observe=False,
         share=share,
         n_max=k,
+        grid=grid,
+        timesteps=(),
         strides=(1,),
         warmup=0,
         refine_budget=0,
@@ -245,7 +278,7 @@ def evaluate(
             )
             for x in cfg.adaptive_diffusion_thresholds
         ]
-    n_fixed = len(cfg.solvers or fitting_solvers(sampler)) * len(cfg.baseline_steps)
+    n_fixed = len(fixed_families(sampler, cfg)) * len(cfg.baseline_steps)
     n_fixed += sum(cfg.best_of) * len(cfg.best_of_steps)
     bar = tqdm(
         total=(n_fixed + len(runnable)) * len(prompts),
@@ -342,6 +375,17 @@ def evaluate(
         "oracle": {"nfe": float(oracle_nfe.mean()), metric: float(oracle_score.mean())},
         "oracle_curve": frontier.oracle_curve(fruns),
     }
+    # How much a per-prompt choice of fixed schedule could gain at all, split by what the chooser
+    # knows: the prompt's type (category), the prompt (not the seed), or the item (hindsight).
+    curves = {
+        "category": frontier.oracle_curve(fruns, groups=np.array(categories)),
+        "prompt": frontier.oracle_curve(fruns, groups=groups),
+        "item": summary["oracle_curve"],
+    }
+    summary["headroom"] = {
+        name: {**frontier.headroom(curve, fruns).__dict__, "curve": curve}
+        for name, curve in curves.items()
+    }
     if comparisons:
         best = frontier.best_learned(comparisons)
         summary.update(_comparison_dict(best))
@@ -350,6 +394,12 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_metrics({**metrics, "frontier": summary}, out_dir / "metrics.json")
     report.write_pareto_csv(metrics, out_dir / "pareto.csv")
+    report.write_items(
+        {name: run for name, (_, run) in runs.items()},
+        scores,
+        held.items,
+        out_dir / "items.parquet",
+    )
     points = {n: (m["nfe"], m[metric]) for n, m in metrics.items() if m["kind"] != "baseline"}
     frontier.plot_frontier(
         out_dir / "pareto.png",
@@ -357,6 +407,7 @@ def evaluate(
         points,
         [n for n in points if metrics[n]["kind"] == "policy"],
         metric,
+        {f"{name} oracle": curves[name] for name in ("category", "prompt")},
     )
     shown = [n for n in runs if runs[n][0] != "baseline" or n.startswith(task.scheduler)]
     report.plot_samples({n: runs[n][1].images for n in shown}, prompts, out_dir / "samples.png")

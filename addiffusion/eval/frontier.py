@@ -179,36 +179,60 @@ def oracle_items(runs: Sequence[FixedRun]) -> tuple[np.ndarray, np.ndarray]:
     return ks[idx], scores[idx, cols]
 
 
-def oracle_curve(runs: Sequence[FixedRun], n_lambdas: int = 200) -> list[tuple[float, float]]:
-    """The per-item hindsight limit as a mean-NFE vs mean-score curve.
+def _group_sums(scores: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(R, G) score sums and (G,) item counts per group (``None``: every item its own group)."""
+    if groups is None:
+        return scores, np.ones(scores.shape[1])
+    groups = np.asarray(groups)
+    if groups.shape != (scores.shape[1],):
+        raise ValueError(
+            f"groups has shape {groups.shape} but the fixed runs have {scores.shape[1]} items"
+        )
+    _, inverse = np.unique(groups, return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    sums = np.stack([np.bincount(inverse, weights=row, minlength=n_groups) for row in scores])
+    return sums, np.bincount(inverse, minlength=n_groups).astype(np.float64)
 
-    For ``lambda`` swept from large (every item takes the cheapest schedule) to 0 (the oracle),
-    each item picks the fixed schedule maximising ``score - lambda * nfe`` (ties: cheaper). The
-    lambdas are the per-item breakpoints (slopes between two schedules of one item), all of them
-    when there are at most ``n_lambdas``, else ``n_lambdas`` quantiles of them. Returns the
-    distinct points ``(mean nfe, mean score)`` sorted by nfe, ending at the oracle point.
+
+def oracle_curve(
+    runs: Sequence[FixedRun], n_lambdas: int = 200, groups: np.ndarray | None = None
+) -> list[tuple[float, float]]:
+    """The hindsight limit of choosing a fixed schedule per item (or per group of items) as a
+    mean-NFE vs mean-score curve.
+
+    For ``lambda`` swept from large (everything takes the cheapest schedule) to 0 (the oracle),
+    each item picks the fixed schedule maximising ``score - lambda * nfe`` (ties: cheaper). With
+    ``groups`` (``(N,)`` labels) all items of a group must take the same schedule, chosen on the
+    group's mean score: ``groups = category`` is the limit of a policy that knows only the prompt's
+    type, ``groups = prompt id`` that of one that knows the prompt but not the seed; ``None`` (every
+    item alone) is the per-item oracle. The lambdas are the breakpoints (slopes between two
+    schedules of one group), all of them when there are at most ``n_lambdas``, else ``n_lambdas``
+    quantiles of them. Returns the distinct points ``(mean nfe, mean score)`` sorted by nfe,
+    ending at the oracle point.
     """
-    _check_runs(runs)
+    n = _check_runs(runs)
     if n_lambdas < 1:
         raise ValueError(f"n_lambdas must be >= 1, got {n_lambdas}")
-    ks, scores = _stack(_sorted_runs(runs))
-    cols = np.arange(scores.shape[1])
+    ks, item_scores = _stack(_sorted_runs(runs))
+    sums, counts = _group_sums(item_scores, groups)
+    means = sums / counts[None, :]
+    cols = np.arange(means.shape[1])
     dk = ks[None, :] - ks[:, None]  # (R, R): k_j - k_i
     upper = dk > 0
-    slopes = ((scores[None, :, :] - scores[:, None, :]) / np.where(upper, dk, 1.0)[:, :, None])[
+    slopes = ((means[None, :, :] - means[:, None, :]) / np.where(upper, dk, 1.0)[:, :, None])[
         upper
     ].ravel()
     slopes = np.unique(slopes[slopes > 0])
     if len(slopes) > n_lambdas:
         slopes = np.unique(np.quantile(slopes, np.linspace(0.0, 1.0, n_lambdas)))
     gaps = np.diff(np.unique(ks))
-    span = float(scores.max() - scores.min())
+    span = float(means.max() - means.min())
     lam_max = (span / float(gaps.min()) if len(gaps) else 0.0) * 2.0 + 1.0
     lambdas = np.concatenate([[lam_max], slopes[::-1], [0.0]])
     pts: set[tuple[float, float]] = set()
     for lam in lambdas:
-        idx = _pick(ks, scores, float(lam))
-        pts.add((float(ks[idx].mean()), float(scores[idx, cols].mean())))
+        idx = _pick(ks, means, float(lam))
+        pts.add((float((ks[idx] * counts).sum() / n), float(sums[idx, cols].sum() / n)))
     curve = sorted(pts)
     # Keep only the upper-left envelope: a point is dropped if an earlier (cheaper or equal) one
     # scores at least as well (cannot happen for exact breakpoints; guards rounding).
@@ -220,6 +244,27 @@ def oracle_curve(runs: Sequence[FixedRun], n_lambdas: int = 200) -> list[tuple[f
             continue
         out.append((x, y))
     return out
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """How far an oracle curve rises above the all-solver fixed frontier."""
+
+    max_gain: float  # max over the curve's points of (curve score - frontier at that NFE)
+    nfe: float  # the mean NFE of that point
+    score: float  # its mean score
+
+
+def headroom(curve: Sequence[tuple[float, float]], runs: Sequence[FixedRun]) -> Headroom:
+    """The largest gain of an :func:`oracle_curve` over the interpolated all-solver frontier
+    (:func:`frontier_items`) at the same mean NFE: what a policy choosing among these fixed
+    schedules could at most gain, for the kind of knowledge the curve's grouping stands for."""
+    best = Headroom(-math.inf, float("nan"), float("nan"))
+    for x, y in curve:
+        gain = y - float(frontier_items(runs, x)[0].mean())
+        if gain > best.max_gain:
+            best = Headroom(gain, x, y)
+    return best
 
 
 def oracle_nfe_at(curve: Sequence[tuple[float, float]], score: float) -> float:
@@ -367,11 +412,13 @@ def plot_frontier(
     points: Mapping[str, tuple[float, float]],
     policies: Sequence[str],
     metric: str = "verifier",
+    curves: Mapping[str, Sequence[tuple[float, float]]] | None = None,
 ) -> None:
     """Pareto plot: a frontier step line per solver, the bold all-solver frontier (linear between
     its points, as :func:`frontier_items` interpolates), every fixed run as a small marker, the
     oracle curve (dashed) and point, ``points`` (name -> (mean nfe, mean score)) as labelled
-    markers with ``policies`` (also in ``points``) highlighted. x = mean NFE per image."""
+    markers with ``policies`` (also in ``points``) highlighted, and ``curves`` (label -> points,
+    e.g. the per-category and per-prompt oracle curves) as dotted lines. x = mean NFE per image."""
     _check_runs(runs)
     missing = [p for p in policies if p not in points]
     if missing:
@@ -419,6 +466,15 @@ def plot_frontier(
         [c[0] for c in curve], [c[1] for c in curve], "--", color="0.35", label="oracle (hindsight)"
     )
     ax.plot(*curve[-1], "D", color="0.35", markersize=7, label="oracle point")
+    for i, (label, extra) in enumerate((curves or {}).items()):
+        ax.plot(
+            [c[0] for c in extra],
+            [c[1] for c in extra],
+            ":",
+            color=cmap((len(solvers) + i) % 10),
+            linewidth=1.6,
+            label=label,
+        )
     pol = set(policies)
     for name, (x, y) in points.items():
         if name in pol:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,37 @@ def write_pareto_csv(metrics: Mapping[str, Mapping[str, Any]], path: Path) -> No
         for name, m in metrics.items():
             row = [name, m["kind"]] + [m.get(c, "") for c in columns[2:]]
             w.writerow(["" if isinstance(v, float) and not math.isfinite(v) else v for v in row])
+
+
+def write_items(
+    runs: Mapping[str, Any],
+    scores: Mapping[str, Mapping[str, np.ndarray]],
+    items: Sequence[Any],
+    path: Path,
+) -> None:
+    """Per-item results (Parquet, one row per method x item): ``method, prompt_id, prompt,
+    category, seed, nfe, stop_step`` and every score of ``scores[method]``. ``runs``: method ->
+    :class:`addiffusion.eval.rollout.MethodRun`; ``items``: the evaluated
+    :class:`addiffusion.eval.heldout.EvalItem` s, in the runs' order."""
+    import polars as pl
+
+    frames = []
+    for name, run in runs.items():
+        frames.append(
+            pl.DataFrame(
+                {
+                    "method": [name] * len(items),
+                    "prompt_id": [it.prompt_id for it in items],
+                    "prompt": [it.prompt for it in items],
+                    "category": [it.category for it in items],
+                    "seed": [it.seed for it in items],
+                    "nfe": np.asarray(run.nfe, np.int64),
+                    "stop_step": np.asarray(run.stop_step, np.int64),
+                    **{k: np.asarray(v, np.float64) for k, v in scores[name].items()},
+                }
+            )
+        )
+    pl.concat(frames, how="diagonal").write_parquet(path)
 
 
 def plot_pareto(metrics: Mapping[str, Mapping[str, Any]], path: Path, n_max: int) -> None:

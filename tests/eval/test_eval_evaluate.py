@@ -146,9 +146,14 @@ def result(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dic
 def test_fixed_step_baselines_report_nfe_k(result: tuple[dict, Path, Recorder]) -> None:
     metrics, _, _ = result
     for k in (2, 4):
-        m = metrics[f"ddim-{k}"]
-        assert m["kind"] == "baseline" and m["nfe"] == k and m["nfe_std"] == 0.0
-        assert m["n"] == 6  # 3 held-out prompts x 2 seeds
+        for name in (f"ddim-{k}", f"ddim-ays-{k}"):  # the uniform and the ays grid
+            m = metrics[name]
+            assert m["kind"] == "baseline" and m["nfe"] == k and m["nfe_std"] == 0.0
+            assert m["n"] == 6  # 3 held-out prompts x 2 seeds
+    assert {p["name"] for p in metrics["frontier"]["per_solver"]["ddim-ays"]} <= {
+        "ddim-ays-2",
+        "ddim-ays-4",
+    }
 
 
 def test_stop_at_step_policy_nfe_and_masks(result: tuple[dict, Path, Recorder]) -> None:
@@ -185,6 +190,16 @@ def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
     assert [r["method"] for r in rows] == [n for n in metrics if n != "frontier"]
     assert float(rows[0]["nfe"]) == 2.0 and rows[0]["kind"] == "baseline"
     assert all(0.0 <= float(r["verifier"]) <= 1.0 for r in rows)
+    # Headroom: what choosing a fixed schedule per type / prompt / item could gain at most.
+    room = loaded["frontier"]["headroom"]
+    assert set(room) == {"category", "prompt", "item"}
+    gains = [room[k]["max_gain"] for k in ("category", "prompt", "item")]
+    assert gains == sorted(gains)  # the more the chooser knows, the more it can gain
+    items = pl.read_parquet(out / "items.parquet")
+    assert items.height == 6 * (len(metrics) - 1)
+    assert set(items["method"]) == set(metrics) - {"frontier"}
+    row = items.filter((pl.col("method") == "stop-at-2")).row(0, named=True)
+    assert row["nfe"] == 3 and row["category"] in ("simple", "medium", "complex")
     for png in ("pareto.png", "samples.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
@@ -238,7 +253,8 @@ def test_config_errors_name_the_key() -> None:
 def test_cli_runs_from_params(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(
-        "eval:\n  baseline_steps: [3]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
+        "eval:\n  baseline_steps: [3]\n  solvers: [ddim]\n  grids: [uniform]\n  best_of: []\n"
+        "  random_stride: false\n"
         "  stability_thresholds: []\n  clip_delta_thresholds: []\n"
         "  patience: []\n  progress_tolerances: []\n  adaptive_diffusion_thresholds: []\n"
         "  seeds_per_prompt: 1\n  n_prompts: 2\n  bootstrap_samples: 50\n  device: cpu\n"
@@ -356,7 +372,8 @@ def test_cli_evaluates_real_offline_and_online_policies(
 
     params = tmp_path / "params.yaml"
     params.write_text(
-        "eval:\n  baseline_steps: [2, 4]\n  solvers: [ddim]\n  best_of: []\n  random_stride: false\n"
+        "eval:\n  baseline_steps: [2, 4]\n  solvers: [ddim]\n  grids: [uniform]\n  best_of: []\n"
+        "  random_stride: false\n"
         "  stability_thresholds: []\n"
         "  clip_delta_thresholds: []\n  patience: []\n  progress_tolerances: []\n"
         "  adaptive_diffusion_thresholds: []\n"

@@ -17,6 +17,7 @@ from addiffusion.eval.frontier import (
     compare_to_frontier,
     fixed_frontier,
     frontier_items,
+    headroom,
     oracle_curve,
     oracle_items,
     oracle_nfe_at,
@@ -139,6 +140,25 @@ def test_oracle_easy_hard() -> None:
         assert oracle_nfe_at(curve, float(r.scores.mean())) <= r.k + 1e-9
     # Few lambdas: still ends at the oracle point.
     assert oracle_curve(runs, n_lambdas=3)[-1] == pytest.approx(curve[-1])
+
+
+def test_grouped_oracle_separates_what_the_chooser_knows() -> None:
+    """Easy and hard seeds share every prompt: knowing the prompt is worth nothing, knowing the
+    type (or the item) is worth the whole gap between the frontier and the oracle."""
+    runs, prompt_ids, easy, top = _easy_hard()
+    by_prompt = oracle_curve(runs, groups=prompt_ids)
+    room = headroom(by_prompt, runs)
+    assert abs(room.max_gain) < 0.03  # only the ±0.02 per-item noise can be picked
+    by_type = oracle_curve(runs, groups=np.where(easy, "easy", "hard"))
+    assert by_type[-1] == pytest.approx((5.0, top.mean()), abs=0.01)
+    room = headroom(by_type, runs)
+    # At 5 NFE the frontier mixes ddim-4 and ddim-8 (w=0.25): 0.75 * 0.65 + 0.25 * 0.9.
+    assert room.nfe == pytest.approx(5.0)
+    assert room.max_gain == pytest.approx(0.9 - (0.75 * 0.65 + 0.25 * 0.9), abs=0.01)
+    # Every item its own group is the per-item oracle.
+    np.testing.assert_allclose(oracle_curve(runs, groups=np.arange(N)), oracle_curve(runs))
+    with pytest.raises(ValueError, match=r"groups has shape \(3,\)"):
+        oracle_curve(runs, groups=np.arange(3))
 
 
 def test_oracle_nfe_at_interpolates_and_cheapest_fixed() -> None:
