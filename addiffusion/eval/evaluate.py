@@ -148,7 +148,8 @@ def _fixed(
             # On the dataset's own base grid (a custom one exists only at n_max points).
             grid = "uniform" if task.settings.grid == "custom" else task.settings.grid
             sampler = _fixed_sampler(share, task, task.scheduler, k, grid)
-            name = f"best-of-{n}-{task.scheduler}-{k}"
+            label = task.scheduler if grid == "uniform" else f"{task.scheduler}-{grid}"
+            name = f"best-of-{n}-{label}-{k}"
             bar.set_postfix_str(name)
             policy = FixedSchedule(sampler.table)
             # Draw j of n: other seeds, the same prompts; the CLIP score picks (what a user can

@@ -198,7 +198,7 @@ def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
     items = pl.read_parquet(out / "items.parquet")
     assert items.height == 6 * (len(metrics) - 1)
     assert set(items["method"]) == set(metrics) - {"frontier"}
-    row = items.filter((pl.col("method") == "stop-at-2")).row(0, named=True)
+    row = items.filter(pl.col("method") == "stop-at-2").row(0, named=True)
     assert row["nfe"] == 3 and row["category"] in ("simple", "medium", "complex")
     for png in ("pareto.png", "samples.png"):
         with Image.open(out / png) as im:
