@@ -68,6 +68,12 @@ def test_section_must_be_mapping() -> None:
     [
         ({"n_max": 0}, "collect.n_max must be >= 1, got 0"),
         ({"bogus": 1}, "unknown key collect.bogus"),
+        ({"grid": "karras"}, "collect.grid must be one of uniform, ays, custom, got 'karras'"),
+        ({"grid": "custom"}, "collect.timesteps must be a list exactly when grid is custom"),
+        (
+            {"grid": "custom", "timesteps": [999, 500]},
+            "collect.timesteps must be n_max = 16 strictly decreasing training timesteps",
+        ),
     ],
 )
 def test_cli_fails_before_writing(

@@ -91,7 +91,7 @@ class CollectConfig(StageConfig):
 
     def __post_init__(self) -> None:
         # Imported here: `addiffusion --help` imports every config module, and diffusers is slow.
-        from addiffusion.diffusion.backbone import SCHEDULERS
+        from addiffusion.diffusion.backbone import GRIDS, SCHEDULERS
 
         bad = sorted(set(self.scorers) - {"imagereward", "pickscore"})
         check(not bad, "collect.scorers", "a list of imagereward, pickscore", list(self.scorers))
@@ -102,12 +102,7 @@ class CollectConfig(StageConfig):
             self.scheduler,
         )
         check(self.n_max >= 1, "collect.n_max", ">= 1", self.n_max)
-        check(
-            self.grid in ("uniform", "ays", "custom"),
-            "collect.grid",
-            "one of uniform, ays, custom",
-            self.grid,
-        )
+        check(self.grid in GRIDS, "collect.grid", f"one of {', '.join(GRIDS)}", self.grid)
         check(
             (self.grid == "custom") == bool(self.timesteps),
             "collect.timesteps",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -27,6 +28,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from diffusers.schedulers import AysSchedules
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 SCHEDULERS = {
@@ -304,9 +306,6 @@ def ays_timesteps(scheduler: object, n: int) -> list[int]:
     Flow-matching schedulers have no VP sigmas: ``ValueError``. Returns ``n`` strictly decreasing
     integer timesteps (``ValueError`` when ``n`` is too large for distinct timesteps).
     """
-    import numpy as np
-    from diffusers.schedulers import AysSchedules
-
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or not hasattr(
         scheduler, "alphas_cumprod"
     ):

@@ -198,7 +198,7 @@ def fixed_families(sampler: StepwiseSampler, cfg: EvalConfig) -> list[tuple[str,
 
 
 def _fixed_sampler(
-    share: StepwiseSampler, task: Task, solver: str, k: int, grid: str = "uniform"
+    share: StepwiseSampler, task: Task, solver: str, k: int, grid: str
 ) -> StepwiseSampler:
     # A k-point grid of `solver`, always advanced: no warm-up or refine applies, and no
     # per-point observation is needed (only the final image is decoded and scored).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,30 +37,18 @@ def test_ays_grid_on_the_sd15_schedule_is_the_published_one(tiny_pipe_dir: Path)
     ("scheduler", "stride"), [("dpmsolver++", 1), ("dpmsolver++", 2), ("euler", 1)]
 )
 def test_constant_stride_on_the_ays_grid_matches_the_stock_pipeline(
-    scheduler: str, stride: int, tiny_pipe_dir: Path, tiny_clip: ClipScorer
+    scheduler: str,
+    stride: int,
+    tiny_pipe_dir: Path,
+    tiny_clip: ClipScorer,
+    stock_run: Callable[..., tuple[list[torch.Tensor], torch.Tensor]],
 ) -> None:
     """jump-s on an 8-point ays grid visits the latents of the stock pipeline called with
     ``timesteps=`` every s-th point of that grid (the policy's path to the ays fixed schedule)."""
     n = 8
     pipe = load_pipeline(str(tiny_pipe_dir), scheduler, "cpu")
     grid = ays_timesteps(pipe.scheduler, n)
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(3))
-    seen: list[torch.Tensor] = []
-
-    def keep(p: object, i: int, t: object, kw: dict) -> dict:
-        seen.append(kw["latents"].clone())
-        return kw
-
-    pipe(
-        "a red circle",
-        timesteps=grid[::stride],
-        guidance_scale=4.0,
-        height=32,
-        width=32,
-        latents=noise.clone(),
-        output_type="latent",
-        callback_on_step_end=keep,
-    )
+    seen, _ = stock_run(pipe, 3, timesteps=grid[::stride])
     settings = SamplerSettings(
         n_max=n, grid="ays", strides=(1, 2), warmup=1, guidance_scale=4.0, height=32, width=32
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from addiffusion.diffusion.backbone import load_pipeline
 from addiffusion.diffusion.sampler import SamplerSettings, StepRecord, StepwiseSampler
 from addiffusion.rewards.clip import ClipScorer
+
+StockRun = Callable[..., tuple[list[torch.Tensor], torch.Tensor]]
 
 
 def act(sampler: StepwiseSampler, eps: list, name: str) -> StepRecord | None:
@@ -23,28 +26,11 @@ SETTINGS = SamplerSettings(n_max=N, warmup=1, guidance_scale=4.0, height=32, wid
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++", "euler", "unipc"])
 def test_continue_matches_pipeline_call(
-    scheduler: str, tiny_pipe_dir: Path, tiny_clip: ClipScorer
+    scheduler: str, tiny_pipe_dir: Path, tiny_clip: ClipScorer, stock_run: StockRun
 ) -> None:
     pipe = load_pipeline(str(tiny_pipe_dir), scheduler, "cpu")
     # The stock pipeline, before the sampler swaps in its capture processors.
-    shape = (1, 4, 8, 8)
-    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(7))
-    seen: list[torch.Tensor] = []
-
-    def keep(p: object, i: int, t: object, kw: dict) -> dict:
-        seen.append(kw["latents"].clone())
-        return kw
-
-    final = pipe(
-        "a red circle",
-        num_inference_steps=N,
-        guidance_scale=SETTINGS.guidance_scale,
-        height=32,
-        width=32,
-        latents=noise.clone(),
-        output_type="latent",
-        callback_on_step_end=keep,
-    ).images
+    seen, final = stock_run(pipe, 7, num_inference_steps=N)
     sampler = StepwiseSampler(pipe, tiny_clip, SETTINGS)
     eps, rec = sampler.start(["a red circle"], [7])
     for k in range(N - 1):
@@ -94,7 +80,7 @@ def test_reduced_x0_decode_keeps_final_image_full_size(
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++"])
 @pytest.mark.parametrize("stride", [2, 4])
 def test_constant_stride_through_apply_matches_the_shorter_pipeline(
-    scheduler: str, stride: int, tiny_pipe_dir: Path, tiny_clip: ClipScorer
+    scheduler: str, stride: int, tiny_pipe_dir: Path, tiny_clip: ClipScorer, stock_run: StockRun
 ) -> None:
     """jump-s from point 0 on an 8-point trailing grid visits the stock 8/s-step schedule's
     timesteps and latents (the policy's path to a fixed schedule)."""
@@ -103,23 +89,7 @@ def test_constant_stride_through_apply_matches_the_shorter_pipeline(
     pipe.scheduler = type(pipe.scheduler).from_config(
         pipe.scheduler.config, timestep_spacing="trailing"
     )
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(3))
-    seen: list[torch.Tensor] = []
-
-    def keep(p: object, i: int, t: object, kw: dict) -> dict:
-        seen.append(kw["latents"].clone())
-        return kw
-
-    pipe(
-        "a red circle",
-        num_inference_steps=n // stride,
-        guidance_scale=4.0,
-        height=32,
-        width=32,
-        latents=noise.clone(),
-        output_type="latent",
-        callback_on_step_end=keep,
-    )
+    seen, _ = stock_run(pipe, 3, num_inference_steps=n // stride)
     settings = SamplerSettings(
         n_max=n, strides=(1, 2, 4), warmup=1, guidance_scale=4.0, height=32, width=32
     )
