@@ -378,11 +378,19 @@ def evaluate(
     }
     # How much a per-prompt choice of fixed schedule could gain at all, split by what the chooser
     # knows: the prompt's type (category), the prompt (not the seed), or the item (hindsight).
+    # In-sample these reward luck (the best of many schedules on a few seeds), so the category
+    # and prompt choices are also cross-fitted: picked on one seed of each prompt, scored on the
+    # others.
+    cats = np.array(categories)
     curves = {
-        "category": frontier.oracle_curve(fruns, groups=np.array(categories)),
+        "category": frontier.oracle_curve(fruns, groups=cats),
         "prompt": frontier.oracle_curve(fruns, groups=groups),
         "item": summary["oracle_curve"],
     }
+    seed_index = _seed_index(groups)
+    if len(set(seed_index.tolist())) > 1:
+        curves["category_heldout_seed"] = frontier.heldout_seed_curve(fruns, cats, seed_index)
+        curves["prompt_heldout_seed"] = frontier.heldout_seed_curve(fruns, groups, seed_index)
     summary["headroom"] = {
         name: {**frontier.headroom(curve, fruns).__dict__, "curve": curve}
         for name, curve in curves.items()
@@ -408,7 +416,7 @@ def evaluate(
         points,
         [n for n in points if metrics[n]["kind"] == "policy"],
         metric,
-        {f"{name} oracle": curves[name] for name in ("category", "prompt")},
+        {name.replace("_", " "): c for name, c in curves.items() if name != "item"},
     )
     shown = [n for n in runs if runs[n][0] != "baseline" or n.startswith(task.scheduler)]
     report.plot_samples({n: runs[n][1].images for n in shown}, prompts, out_dir / "samples.png")
@@ -429,6 +437,16 @@ def evaluate(
     }
     report.write_report(metrics, context, out_dir / "report.md")
     return {**metrics, "frontier": summary}
+
+
+def _seed_index(prompt_ids: np.ndarray) -> np.ndarray:
+    """(N,) index of each item among the items of its prompt, in order (its seed's rank)."""
+    seen: dict[int, int] = {}
+    out = np.empty(len(prompt_ids), np.int64)
+    for i, p in enumerate(prompt_ids.tolist()):
+        out[i] = seen.get(p, 0)
+        seen[p] = out[i] + 1
+    return out
 
 
 def _comparison_dict(c: frontier.FrontierComparison) -> dict[str, Any]:

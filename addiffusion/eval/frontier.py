@@ -211,26 +211,12 @@ def oracle_curve(
     ending at the oracle point.
     """
     n = _check_runs(runs)
-    if n_lambdas < 1:
-        raise ValueError(f"n_lambdas must be >= 1, got {n_lambdas}")
     ks, item_scores = _stack(_sorted_runs(runs))
     sums, counts = _group_sums(item_scores, groups)
     means = sums / counts[None, :]
     cols = np.arange(means.shape[1])
-    dk = ks[None, :] - ks[:, None]  # (R, R): k_j - k_i
-    upper = dk > 0
-    slopes = ((means[None, :, :] - means[:, None, :]) / np.where(upper, dk, 1.0)[:, :, None])[
-        upper
-    ].ravel()
-    slopes = np.unique(slopes[slopes > 0])
-    if len(slopes) > n_lambdas:
-        slopes = np.unique(np.quantile(slopes, np.linspace(0.0, 1.0, n_lambdas)))
-    gaps = np.diff(np.unique(ks))
-    span = float(means.max() - means.min())
-    lam_max = (span / float(gaps.min()) if len(gaps) else 0.0) * 2.0 + 1.0
-    lambdas = np.concatenate([[lam_max], slopes[::-1], [0.0]])
     pts: set[tuple[float, float]] = set()
-    for lam in lambdas:
+    for lam in _lambdas(ks, means, n_lambdas):
         idx = _pick(ks, means, float(lam))
         pts.add((float((ks[idx] * counts).sum() / n), float(sums[idx, cols].sum() / n)))
     curve = sorted(pts)
@@ -244,6 +230,70 @@ def oracle_curve(
             continue
         out.append((x, y))
     return out
+
+
+def _lambdas(ks: np.ndarray, means: np.ndarray, n_lambdas: int) -> np.ndarray:
+    """NFE prices to sweep, from one that makes every group take the cheapest schedule down to 0:
+    the breakpoints (positive slopes between two schedules of one group of ``means`` (R, G)), at
+    most ``n_lambdas`` of them (quantiles when there are more)."""
+    if n_lambdas < 1:
+        raise ValueError(f"n_lambdas must be >= 1, got {n_lambdas}")
+    dk = ks[None, :] - ks[:, None]  # (R, R): k_j - k_i
+    upper = dk > 0
+    slopes = ((means[None, :, :] - means[:, None, :]) / np.where(upper, dk, 1.0)[:, :, None])[
+        upper
+    ].ravel()
+    slopes = np.unique(slopes[slopes > 0])
+    if len(slopes) > n_lambdas:
+        slopes = np.unique(np.quantile(slopes, np.linspace(0.0, 1.0, n_lambdas)))
+    gaps = np.diff(np.unique(ks))
+    span = float(means.max() - means.min())
+    lam_max = (span / float(gaps.min()) if len(gaps) else 0.0) * 2.0 + 1.0
+    return np.concatenate([[lam_max], slopes[::-1], [0.0]])
+
+
+def heldout_seed_curve(
+    runs: Sequence[FixedRun], groups: np.ndarray, folds: np.ndarray, n_lambdas: int = 200
+) -> list[tuple[float, float]]:
+    """The honest counterpart of :func:`oracle_curve` with ``groups``: each group's schedule is
+    chosen on its items of one fold (e.g. ``folds`` = the seed's index within its prompt) and
+    scored on its items of the other folds, every fold in turn, so a choice is never scored on
+    the seeds it was picked on. In-sample, picking the best of many schedules on a couple of
+    seeds per prompt rewards luck; here luck does not carry over to the held-out seeds.
+
+    Returns the points ``(mean nfe, mean score)`` over all held-out scorings, sorted by nfe (not
+    an envelope: a cross-fitted choice can cost more and score less). Needs at least two folds.
+    """
+    n = _check_runs(runs)
+    groups, folds = np.asarray(groups), np.asarray(folds)
+    for what, arr in (("groups", groups), ("folds", folds)):
+        if arr.shape != (n,):
+            raise ValueError(f"{what} has shape {arr.shape} but the fixed runs have {n} items")
+    fold_keys = np.unique(folds)
+    if len(fold_keys) < 2:
+        raise ValueError(f"a held-out-seed curve needs at least 2 folds, got {len(fold_keys)}")
+    ks, scores = _stack(_sorted_runs(runs))
+    _, g_of = np.unique(groups, return_inverse=True)
+    sums, counts = _group_sums(scores, groups)
+    fits = []  # per fold: (R, G) mean scores of its items, groups it has items of, test items
+    for f in fold_keys:
+        fit = folds == f
+        f_sums, f_counts = _group_sums(scores[:, fit], g_of[fit])
+        f_means = np.zeros_like(sums)
+        f_means[:, np.unique(g_of[fit])] = f_sums / f_counts[None, :]
+        has = np.zeros(sums.shape[1], bool)
+        has[g_of[fit]] = True
+        fits.append((f_means, np.flatnonzero(~fit & has[g_of])))
+    pts: set[tuple[float, float]] = set()
+    for lam in _lambdas(ks, sums / counts[None, :], n_lambdas):
+        nfe = score = used = 0.0
+        for f_means, test in fits:
+            j = _pick(ks, f_means, float(lam))[g_of[test]]
+            nfe += float(ks[j].sum())
+            score += float(scores[j, test].sum())
+            used += len(test)
+        pts.add((nfe / used, score / used))
+    return sorted(pts)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,19 @@ def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
     assert all(0.0 <= float(r["verifier"]) <= 1.0 for r in rows)
     # Headroom: what choosing a fixed schedule per type / prompt / item could gain at most.
     room = loaded["frontier"]["headroom"]
-    assert set(room) == {"category", "prompt", "item"}
+    assert set(room) == {
+        "category",
+        "prompt",
+        "item",
+        "category_heldout_seed",
+        "prompt_heldout_seed",
+    }
+    # Cross-fitted on held-out seeds: real schedules (k of 2..4) that can't beat the per-item
+    # oracle's best score.
+    best = room["item"]["curve"][-1][1]
+    for name in ("category_heldout_seed", "prompt_heldout_seed"):
+        for nfe, score in room[name]["curve"]:
+            assert 2.0 <= nfe <= 4.0 and score <= best + 1e-9
     gains = [room[k]["max_gain"] for k in ("category", "prompt", "item")]
     assert gains == sorted(gains)  # the more the chooser knows, the more it can gain
     items = pl.read_parquet(out / "items.parquet")

@@ -18,6 +18,7 @@ from addiffusion.eval.frontier import (
     fixed_frontier,
     frontier_items,
     headroom,
+    heldout_seed_curve,
     oracle_curve,
     oracle_items,
     oracle_nfe_at,
@@ -159,6 +160,33 @@ def test_grouped_oracle_separates_what_the_chooser_knows() -> None:
     np.testing.assert_allclose(oracle_curve(runs, groups=np.arange(N)), oracle_curve(runs))
     with pytest.raises(ValueError, match=r"groups has shape \(3,\)"):
         oracle_curve(runs, groups=np.arange(3))
+
+
+def test_heldout_seed_curve_keeps_real_structure_and_drops_luck() -> None:
+    # Real structure: easy/hard is a property of the group, the same on every seed.
+    runs, _, easy, top = _easy_hard()
+    folds = np.tile(np.arange(N_SEEDS), N_PROMPTS)
+    kind = np.where(easy, "easy", "hard")
+    held = headroom(heldout_seed_curve(runs, kind, folds), runs)
+    assert held.max_gain == pytest.approx(
+        headroom(oracle_curve(runs, groups=kind), runs).max_gain, abs=0.02
+    )
+    assert held.max_gain > 0.15
+    # Luck only: every item's score at every k is an independent coin with a mean rising in k.
+    rng = np.random.default_rng(0)
+    prompts = np.repeat(np.arange(200), 2)
+    luck = [
+        FixedRun(f"ddim-{k}", "ddim", k, (rng.random(400) < p).astype(float))
+        for k, p in ((1, 0.2), (2, 0.4), (3, 0.55), (4, 0.65), (6, 0.72), (8, 0.75))
+    ]
+    seed_idx = np.tile([0, 1], 200)
+    in_sample = headroom(oracle_curve(luck, groups=prompts), luck).max_gain
+    honest = headroom(heldout_seed_curve(luck, prompts, seed_idx), luck).max_gain
+    assert in_sample > 0.1 and honest < 0.05
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        heldout_seed_curve(luck, prompts, np.zeros(400))
+    with pytest.raises(ValueError, match=r"folds has shape \(3,\)"):
+        heldout_seed_curve(luck, prompts, np.zeros(3))
 
 
 def test_oracle_nfe_at_interpolates_and_cheapest_fixed() -> None:
