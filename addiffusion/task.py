@@ -59,7 +59,10 @@ def sampler_settings(data: Any, where: str) -> SamplerSettings:
     for key in ("strides", "timesteps"):
         if key in values:
             values[key] = tuple(int(s) for s in values[key])
-    return SamplerSettings(**values)
+    try:
+        return SamplerSettings(**values)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
 
 
 @dataclass(frozen=True)

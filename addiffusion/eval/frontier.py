@@ -275,7 +275,7 @@ def heldout_seed_curve(
     ks, scores = _stack(_sorted_runs(runs))
     _, g_of = np.unique(groups, return_inverse=True)
     sums, counts = _group_sums(scores, groups)
-    fits = []  # per fold: (R, G) mean scores of its items, groups it has items of, test items
+    fits = []  # per fold: (R, G) mean scores of its items; the other folds' items to score
     for f in fold_keys:
         fit = folds == f
         f_sums, f_counts = _group_sums(scores[:, fit], g_of[fit])
