@@ -214,17 +214,30 @@ class TextConditioning:
 
 
 def encode_text(
-    pipe: DiffusionPipeline, prompts: list[str], device: torch.device, height: int, width: int
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    device: torch.device,
+    height: int,
+    width: int,
+    negative_prompts: list[str] | None = None,
 ) -> TextConditioning:
-    """Encode prompts (and the empty negative prompt) the way the family's ``__call__`` does."""
+    """Encode prompts and negative prompts (None: the empty one) the way the family's
+    ``__call__`` does."""
     family = model_family(pipe)
     empty: dict[str, torch.Tensor] = {}
+    neg = negative_prompts
     if family == "sd":
-        cond, uncond = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=True)
+        cond, uncond = pipe.encode_prompt(
+            prompts, device, 1, do_classifier_free_guidance=True, negative_prompt=neg
+        )
         cx, ux = empty, empty
     elif family == "sdxl":
         cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
-            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+            prompts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=neg,
         )
         proj = (
             int(pooled.shape[-1])
@@ -240,7 +253,12 @@ def encode_text(
         ux = {"text_embeds": neg_pooled, "time_ids": time_ids}
     else:
         cond, uncond, pooled, neg_pooled = pipe.encode_prompt(
-            prompts, prompts, prompts, device=device, do_classifier_free_guidance=True
+            prompts,
+            prompts,
+            prompts,
+            device=device,
+            do_classifier_free_guidance=True,
+            negative_prompt=neg,
         )
         cx, ux = {"pooled_projections": pooled}, {"pooled_projections": neg_pooled}
     tok = pipe.tokenizer

@@ -218,15 +218,36 @@ class StepwiseSampler:
     # 1. start: encode prompts, draw the initial noise, evaluate step 0
     @torch.no_grad()
     def start(
-        self, prompts: Sequence[str], seeds: Sequence[int]
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        negative_prompts: Sequence[str] | None = None,
+        noise: torch.Tensor | None = None,
     ) -> tuple[list[Episode], StepRecord]:
+        """Start one episode per (prompt, seed) and evaluate the first grid point.
+
+        The starting noise of episode b is drawn on the CPU from ``seeds[b]`` unless ``noise``
+        ``(B, C, h, w)`` gives it (the drop-in pipeline draws it from the caller's generators;
+        the seeds then only seed refine's re-noising). ``negative_prompts``: None = empty.
+        """
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(negative_prompts)} negative prompts"
+            )
         s = self.settings
-        text = backbone.encode_text(self.pipe, list(prompts), self.device, s.height, s.width)
+        shape = (1, self.denoiser.config.in_channels, *self.latent_hw)
+        if noise is not None and tuple(noise.shape) != (len(prompts), *shape[1:]):
+            raise ValueError(
+                f"noise must have shape {(len(prompts), *shape[1:])}, got {tuple(noise.shape)}"
+            )
+        negatives = None if negative_prompts is None else list(negative_prompts)
+        text = backbone.encode_text(
+            self.pipe, list(prompts), self.device, s.height, s.width, negatives
+        )
         content = content_token_mask(text.token_texts, text.special)
         text_features = self.scorer.encode_text(list(prompts))
-        shape = (1, self.denoiser.config.in_channels, *self.latent_hw)
         episodes = []
         for b, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
             scheduler = copy.deepcopy(self.scheduler)
@@ -234,9 +255,12 @@ class StepwiseSampler:
                 self.pipe, scheduler, s.n_max, self.latent_hw, self.device, s.grid, s.timesteps
             )
             # Noise drawn on the CPU from the episode's own seed: same seed, same bytes, any device.
-            noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
+            if noise is None:
+                start = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
+            else:
+                start = noise[b : b + 1]
             init_sigma = 1.0 if self.flow else scheduler.init_noise_sigma  # flow: pure noise
-            latents = noise.to(self.device, self.dtype) * init_sigma
+            latents = start.to(self.device, self.dtype) * init_sigma
             episodes.append(
                 Episode(
                     prompt,

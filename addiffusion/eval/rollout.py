@@ -1,7 +1,7 @@
 """Run one method over (prompt, seed) pairs on a :class:`StepwiseSampler`, batched.
 
 Episodes of one batch may stop at different points: after each decision the whole batch's
-actions go to :meth:`StepwiseSampler.apply` (stops end with the decoded x̂0 of their point; jumps
+actions go to :meth:`StepwiseSampler.apply` (:func:`rollout`, the one decision loop) (stops end with the decoded x̂0 of their point; jumps
 and refines move and are evaluated together), and the still-running ones decide again.
 """
 
@@ -59,21 +59,37 @@ def _check_actions(raw: object, n: int, name: str, table: ActionTable) -> np.nda
     return actions.astype(np.int64)
 
 
-def _run_batch(
+Decision = Callable[[list[int], np.ndarray, list[Episode]], None]
+"""``(batch positions, actions (B,), episodes at their decision point)``, before the actions run."""
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a batch of started episodes ended (lists in batch order)."""
+
+    components: list[dict[str, float]]  # raw components of each final image
+    images: list[np.ndarray]  # (H, W, 3) uint8 final images
+    finished: list[float]  # time.perf_counter() when each episode's image was ready
+    masked_actions: int  # policy actions outside the mask that were replaced
+
+
+def rollout(
     sampler: StepwiseSampler,
     policy: Policy | EpisodicPolicy,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    name: str,
-) -> tuple[list[Episode], list[dict[str, float]], list[np.ndarray], int]:
-    """One batch to the end: its episodes, final components and images (in input order) and the
-    number of masked actions replaced."""
-    episodes, _ = sampler.start(prompts, seeds)
+    episodes: Sequence[Episode],
+    name: str = "policy",
+    on_decision: Decision | None = None,
+) -> Rollout:
+    """Drive started episodes (:meth:`StepwiseSampler.start`) to their ends under ``policy``.
+
+    The one decision loop: eval, ``addiffusion generate`` and the drop-in pipeline all run it.
+    """
     episodic = isinstance(policy, EpisodicPolicy)
     if episodic:
         policy.begin(len(episodes))
     finals: dict[int, dict[str, float]] = {}
     images: dict[int, np.ndarray] = {}
+    finished: dict[int, float] = {}
     masked = 0
     active = list(range(len(episodes)))
     while active:
@@ -88,14 +104,23 @@ def _run_batch(
             _check_actions(raw, len(eps), name, sampler.table), mask, sampler.table
         )
         masked += n_bad
+        if on_decision is not None:
+            on_decision(list(active), actions, eps)
         out = sampler.apply(eps, actions)
+        now = time.perf_counter()
         for pos, image in zip(out.stopped, out.images, strict=True):
             i = active[pos]
             finals[i] = dict(episodes[i].components)
             images[i] = image
+            finished[i] = now
         active = [active[pos] for pos in out.moved]
     order = range(len(episodes))
-    return episodes, [finals[i] for i in order], [images[i] for i in order], masked
+    return Rollout(
+        [finals[i] for i in order],
+        [images[i] for i in order],
+        [finished[i] for i in order],
+        masked,
+    )
 
 
 def run_method(
@@ -115,15 +140,14 @@ def run_method(
     nfe, steps, refines, comps, images = [], [], [], [], []
     masked = 0
     for j in range(0, len(prompts), batch_size):
-        eps, finals, imgs, n_bad = _run_batch(
-            sampler, policy, prompts[j : j + batch_size], seeds[j : j + batch_size], name
-        )
-        masked += n_bad
+        eps, _ = sampler.start(prompts[j : j + batch_size], seeds[j : j + batch_size])
+        done = rollout(sampler, policy, eps, name)
+        masked += done.masked_actions
         nfe += [ep.nfe for ep in eps]
         steps += [ep.step for ep in eps]
         refines += [ep.refines_used for ep in eps]
-        comps += finals
-        images += imgs
+        comps += done.components
+        images += done.images
         if on_batch is not None:
             on_batch(len(eps))
     names = sampler.component_names

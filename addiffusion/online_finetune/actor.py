@@ -10,7 +10,7 @@ off the copied network, never assumed).
 
 The optional standardisation is d3rlpy's ``StandardObservationScaler`` (fixed mean/std of the
 offline training set). In MaskablePPO the standardisation is the (parameter-free) features
-extractor shared by actor and critic, the hidden layers are ``mlp_extractor.policy_net`` and
+extractor shared by actor and critic (:class:`addiffusion.online_finetune.ppo.StandardizeExtractor`), the hidden layers are ``mlp_extractor.policy_net`` and
 the output layer is ``action_net``, so the PPO policy's initial distribution *is* the IQL actor's.
 """
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import gymnasium as gym
 import torch
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -164,23 +162,3 @@ def mlp_actor_from_module(
             out.standardize.mean.copy_(torch.as_tensor(obs_mean).reshape(-1))
             out.standardize.std.copy_(torch.as_tensor(obs_std).reshape(-1))
     return out
-
-
-class StandardizeExtractor(BaseFeaturesExtractor):
-    """SB3 features extractor: the actor's observation standardisation (no parameters)."""
-
-    def __init__(
-        self,
-        observation_space: gym.spaces.Box,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-    ) -> None:
-        dim = int(observation_space.shape[0])
-        super().__init__(observation_space, features_dim=dim)
-        self.standardize = Standardize(dim)
-        if mean is not None and std is not None:
-            self.standardize.mean.copy_(torch.tensor(mean, dtype=torch.float32))
-            self.standardize.std.copy_(torch.tensor(std, dtype=torch.float32))
-
-    def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.standardize(observations.float())

@@ -10,30 +10,48 @@ Saved actor (no pickle anywhere)::
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from sb3_contrib import MaskablePPO
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from addiffusion.datasets.store import sha256_file
 from addiffusion.diffusion.actions import ActionTable
-from addiffusion.online_finetune.actor import (
-    ACTIVATIONS,
-    ActorSpec,
-    MlpActor,
-    StandardizeExtractor,
-)
+from addiffusion.online_finetune.actor import ACTIVATIONS, ActorSpec, MlpActor, Standardize
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
 
 MANIFEST_FORMAT = "addiffusion-mlp-actor"
 MANIFEST_VERSION = 2
 """2: the manifest records the action table (``actions``); 1 had a fixed 3-action map."""
 WEIGHTS_FILE = "actor.safetensors"
+
+
+class StandardizeExtractor(BaseFeaturesExtractor):
+    """SB3 features extractor: the actor's observation standardisation (no parameters)."""
+
+    def __init__(
+        self,
+        observation_space: gym.spaces.Box,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        dim = int(observation_space.shape[0])
+        super().__init__(observation_space, features_dim=dim)
+        self.standardize = Standardize(dim)
+        if mean is not None and std is not None:
+            self.standardize.mean.copy_(torch.tensor(mean, dtype=torch.float32))
+            self.standardize.std.copy_(torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.standardize(observations.float())
 
 
 def _policy_linears(model: MaskablePPO) -> list[nn.Linear]:

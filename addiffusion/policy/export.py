@@ -1,0 +1,229 @@
+"""Turn a trained policy (offline-rl's IQL / CQL / BC, online-finetune's PPO) into a package.
+
+The ``.d3`` files are unpickled only through :func:`addiffusion.offline_rl.load_policy`, which
+checks their sha256 against the manifest their training run wrote. The package's networks are
+checked against the loaded policy on observations near the training data before anything is
+written: a package that would act differently from the policy it came from is never saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from addiffusion.online_finetune.actor import MlpActor, mlp_actor_from_module
+from addiffusion.policy.package import (
+    AdaptivePolicy,
+    PolicyConfig,
+    PolicyPackageError,
+    build_policy,
+)
+from addiffusion.task import Task, read_task
+
+
+def task_config(
+    task: Task,
+    algo: str,
+    networks: list[MlpActor],
+    training: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+) -> PolicyConfig:
+    """The package config of a policy trained on ``task`` (a dataset's MDP)."""
+    import dataclasses
+
+    family = task.info.get("family")
+    if task.observation is None or family is None:
+        raise PolicyPackageError(
+            "the dataset's meta/info.json records no observation layout or backbone family; "
+            "rebuild it with this version (`addiffusion collect` + `datasets build`)"
+        )
+    counts = task.info.get("counts", {})
+    behaviour = task.info.get("behavior_policy", {})
+    cfg = PolicyConfig(
+        algo=algo,
+        networks=tuple(net.spec for net in networks),
+        actions=task.actions,
+        observation=task.observation,
+        scorer=task.scorer,
+        backbone=task.backbone,
+        family=str(family),
+        solver=task.scheduler,
+        sampler=dataclasses.asdict(task.settings),
+        component_stats=task.component_stats,
+        training={
+            "episodes": counts.get("episodes"),
+            "root_episodes": counts.get("root_episodes"),
+            "steps": counts.get("steps"),
+            "behavior_policy": behaviour.get("description"),
+            "components": list(task.components),
+            **(training or {}),
+        },
+        evaluation=dict(evaluation or {}),
+    )
+    cfg.check("the exported config")
+    return cfg
+
+
+def _copy_mlp(
+    modules: list[nn.Module], mean: torch.Tensor | None, scale: torch.Tensor | None
+) -> MlpActor:
+    return mlp_actor_from_module(nn.Sequential(*copy.deepcopy(modules)).cpu().float(), mean, scale)
+
+
+def offline_networks(policy: Any) -> list[MlpActor]:
+    """The networks of an ``OfflinePolicy`` (IQL / BC: the categorical policy; CQL: every Q
+    function), each with d3rlpy's observation standardisation ``(x - mean) / (std + eps)``."""
+    from addiffusion.offline_rl.policy import _categorical_policy
+
+    impl = policy.algo.impl
+    scaler = policy.algo.observation_scaler
+    mean = scale = None
+    if scaler is not None:
+        if scaler.get_type() != "standard":
+            raise PolicyPackageError(f"cannot export observation scaler {scaler.get_type()!r}")
+        mean = torch.as_tensor(np.asarray(scaler.mean), dtype=torch.float32).reshape(-1)
+        scale = torch.as_tensor(np.asarray(scaler.std), dtype=torch.float32).reshape(-1)
+        scale = scale + float(scaler.eps)
+    if policy.algo_name == "cql":
+        heads = list(impl.modules.q_funcs)
+    else:
+        heads = [_categorical_policy(policy)]
+    return [_copy_mlp([*h._encoder._layers, h._fc], mean, scale) for h in heads]
+
+
+def _probe(dim: int, mean: np.ndarray | None, scale: np.ndarray | None) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, dim)).astype(np.float32)
+    return x if mean is None or scale is None else (mean + x * scale).astype(np.float32)
+
+
+def _check_same(theirs: np.ndarray, ours: np.ndarray, where: str) -> None:
+    # Preferences may differ by a constant per row (d3rlpy's Categorical normalises logits).
+    a = theirs - theirs.mean(axis=1, keepdims=True)
+    b = ours - ours.mean(axis=1, keepdims=True)
+    err = float(np.abs(a - b).max())
+    if not err <= 1e-4 * max(1.0, float(np.abs(a).max())):
+        raise PolicyPackageError(f"the package built from {where} differs from it by {err:.3g}")
+
+
+def package_offline(
+    offline_dir: Path, task: Task, algo: str | None = None, **info: Any
+) -> AdaptivePolicy:
+    """Package ``offline_dir``'s main policy (``algo`` None or its own) or its baseline
+    ``baselines/<algo>``; ``info``: ``training`` / ``evaluation`` extras for the card."""
+    from addiffusion.offline_rl.policy import load_policy
+    from addiffusion.online_finetune.offline_init import check_action_table
+
+    offline_dir = Path(offline_dir)
+    manifest = json.loads((offline_dir / "manifest.json").read_text())
+    run = offline_dir if algo in (None, manifest.get("algo")) else offline_dir / "baselines" / algo
+    policy = load_policy(run / "policy.d3", run / "manifest.json", device="cpu:0")
+    check_action_table(policy.manifest, task.actions, run / "manifest.json")
+    networks = offline_networks(policy)
+    package = build_policy(task_config(task, policy.algo_name, networks, **info), networks)
+    std = networks[0].standardize
+    probe = _probe(
+        package.obs_dim,
+        std.mean.numpy() if networks[0].spec.standardize else None,
+        std.std.numpy() if networks[0].spec.standardize else None,
+    )
+    _check_same(policy.scores(probe), package.scores(probe), str(run / "policy.d3"))
+    return package
+
+
+def package_finetuned(online_dir: Path, task: Task, **info: Any) -> AdaptivePolicy:
+    """Package an online-finetune run's PPO actor (sha256-checked by its loader)."""
+    from addiffusion.online_finetune.offline_init import check_action_table
+    from addiffusion.online_finetune.ppo import load_finetuned_policy
+
+    ppo = load_finetuned_policy(Path(online_dir))
+    check_action_table(ppo.manifest, task.actions, Path(online_dir) / "manifest.json")
+    return build_policy(task_config(task, "ppo", [ppo.actor], **info), [ppo.actor])
+
+
+def _evaluation(metrics: dict[str, Any], method: str, where: Path) -> dict[str, Any]:
+    if method not in metrics:
+        learned = [
+            n for n, m in metrics.items() if isinstance(m, dict) and m.get("kind") == "policy"
+        ]
+        raise PolicyPackageError(f"{where} has no results for {method!r} (policies: {learned})")
+    m = metrics[method]
+    summary = metrics.get("frontier", {})
+    keep = (
+        "nfe",
+        "nfe_std",
+        "verifier",
+        "verifier_acc",
+        "clip_score",
+        "quality",
+        "seconds_per_image",
+        "stopped_early",
+        "vs",
+    )
+    out: dict[str, Any] = {k: m[k] for k in keep if k in m}
+    if isinstance(m.get("frontier"), dict):
+        out["frontier"] = {
+            k: m["frontier"][k] for k in ("metric", "frontier", "gain", "ci") if k in m["frontier"]
+        }
+    out["metric"] = summary.get("metric")
+    out["best_learned_line"] = summary.get("line")
+    return out
+
+
+def export_policy(
+    dataset_dir: Path,
+    out_dir: Path,
+    offline_dir: Path | None = None,
+    online_dir: Path | None = None,
+    eval_dir: Path | None = None,
+    method: str | None = None,
+) -> tuple[str, AdaptivePolicy]:
+    """Package ``method`` (default: the best learned policy of ``eval_dir/metrics.json``) into
+    ``out_dir``; returns the method and the package. ``out_dir`` is replaced only once the new
+    package is complete."""
+    task = read_task(Path(dataset_dir))
+    metrics: dict[str, Any] = {}
+    if eval_dir is not None:
+        path = Path(eval_dir) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `addiffusion eval` first")
+        metrics = json.loads(path.read_text())
+    if method is None:
+        method = metrics.get("frontier", {}).get("method")
+        if method is None:
+            raise PolicyPackageError(
+                "no method given and the eval metrics name no best learned policy "
+                "(pass --method iql|cql|bc|ppo, or --eval with an eval that ran policies)"
+            )
+    info: dict[str, Any] = {"training": {"dataset": str(dataset_dir)}}
+    if metrics:
+        info["evaluation"] = _evaluation(metrics, method, Path(eval_dir) / "metrics.json")
+    if method == "ppo":
+        if online_dir is None:
+            raise PolicyPackageError("method ppo needs --online (an online-finetune output folder)")
+        package = package_finetuned(Path(online_dir), task, **info)
+    else:
+        if offline_dir is None:
+            raise PolicyPackageError(
+                f"method {method} needs --offline (an offline-rl output folder)"
+            )
+        package = package_offline(Path(offline_dir), task, method, **info)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    package.save_pretrained(tmp)
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return method, package

@@ -1,0 +1,318 @@
+"""Policy packages: a trained policy as a folder that loads like any Hub model.
+
+A package is what ``save_pretrained`` writes and ``from_pretrained`` reads (a local folder or a
+Hub repo id, through ``huggingface_hub``'s :class:`~huggingface_hub.ModelHubMixin`)::
+
+    config.json        PolicyConfig: algo, networks, the action table, the observation layout,
+                       scorer, backbone (id and family), solver, sampler settings, reward
+                       component stats, the training data and the eval numbers
+    model.safetensors  the networks' weights (float32; no pickle anywhere)
+    README.md          the model card (training data, eval numbers, intended backbone, usage)
+
+Every algorithm becomes the same thing: ``networks`` MLPs (:class:`~addiffusion.online_finetune.
+actor.MlpActor`, each with its own observation standardisation) whose outputs are averaged into
+one preference per action, and the greedy legal action is taken. IQL and BC export their
+categorical policy (1 network: logits), PPO its actor (1 network: logits), CQL its Q ensemble
+(``n_critics`` networks: the mean Q, as d3rlpy's greedy action takes it). The weights are copied
+layer for layer (no folding), so the package computes what the trained policy computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from addiffusion.diffusion.actions import ActionTable
+from addiffusion.diffusion.mdp import ObservationLayout
+from addiffusion.online_finetune.actor import ActorSpec, MlpActor
+
+if TYPE_CHECKING:  # importing the sampler pulls in diffusers
+    from addiffusion.diffusion.sampler import SamplerSettings
+
+FORMAT = "addiffusion.policy"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+ALGOS = ("iql", "cql", "bc", "ppo")
+FAMILIES = ("sd", "sdxl", "sd3")
+
+
+class PolicyPackageError(ValueError):
+    """A package is malformed, or does not fit the pipeline it is used with."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``config.json`` of a package, read back strictly (see the module docstring)."""
+
+    algo: str
+    networks: tuple[ActorSpec, ...]
+    actions: ActionTable
+    observation: ObservationLayout
+    scorer: str
+    """open_clip scorer the observations' features come from (folder, ``hf-hub:`` or name)."""
+    backbone: str
+    """The pipeline the policy was trained on (folder or Hub id): the default for ``generate``."""
+    family: str
+    """``sd``, ``sdxl`` or ``sd3``: the backbone family a pipeline must have."""
+    solver: str
+    """The solver (``addiffusion.diffusion.backbone.SCHEDULERS`` name) the policy steers."""
+    sampler: dict[str, Any]
+    """``SamplerSettings`` as a mapping: grid, strides, warm-up, refine, guidance, size."""
+    component_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Running mean / std of the reward components in the training data."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """Where the policy came from (dataset, episode counts, behaviour policy), for the card."""
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """Its held-out eval numbers (NFE, scores, gain against the fixed-schedule frontier)."""
+
+    def settings(self) -> SamplerSettings:
+        from addiffusion.task import sampler_settings
+
+        return sampler_settings(self.sampler, "config.json 'sampler'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "algo": self.algo,
+            "networks": [n.to_dict() for n in self.networks],
+            "actions": self.actions.to_dict(),
+            "observation": self.observation.to_dict(),
+            "scorer": self.scorer,
+            "backbone": self.backbone,
+            "family": self.family,
+            "solver": self.solver,
+            "sampler": self.sampler,
+            "component_stats": self.component_stats,
+            "training": self.training,
+            "evaluation": self.evaluation,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "config.json") -> PolicyConfig:
+        if not isinstance(data, dict):
+            raise PolicyPackageError(f"{where} must hold a JSON object, got {data!r}")
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise PolicyPackageError(
+                f"{where} is not an addiffusion policy package: expected format {FORMAT!r} "
+                f"version {VERSION}, got {data.get('format')!r} version {data.get('version')!r}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"format", "version"})
+        if unknown:
+            raise PolicyPackageError(f"{where}: unknown key {unknown[0]!r}")
+        missing = [n for n in ("algo", "networks", "actions", "observation") if n not in data]
+        missing += [
+            n for n in ("scorer", "backbone", "family", "solver", "sampler") if n not in data
+        ]
+        if missing:
+            raise PolicyPackageError(f"{where} has no {missing[0]!r} entry")
+        try:
+            nets = tuple(ActorSpec.from_dict(n) for n in data["networks"])
+            layout = ObservationLayout.from_dict(data["observation"])
+            table = ActionTable.from_dict(data["actions"], f"{where} 'actions'")
+        except (KeyError, TypeError, ValueError) as e:
+            raise PolicyPackageError(f"{where}: {e}") from e
+        cfg = cls(
+            algo=str(data["algo"]),
+            networks=nets,
+            actions=table,
+            observation=layout,
+            scorer=str(data["scorer"]),
+            backbone=str(data["backbone"]),
+            family=str(data["family"]),
+            solver=str(data["solver"]),
+            sampler=dict(data["sampler"]),
+            component_stats=dict(data.get("component_stats", {})),
+            training=dict(data.get("training", {})),
+            evaluation=dict(data.get("evaluation", {})),
+        )
+        cfg.check(where)
+        return cfg
+
+    def check(self, where: str = "config.json") -> None:
+        """Raise :class:`PolicyPackageError` on an inconsistent config."""
+        from addiffusion.diffusion.backbone import SCHEDULERS
+
+        problems = []
+        if self.algo not in ALGOS:
+            problems.append(f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        if self.family not in FAMILIES:
+            problems.append(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.solver not in SCHEDULERS:
+            problems.append(f"solver must be one of {', '.join(SCHEDULERS)}, got {self.solver!r}")
+        if not self.networks:
+            problems.append("networks is empty")
+        for k, net in enumerate(self.networks):
+            if net.obs_dim != self.observation.dim:
+                problems.append(
+                    f"networks[{k}] takes observations of dim {net.obs_dim}, but the observation "
+                    f"layout has dim {self.observation.dim}"
+                )
+            if net.n_actions != self.actions.n:
+                problems.append(
+                    f"networks[{k}] has {net.n_actions} outputs, but the action table has "
+                    f"{self.actions.n} actions ({list(self.actions.names)})"
+                )
+        try:
+            settings = self.settings()
+        except ValueError as e:
+            problems.append(str(e))
+        else:
+            if settings.n_max != self.actions.n_max:
+                problems.append(
+                    f"sampler n_max {settings.n_max} != the action table's {self.actions.n_max}"
+                )
+        if problems:
+            raise PolicyPackageError(f"{where}: " + "; ".join(problems))
+
+
+class AdaptivePolicy(
+    nn.Module,
+    ModelHubMixin,
+    library_name="addiffusion",
+    tags=["diffusion", "adaptive-sampling", "reinforcement-learning", "addiffusion"],
+):
+    """A trained schedule policy: ``act(obs (B, D) float32, mask (B, n) bool) -> (B,) int64``.
+
+    Build one with :func:`addiffusion.policy.export.package_policy` (from an offline-rl or
+    online-finetune run), or load one with ``AdaptivePolicy.from_pretrained(folder_or_hub_id)``;
+    ``save_pretrained(folder)`` / ``push_to_hub(repo_id)`` write it. Use it with
+    :class:`addiffusion.policy.AdaptiveDiffusionPipeline`.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = PolicyConfig.from_dict(config)
+        self.networks = nn.ModuleList(MlpActor(spec) for spec in self.config.networks)
+        self.eval()
+
+    @property
+    def actions(self) -> ActionTable:
+        return self.config.actions
+
+    @property
+    def obs_dim(self) -> int:
+        return self.config.observation.dim
+
+    @torch.no_grad()
+    def scores(self, obs: np.ndarray) -> np.ndarray:
+        """``(B, D) -> (B, n)`` float32 preference per action (mean over the networks)."""
+        x = np.asarray(obs, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.obs_dim:
+            raise ValueError(
+                f"obs must have shape (B, {self.obs_dim}) (the policy's observation dim), got "
+                f"{x.shape}"
+            )
+        t = torch.from_numpy(x).to(next(self.parameters()).device)
+        out = torch.stack([net(t) for net in self.networks]).mean(dim=0)
+        return out.cpu().numpy().astype(np.float32)
+
+    def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Greedy legal action: ``obs (B, D) float32, mask (B, n) bool -> (B,) int64``."""
+        mask = np.asarray(mask)
+        scores = self.scores(obs)
+        if mask.dtype != np.bool_ or mask.shape != scores.shape:
+            raise ValueError(
+                f"mask must be bool of shape {scores.shape}, got {mask.dtype} {mask.shape}"
+            )
+        empty = np.flatnonzero(~mask.any(axis=1))
+        if empty.size:
+            raise ValueError(f"mask rows {empty[:10].tolist()} allow no action at all")
+        return np.where(mask, scores, -np.inf).argmax(axis=1).astype(np.int64)
+
+    # --- Hub mixin: safetensors only, loaded strictly -------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(Path(save_directory) / WEIGHTS), metadata={"format": "pt"})
+        (Path(save_directory) / "config.json").write_text(
+            json.dumps(self.config.to_dict(), indent=2) + "\n"
+        )
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        config: dict[str, Any] | None = None,
+        map_location: str = "cpu",
+        **kwargs: Any,
+    ) -> AdaptivePolicy:
+        if config is None:
+            raise PolicyPackageError(
+                f"{model_id} has no config.json: not an addiffusion policy package (write one "
+                "with `addiffusion policy export` or AdaptivePolicy.save_pretrained)"
+            )
+        if Path(model_id).is_dir():
+            weights = Path(model_id) / WEIGHTS
+            if not weights.is_file():
+                raise PolicyPackageError(f"{weights} not found: the package has no weights")
+        else:
+            weights = Path(
+                hf_hub_download(
+                    repo_id=model_id,
+                    filename=WEIGHTS,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    token=token,
+                    local_files_only=local_files_only,
+                )
+            )
+        policy = cls(config)
+        state = load_file(str(weights), device=map_location)
+        expected = policy.state_dict()
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        if missing or extra:
+            raise PolicyPackageError(
+                f"{weights} does not match config.json's networks: missing {missing[:5]}, "
+                f"unexpected {extra[:5]}"
+            )
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise PolicyPackageError(
+                    f"{weights}: {key} has shape {tuple(value.shape)}, config.json's networks "
+                    f"need {tuple(expected[key].shape)}"
+                )
+        policy.load_state_dict(state, strict=True)
+        return policy.to(map_location).eval()
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        from addiffusion.policy.card import model_card
+
+        return model_card(self.config)
+
+
+def networks_state(networks: list[MlpActor]) -> dict[str, torch.Tensor]:
+    """The state dict an :class:`AdaptivePolicy` with these networks has."""
+    return {
+        f"networks.{k}.{name}": v
+        for k, net in enumerate(networks)
+        for name, v in net.state_dict().items()
+    }
+
+
+def build_policy(config: PolicyConfig, networks: list[MlpActor]) -> AdaptivePolicy:
+    """An :class:`AdaptivePolicy` holding copies of ``networks`` (their specs must be the
+    config's)."""
+    specs = tuple(net.spec for net in networks)
+    if specs != config.networks:
+        raise PolicyPackageError(f"networks {specs} do not match the config's {config.networks}")
+    policy = AdaptivePolicy(config.to_dict())
+    policy.load_state_dict(networks_state(networks), strict=True)
+    return policy.eval()
