@@ -20,6 +20,7 @@ STAGES = (
     "offline_rl",
     "online_finetune",
     "eval",
+    "policy",
     "bench",
 )
 """Modules under ``addiffusion`` whose ``cli.register`` adds subcommands (``offline_rl`` is spelt
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="addiffusion",
         description=(
             "Adaptive diffusion inference learned offline-first. Stages: backbone -> collect -> "
-            "datasets -> offline-rl -> online-finetune -> eval; `dvc repro` runs them in order."
+            "datasets -> offline-rl -> online-finetune -> eval -> policy export; `dvc repro` runs "
+            "them in order. `addiffusion generate` uses a trained policy."
         ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")

@@ -57,6 +57,7 @@ def task_config(
         family=str(family),
         solver=task.scheduler,
         sampler=dataclasses.asdict(task.settings),
+        drop_components=tuple(task.drop_components),
         component_stats=task.component_stats,
         training={
             "episodes": counts.get("episodes"),

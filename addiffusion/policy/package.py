@@ -67,6 +67,8 @@ class PolicyConfig:
     """The solver (``addiffusion.diffusion.backbone.SCHEDULERS`` name) the policy steers."""
     sampler: dict[str, Any]
     """``SamplerSettings`` as a mapping: grid, strides, warm-up, refine, guidance, size."""
+    drop_components: tuple[str, ...] = ()
+    """Pipeline parts the backbone was loaded without (e.g. SD3's T5)."""
     component_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     """Running mean / std of the reward components in the training data."""
     training: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +94,7 @@ class PolicyConfig:
             "family": self.family,
             "solver": self.solver,
             "sampler": self.sampler,
+            "drop_components": list(self.drop_components),
             "component_stats": self.component_stats,
             "training": self.training,
             "evaluation": self.evaluation,
@@ -132,6 +135,7 @@ class PolicyConfig:
             family=str(data["family"]),
             solver=str(data["solver"]),
             sampler=dict(data["sampler"]),
+            drop_components=tuple(str(c) for c in data.get("drop_components", ())),
             component_stats=dict(data.get("component_stats", {})),
             training=dict(data.get("training", {})),
             evaluation=dict(data.get("evaluation", {})),

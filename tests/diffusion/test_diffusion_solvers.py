@@ -7,19 +7,17 @@ import copy
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from tiny_backbones import SD3_DROP, save_sd3
 
-from addiffusion.diffusion.backbone import _write_char_tokenizer, build_tiny_pipeline
+from addiffusion.diffusion.backbone import build_tiny_pipeline
 from addiffusion.diffusion.solvers import SolverHistory, solver_step, variable_stride
 
 N_MAX = 8
@@ -66,63 +64,12 @@ def _scheduler(
     return cls.from_config(pipe.training_scheduler_config, timestep_spacing=spacing, **kwargs)
 
 
-def _clip_cfg(vocab: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=vocab,
-        max_position_embeddings=77,
-        projection_dim=32,
-    )
-
-
 @pytest.fixture(scope="module")
 def sd3_pipe(tmp_path_factory: pytest.TempPathFactory) -> StableDiffusion3Pipeline:
-    # As tests/diffusion/test_diffusion_backbones.py::_save_sd3, kept in memory.
-    torch.manual_seed(0)
-    tok = _write_char_tokenizer(tmp_path_factory.mktemp("tiny_sd3") / "tok")
-    pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=1,
-            in_channels=4,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            caption_projection_dim=32,
-            joint_attention_dim=32,
-            pooled_projection_dim=64,
-            out_channels=4,
-        ),
-        # shift 1, no dynamic shifting: custom sigmas passed to the stock call are not re-shifted.
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
-        vae=AutoencoderKL(
-            sample_size=16,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4, 8),
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        ),
-        text_encoder=CLIPTextModelWithProjection(_clip_cfg(len(tok))),
-        tokenizer=tok,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_cfg(len(tok))),
-        tokenizer_2=tok,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
+    # shift 1, no dynamic shifting: custom sigmas passed to the stock call are not re-shifted.
+    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    out = save_sd3(tmp_path_factory.mktemp("tiny_sd3"), sched)
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, **dict.fromkeys(SD3_DROP, None))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
