@@ -12,6 +12,7 @@ BENCHMARKS = {
     "shapes": "addiffusion.worlds.shapes.bench",
     "collect": "addiffusion.collect.bench",
     "relabel": "addiffusion.datasets.bench",
+    "policy": "addiffusion.policy.bench",
 }
 
 
