@@ -76,6 +76,11 @@ class PolicyConfig:
     evaluation: dict[str, Any] = field(default_factory=dict)
     """Its held-out eval numbers (NFE, scores, gain against the fixed-schedule frontier)."""
 
+    def __post_init__(self) -> None:
+        # As config.json holds them (lists, not tuples), so that a loaded config equals its source.
+        for name in ("sampler", "component_stats", "training", "evaluation"):
+            object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
+
     def settings(self) -> SamplerSettings:
         from addiffusion.task import sampler_settings
 
