@@ -83,8 +83,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_dvc_repro_end_to_end_and_incremental(project: Path) -> None:
-    # `eval` and what it depends on (the shapes benchmark is a stage of its own).
-    first = _run(["dvc", "repro", "eval"], project)
+    # The exported policy and what it depends on (the benchmarks are stages of their own).
+    first = _run(["dvc", "repro", "export_policy"], project)
     assert _stages_run(first) == {
         "collect",
         "build",
@@ -92,6 +92,7 @@ def test_dvc_repro_end_to_end_and_incremental(project: Path) -> None:
         "offline_rl",
         "online_finetune",
         "eval",
+        "export_policy",
     }
     metrics = json.loads((project / "results/eval/metrics.json").read_text())
     assert metrics["ddim-2"]["nfe"] == 2 and metrics["ddim-4"]["nfe"] == 4
@@ -101,10 +102,60 @@ def test_dvc_repro_end_to_end_and_incremental(project: Path) -> None:
     assert info["sampler"]["n_max"] == 4 and "verifier" in info["components"]
     assert "verifier" in metrics["ddim-4"]
 
-    assert _stages_run(_run(["dvc", "repro", "eval"], project)) == set()
+    package = json.loads((project / "models/policy/config.json").read_text())
+    assert package["algo"] == metrics["frontier"]["method"]
+    assert (project / "models/policy/model.safetensors").is_file()
+    assert (project / "models/policy/README.md").is_file()
+
+    assert _stages_run(_run(["dvc", "repro", "export_policy"], project)) == set()
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["rewards"]["weights"]["stability"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = _stages_run(_run(["dvc", "repro", "eval"], project))
-    assert third == {"relabel", "offline_rl", "online_finetune", "eval"}
+    third = _stages_run(_run(["dvc", "repro", "export_policy"], project))
+    assert third == {"relabel", "offline_rl", "online_finetune", "eval", "export_policy"}
+
+
+def test_exported_policy_reproduces_eval(
+    project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The trained policy the pipeline exported, used as a user would (the drop-in sampler on
+    the stock pipeline, `addiffusion generate`), gives exactly the images, NFE and stop points
+    that eval's rollout gives with the policy as eval loads it (the .d3 / PPO files)."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from addiffusion.cli import main
+    from addiffusion.eval.cli import load_offline_policies, load_online_policy
+    from addiffusion.eval.rollout import run_method
+    from addiffusion.policy import AdaptiveDiffusionPipeline, AdaptivePolicy
+    from addiffusion.task import read_task, task_sampler
+
+    _run(["dvc", "repro", "export_policy"], project)
+    monkeypatch.chdir(project)  # the package records the project's relative model paths
+    package = AdaptivePolicy.from_pretrained("models/policy")
+    method = package.config.algo
+    if method == "ppo":
+        original = load_online_policy(Path("models/online_finetune"))
+    else:
+        original = load_offline_policies(Path("models/offline_rl"), "cpu")[method]
+    prompts = ["a red circle left of a blue square", "two green triangles", "a yellow square"]
+    seeds = [0, 1, 2]
+    task = read_task(Path("data/dataset"))
+    ref = run_method(task_sampler(task, "cpu"), original, prompts, seeds, batch_size=3)
+    pipe = StableDiffusionPipeline.from_pretrained("assets/shapes/pipeline")
+    out = AdaptiveDiffusionPipeline(pipe, package)(
+        prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np"
+    )
+    np.testing.assert_array_equal((out.images * 255).round().astype(np.uint8), ref.images)
+    assert [t.nfe for t in out.traces] == ref.nfe.tolist()
+    assert [t.stop_step for t in out.traces] == ref.stop_step.tolist()
+
+    one = run_method(task_sampler(task, "cpu"), original, prompts[:1], seeds[:1], batch_size=1)
+    image, trace = tmp_path / "out.png", tmp_path / "trace.json"
+    args = ["generate", prompts[0], "--policy", "models/policy", "--seed", "0"]
+    assert main([*args, "--out", str(image), "--trace", str(trace)]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(image).convert("RGB")), one.images[0])
+    assert json.loads(trace.read_text())["nfe"] == int(one.nfe[0])

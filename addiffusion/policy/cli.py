@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -14,7 +15,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    adaptive = load_adaptive(args.policy, args.model, args.device, args.dtype)
+    try:
+        adaptive = load_adaptive(args.policy, args.model, args.device, args.dtype, args.scorer)
+    except (ValueError, OSError) as e:
+        # A package that does not fit, a missing folder or model: the user's to fix.
+        print(f"addiffusion generate: error: {e}", file=sys.stderr)
+        return 2
     result = generate(
         adaptive,
         args.prompt,
@@ -80,6 +86,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         default=None,
         help="diffusers pipeline folder or Hub id (default: the backbone the policy was trained on)",
+    )
+    g.add_argument(
+        "--scorer",
+        default=None,
+        help="open_clip scorer of the observations: folder, hf-hub:org/repo or name@pretrained "
+        "(default: the one the policy was trained with)",
     )
     g.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     g.add_argument("--out", default="out.png", help="image file to write (default: %(default)s)")

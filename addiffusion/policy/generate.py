@@ -13,7 +13,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from addiffusion.policy.package import AdaptivePolicy
-from addiffusion.policy.pipeline import AdaptiveDiffusionPipeline, ImageTrace, default_steps
+from addiffusion.policy.pipeline import (
+    AdaptiveDiffusionPipeline,
+    ImageTrace,
+    default_steps,
+    missing_folder,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -32,19 +37,28 @@ def load_adaptive(
     model: str | None = None,
     device: str = "auto",
     dtype: str = "float32",
+    scorer: str | None = None,
 ) -> AdaptiveDiffusionPipeline:
     """The package ``policy`` over the stock pipeline ``model`` (default: the package's
-    backbone), loaded with ``DiffusionPipeline.from_pretrained``."""
+    backbone), loaded with ``DiffusionPipeline.from_pretrained``; ``scorer``: the open_clip
+    scorer (default: the package's)."""
     from addiffusion.diffusion.backbone import load_pipeline
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not Path(policy).exists() and str(policy).count("/") != 1:
+        raise FileNotFoundError(
+            f"policy package {policy} not found: expected a folder written by `addiffusion "
+            "policy export` (or AdaptivePolicy.save_pretrained) or a Hub repo id org/name"
+        )
     package = AdaptivePolicy.from_pretrained(str(policy))
     cfg = package.config
+    if model is None:
+        missing_folder(cfg.backbone, "backbone", "--model ")
     pipe = load_pipeline(
         model or cfg.backbone, cfg.solver, device, DTYPES[dtype], cfg.drop_components
     )
-    return AdaptiveDiffusionPipeline(pipe, package)
+    return AdaptiveDiffusionPipeline(pipe, package, scorer)
 
 
 def generate(

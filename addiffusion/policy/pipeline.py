@@ -78,6 +78,18 @@ class AdaptivePipelineOutput(BaseOutput):
     traces: list[ImageTrace]
 
 
+def missing_folder(name: str, what: str, option: str) -> None:
+    """Raise when ``name`` (a package's recorded model) is a local path that does not exist
+    here; a Hub id (``org/name``, ``hf-hub:org/name``) or an open_clip name passes."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") >= 2
+    if looks_local and not name.startswith("hf-hub:") and not Path(name).expanduser().exists():
+        raise PolicyPackageError(
+            f"the {what} {name!r} of the policy package is a local folder that does not exist "
+            f"here (relative paths are relative to where you run): run from the project that "
+            f"trained the policy, or pass {option}<folder or Hub id>"
+        )
+
+
 def default_steps(pipe: DiffusionPipeline) -> int:
     """The stock pipeline's default ``num_inference_steps``."""
     return int(inspect.signature(type(pipe).__call__).parameters["num_inference_steps"].default)
@@ -98,7 +110,8 @@ class AdaptiveDiffusionPipeline:
     """``pipe`` sampled by ``policy`` (see the module docstring).
 
     ``policy``: an :class:`AdaptivePolicy` or a package folder / Hub id. ``scorer``: the CLIP
-    scorer of the observations (default: the package's, loaded by name with open_clip). Raises
+    scorer of the observations: a loaded one, or its open_clip name / folder (default: the
+    package's). Raises
     :class:`PolicyPackageError` naming every mismatch between the package and the pipeline.
     """
 
@@ -130,10 +143,12 @@ class AdaptiveDiffusionPipeline:
         cls, kwargs = backbone.SCHEDULERS[cfg.solver]
         self.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
         self.denoiser = backbone.denoiser_of(pipe)
-        if scorer is None:
+        if scorer is None or isinstance(scorer, str | Path):
             from addiffusion.rewards.clip import ClipScorer
 
-            scorer = ClipScorer(cfg.scorer, self.denoiser.device)
+            name = str(scorer or cfg.scorer)
+            missing_folder(name, "scorer", "scorer= (addiffusion generate: --scorer) ")
+            scorer = ClipScorer(name, self.denoiser.device)
         self.scorer = scorer
         self.settings = cfg.settings()
         layout = cfg.observation
