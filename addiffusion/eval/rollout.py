@@ -1,8 +1,10 @@
 """Run one method over (prompt, seed) pairs on a :class:`StepwiseSampler`, batched.
 
-Episodes of one batch may stop at different points: after each decision the whole batch's
-actions go to :meth:`StepwiseSampler.apply` (:func:`rollout`, the one decision loop) (stops end with the decoded x̂0 of their point; jumps
-and refines move and are evaluated together), and the still-running ones decide again.
+:func:`rollout` is the one decision loop (eval, ``addiffusion generate`` and the drop-in pipeline
+all run it). Episodes of one batch may stop at different points: after each decision the whole
+batch's actions go to :meth:`StepwiseSampler.apply` (stops end with the decoded x̂0 of their
+point; jumps and refines move and are evaluated together), and the still-running ones decide
+again.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Public API (imported lazily, so ``addiffusion --help`` does not pay for importing d3rlpy):
 ``DiscreteIQL``, ``DiscreteIQLConfig`` (``.discrete_iql``), ``OfflineRLConfig`` (``.config``),
 ``train_offline`` (``.train``), ``load_policy``, ``OfflinePolicy``, ``actor_logits_module``
-(``.policy``). Importing ``addiffusion.offline_rl.discrete_iql`` registers ``discrete_iql`` with
-d3rlpy, so ``d3rlpy.load_learnable`` can rebuild its checkpoints; for files you did not just write,
-use :func:`load_policy`, which checks the sha256 first.
+(``.policy``). ``import addiffusion`` (so also this package) registers ``discrete_iql`` with
+d3rlpy as soon as d3rlpy is imported, so ``d3rlpy.load_learnable`` can rebuild its checkpoints;
+for files you did not just write, use :func:`load_policy`, which checks the sha256 first.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Built from d3rlpy's own parts: discrete Q ensembles (``create_discrete_q_functio
 head), a state-value function, a categorical policy, optimizers made by the config's optim
 factories (so ``.d3`` checkpoints hold their state), ``fit``, loggers, evaluators. The config is
 registered with ``register_learnable``, so ``d3rlpy.load_learnable("policy.d3")`` rebuilds it once
-this module is imported (``import addiffusion.offline_rl`` does that).
+this module is imported (``import addiffusion`` arranges that for whenever d3rlpy is imported).
 """
 
 from __future__ import annotations
