@@ -503,6 +503,19 @@ class StepwiseSampler:
         g = self.settings.guidance_scale
         return out_uncond + g * (out_cond - out_uncond), maps
 
+    def observe_x0(
+        self, episodes: Sequence[Episode], x0: torch.Tensor, since: float | None = None
+    ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Decode the episodes' clean predictions ``x0`` (B, C, h, w) (resized by
+        ``x0_decode_scale``) and score them as their current point: what :meth:`observations`
+        then reads (the stop-only callback observes a stock pipeline's x̂0 through this)."""
+        since = time.perf_counter() if since is None else since
+        scale = self.settings.x0_decode_scale
+        small = x0 if scale == 1.0 else F.interpolate(x0, scale_factor=scale, mode="area")
+        images = backbone.decode_latents(self.pipe, small)
+        self._tick("decode", since)
+        return self._score(episodes, images)
+
     def _score(
         self, episodes: Sequence[Episode], images: torch.Tensor
     ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -575,11 +588,7 @@ class StepwiseSampler:
             ep.mask = new_masks[b]
             ep.nfe += 0 if reuse[b] else 1
         if self.observe:
-            scale = self.settings.x0_decode_scale
-            small = x0 if scale == 1.0 else F.interpolate(x0, scale_factor=scale, mode="area")
-            images = backbone.decode_latents(self.pipe, small)
-            self._tick("decode", now)
-            images_u8, features, scores, stability, extra = self._score(episodes, images)
+            images_u8, features, scores, stability, extra = self.observe_x0(episodes, x0, now)
         else:
             n = len(episodes)
             images_u8 = np.zeros((n, 0, 0, 3), np.uint8)

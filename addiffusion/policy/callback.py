@@ -45,6 +45,9 @@ Limits:
   last one stops: a batch saves only the steps that all of its images save;
 * classifier-free guidance must be on (``guidance_scale > 1``): the policy was trained with it
   (at the package's ``guidance_scale``; other values put it off its training distribution);
+* x̂0 recovered from two latents carries their rounding, amplified by about 1 / step size: in
+  float32 the observations equal the sampler's to ~1e-5, with float16 latents x̂0 is off by up
+  to ~1% (relative; early points) and decisions near a tie may differ (DPM-Solver++ is exact);
 * build the callback after moving the pipeline to its device (the scorer goes there).
 """
 
@@ -54,11 +57,11 @@ import copy
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
 from addiffusion.diffusion import backbone
@@ -122,13 +125,16 @@ class AdaptiveStopCallback:
     docstring for the usage and the limits).
 
     ``policy``: an :class:`AdaptivePolicy` (any action table: all but ``jump-1`` and ``stop`` are
-    masked out). ``scorer``: the CLIP scorer of the observations (default: the package's,
-    loaded by name). Raises :class:`PolicyPackageError` when the policy does not fit ``pipe``
-    or its scheduler.
+    masked out). ``scorer``: the CLIP scorer of the observations, or its open_clip name / folder
+    (default: the package's). Raises :class:`PolicyPackageError` when the policy does not fit
+    ``pipe`` or its scheduler.
     """
 
     def __init__(
-        self, policy: AdaptivePolicy, pipe: DiffusionPipeline, scorer: Any | None = None
+        self,
+        policy: AdaptivePolicy,
+        pipe: DiffusionPipeline,
+        scorer: Any | str | Path | None = None,
     ) -> None:
         cfg = policy.config
         self.policy = policy
@@ -153,10 +159,10 @@ class AdaptiveStopCallback:
             )
         self._check_scheduler(pipe.scheduler)
         denoiser = backbone.denoiser_of(pipe)
-        if scorer is None:
+        if scorer is None or isinstance(scorer, str | Path):
             from addiffusion.rewards.clip import ClipScorer
 
-            scorer = ClipScorer(cfg.scorer, denoiser.device)
+            scorer = ClipScorer(str(scorer or cfg.scorer), denoiser.device)
         layout = cfg.observation
         if (scorer.dim, scorer.dim) != (layout.image_dim, layout.text_dim):
             raise PolicyPackageError(
@@ -194,27 +200,33 @@ class AdaptiveStopCallback:
         return {"timesteps": ts}
 
     def _check_scheduler(self, scheduler: object) -> None:
+        """Raise unless ``scheduler`` is the policy's solver, in a form whose x̂0 the callback
+        can recover."""
         solver = self.policy.config.solver
         cls, kwargs = backbone.SCHEDULERS[solver]
-        fix = f"set pipe.scheduler = {cls.__name__}.from_config(pipe.scheduler.config"
-        fix += "".join(f", {k}={v!r}" for k, v in kwargs.items()) + ")"
         cfg = scheduler.config
-        problems = []
+        problem = None
         if type(scheduler) is not cls or any(cfg.get(k) != v for k, v in kwargs.items()):
-            problems.append(
+            fix = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+            problem = (
                 f"pipe.scheduler is {type(scheduler).__name__}"
                 + "".join(f" ({k}={cfg.get(k)!r})" for k in kwargs)
-                + f" but the policy steers {solver!r}: {fix}"
+                + f" but the policy steers {solver!r}: set pipe.scheduler = "
+                f"{cls.__name__}.from_config(pipe.scheduler.config{fix})"
             )
-        elif cfg.get("thresholding", False) or cfg.get("clip_sample", False):
-            problems.append(
-                f"{cls.__name__} with clip_sample / thresholding: its step clips x̂0, which the "
-                "callback cannot recover; turn them off (the policy's sampler never clips)"
+        elif solver in ("ddim", "dpmsolver++") and (
+            cfg.thresholding or (solver == "ddim" and cfg.clip_sample)
+        ):
+            problem = (
+                f"{cls.__name__} with clip_sample / thresholding clips x̂0 inside its step, so "
+                "the unclipped x̂0 the policy observes cannot be recovered; turn them off"
             )
-        elif cfg.get("stochastic_sampling", False) or cfg.get("invert_sigmas", False):
-            problems.append(f"{cls.__name__} must be deterministic (no stochastic_sampling)")
-        if problems:
-            raise PolicyPackageError("the callback cannot follow this pipeline: " + problems[0])
+        elif solver == "flowmatch-euler" and (
+            cfg.get("stochastic_sampling", False) or cfg.get("invert_sigmas", False)
+        ):
+            problem = f"{cls.__name__} must be deterministic (no stochastic_sampling)"
+        if problem is not None:
+            raise PolicyPackageError(f"the callback cannot follow this pipeline: {problem}")
 
     # 1. before the call: starting latents and the prompts' CLIP features
     @torch.no_grad()
@@ -225,10 +237,11 @@ class AdaptiveStopCallback:
         height: int | None = None,
         width: int | None = None,
     ) -> torch.Tensor:
-        """Starting latents ``(B, C, H/8, W/8)`` (the denoiser's dtype and device) for the next
-        pipeline call: image b's noise drawn on the CPU from ``seeds[b]``, as the project's
-        sampler draws it. ``prompts``: one per image in the pipeline's batch order (or one for
-        all); ``height`` / ``width`` default to the policy's. Pass the result as ``latents=``."""
+        """Starting latents ``(B, C, H/s, W/s)`` (s: the VAE's scale; the denoiser's dtype and
+        device) for the next pipeline call: image b's noise drawn on the CPU from ``seeds[b]``,
+        as the project's sampler draws it. ``prompts``: one per image in the pipeline's batch
+        order (or one for all); ``height`` / ``width`` default to the policy's. Pass the result
+        as ``latents=``."""
         seeds = [int(s) for s in seeds]
         prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(seeds):
@@ -354,20 +367,17 @@ class AdaptiveStopCallback:
         eps = [run.episodes[b] for b in active]
         for b, ep in zip(active, eps, strict=True):
             ep.step, ep.nfe, ep.x0 = i, i + 1, x0[b : b + 1]
-        x0_active = x0[active]
-        scale = self.settings.x0_decode_scale
-        if scale != 1.0:
-            x0_active = F.interpolate(x0_active, scale_factor=scale, mode="area")
-        self.sampler._score(eps, backbone.decode_latents(pipe, x0_active))
+        self.sampler.observe_x0(eps, x0[active])
         mask = self.policy.actions.mask(np.full(len(eps), i), 0, 0) & self.allowed
         actions = np.asarray(self.policy.act(self.sampler.observations(eps), mask))
         stop = self.policy.actions.stop
         timestep = int(pipe.scheduler.timesteps[i])
+        names = self.policy.actions.names
         for k, (b, ep, a) in enumerate(zip(active, eps, actions.tolist(), strict=True)):
             if not mask[k, a]:
+                legal = [names[j] for j in np.flatnonzero(mask[k])]
                 raise ValueError(
-                    f"the policy took {self.policy.actions.names[a]} at grid point {i}, outside "
-                    f"its mask (legal: {[self.policy.actions.names[j] for j in np.flatnonzero(mask[k])]})"
+                    f"the policy took {names[a]} at grid point {i}, outside its mask ({legal})"
                 )
             run.decisions[b].append((a, i, timestep))
             if a == stop:
