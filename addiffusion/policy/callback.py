@@ -54,7 +54,7 @@ Limits:
 from __future__ import annotations
 
 import copy
-import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +67,7 @@ from diffusers import DiffusionPipeline
 from addiffusion.diffusion import backbone
 from addiffusion.diffusion.sampler import Episode, StepwiseSampler
 from addiffusion.policy.package import AdaptivePolicy, PolicyPackageError
-from addiffusion.policy.pipeline import _own_processors
+from addiffusion.policy.pipeline import ImageTrace, _own_processors
 
 RECOVERY = {
     "ddim": "two consecutive latents",
@@ -78,28 +78,6 @@ RECOVERY = {
 """Solvers whose x̂0 the callback can recover, and from what."""
 
 
-@dataclass(frozen=True)
-class StopTrace:
-    """What the policy did for one image of a pipeline call."""
-
-    prompt: str
-    seed: int
-    actions: tuple[str, ...]
-    """Action taken at each decision point (``jump-1`` ..., the last one ``stop``)."""
-    points: tuple[int, ...]
-    """Grid point (0-based, of ``n_max``) of each decision."""
-    timesteps: tuple[int, ...]
-    """The scheduler's timestep at each decision point."""
-    nfe: int
-    """Denoiser evaluations that went into the image (``stop_step + 1``; CFG counted once)."""
-    stop_step: int
-    """Grid point whose x̂0 is the image."""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
 @dataclass
 class _Pending:
     """What :meth:`AdaptiveStopCallback.noise` prepared for the next pipeline call."""
@@ -108,6 +86,7 @@ class _Pending:
     seeds: list[int]
     noise: torch.Tensor  # (B, C, h, w), the denoiser's dtype and device
     text_features: torch.Tensor  # (B, D) CLIP text features
+    tic: float  # time.perf_counter() when noise() was called: the traces' start
 
 
 @dataclass
@@ -118,6 +97,8 @@ class _Run:
     x_prev: torch.Tensor  # (B, C, h, w) latents at the current grid point
     final: list[torch.Tensor | None]  # x̂0 (1, C, h, w) float32 of each stopped image
     decisions: list[list[tuple[int, int, int]]]  # per image: (action id, point, timestep)
+    tic: float  # time.perf_counter() at noise()
+    stopped_at: list[float]  # time.perf_counter() when each image stopped
 
 
 class AdaptiveStopCallback:
@@ -179,7 +160,7 @@ class AdaptiveStopCallback:
         table = policy.actions
         self.allowed = np.zeros(table.n, bool)
         self.allowed[[table.jump(1), table.stop]] = True
-        self.traces: list[StopTrace] = []
+        self.traces: list[ImageTrace] = []
         """One record per image of the last finished pipeline call."""
         self._pending: _Pending | None = None
         self._run: _Run | None = None
@@ -242,6 +223,7 @@ class AdaptiveStopCallback:
         as the project's sampler draws it. ``prompts``: one per image in the pipeline's batch
         order (or one for all); ``height`` / ``width`` default to the policy's. Pass the result
         as ``latents=``."""
+        tic = time.perf_counter()
         seeds = [int(s) for s in seeds]
         prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(seeds):
@@ -252,7 +234,7 @@ class AdaptiveStopCallback:
         draws = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(x)) for x in seeds]
         noise = torch.cat(draws).to(smp.denoiser.device, smp.denoiser.dtype)
         features = smp.scorer.encode_text(prompts)
-        self._pending = _Pending(prompts, seeds, noise, features)
+        self._pending = _Pending(prompts, seeds, noise, features, tic)
         return noise
 
     # 2. at step 0: take the prepared noise, check the pipeline runs the policy's grid
@@ -303,7 +285,7 @@ class AdaptiveStopCallback:
             for b, (p, seed) in enumerate(zip(pending.prompts, pending.seeds, strict=True))
         ]
         n = len(episodes)
-        self._run = _Run(episodes, x0, [None] * n, [[] for _ in range(n)])
+        self._run = _Run(episodes, x0, [None] * n, [[] for _ in range(n)], pending.tic, [0.0] * n)
 
     # 3. x̂0 of grid point i from what the pipeline left
     def _clean_prediction(
@@ -382,6 +364,7 @@ class AdaptiveStopCallback:
             run.decisions[b].append((a, i, timestep))
             if a == stop:
                 ep.done = True
+                run.stopped_at[b] = time.perf_counter()
                 run.final[b] = x0[b : b + 1]
         if all(ep.done for ep in run.episodes):
             latents = torch.cat([f.to(latents.dtype) for f in run.final if f is not None])
@@ -393,7 +376,7 @@ class AdaptiveStopCallback:
     def _finish(self, run: _Run) -> None:
         names = self.policy.actions.names
         self.traces = [
-            StopTrace(
+            ImageTrace(
                 prompt=ep.prompt,
                 seed=ep.seed,
                 actions=tuple(names[a] for a, _, _ in seen),
@@ -401,7 +384,9 @@ class AdaptiveStopCallback:
                 timesteps=tuple(t for _, _, t in seen),
                 nfe=ep.nfe,
                 stop_step=ep.step,
+                refines=0,
+                seconds=done - run.tic,
             )
-            for ep, seen in zip(run.episodes, run.decisions, strict=True)
+            for ep, seen, done in zip(run.episodes, run.decisions, run.stopped_at, strict=True)
         ]
         self._run = None
