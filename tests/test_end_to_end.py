@@ -42,15 +42,18 @@ TINY = {
 }
 
 
-def _run(args: list[str], cwd: Path) -> str:
+def _run(args: list[str], cwd: Path, stdout_only: bool = False) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for who in ("AUTHOR", "COMMITTER"):  # `dvc exp run` commits
+        env.setdefault(f"GIT_{who}_NAME", "addiffusion tests")
+        env.setdefault(f"GIT_{who}_EMAIL", "tests@addiffusion.invalid")
     bindir = str(Path(sys.executable).parent)  # the `addiffusion` script of this environment
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, (
         f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     )
-    return out.stdout + out.stderr
+    return out.stdout if stdout_only else out.stdout + out.stderr
 
 
 def _stages_run(log: str) -> set[str]:
@@ -62,7 +65,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("git") is None:
         pytest.skip("git is needed by dvc")
     root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     # The stages depend on the package's code: a copy keeps the test from touching the checkout.
@@ -159,3 +162,33 @@ def test_exported_policy_reproduces_eval(
     assert main([*args, "--out", str(image), "--trace", str(trace)]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(image).convert("RGB")), one.images[0])
     assert json.loads(trace.read_text())["nfe"] == int(one.nfe[0])
+
+
+def _experiment(shown: list[dict], name: str) -> dict:
+    """The entry of experiment ``name`` in `dvc exp show --json` output."""
+    for row in shown:
+        for exp in row.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                if rev.get("name") == name:
+                    return rev
+    raise AssertionError(f"no experiment {name!r} in dvc exp show: {json.dumps(shown)[:2000]}")
+
+
+def test_dvc_exp_run_keeps_every_stage_metric(project: Path) -> None:
+    """An ablation through `dvc exp run -S` re-runs training and eval only, and the experiment
+    holds every stage's metrics (the offline-RL and PPO ones live under models/)."""
+    _run(["dvc", "repro", "export_policy"], project)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", "baseline"], project)
+    log = _run(["dvc", "exp", "run", "-n", "beta3", "-S", "offline_rl.beta=3.0", "eval"], project)
+    assert _stages_run(log) == {"offline_rl", "online_finetune", "eval"}
+    exp = _experiment(json.loads(_run(["dvc", "exp", "show", "--json"], project, True)), "beta3")
+    metrics = exp["data"]["metrics"]
+    for path in (
+        "models/offline_rl/metrics.json",
+        "models/online_finetune/metrics.json",
+        "results/eval/metrics.json",
+    ):
+        assert metrics.get(path, {}).get("data"), f"{path} missing from the experiment: {metrics}"
+    assert metrics["models/offline_rl/metrics.json"]["data"]["algo"] == "iql"
+    assert exp["data"]["params"]["params.yaml"]["data"]["offline_rl"]["beta"] == 3.0
