@@ -316,7 +316,7 @@ def build_dataset(store_dir: Path, out_dir: Path, cfg: DatasetsConfig) -> Path:
             _write_webdataset(tmp, shards, episodes, steps, st_schema)
         info = _info(shards, episodes, steps, shapes, cfg)
         splits = [s for s in ("train", "heldout") if counts[s]]
-        (tmp / "README.md").write_text(dataset_card(info, splits, cfg.write_webdataset))
+        (tmp / "README.md").write_text(dataset_card(info, splits, cfg))
         info["files"] = file_checksums(tmp, exclude=("meta/info.json",))
         (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=2))
         _swap_in(tmp, out_dir)

@@ -4,6 +4,7 @@ The ``configs`` block is what ``datasets.load_dataset(<path or repo>, "<config>"
 viewer read: ``episodes`` and ``steps`` (Parquet, one split per data split). The WebDataset tars
 (one sample per episode) load with ``load_dataset("webdataset", data_files=".../webdataset/*.tar")``
 (``datasets`` picks one builder per repository, so they cannot be a config beside Parquet).
+The license metadata comes from ``datasets.license`` (:class:`DatasetsConfig`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import yaml
+from huggingface_hub import DatasetCardData
+
+from addiffusion.datasets.config import DatasetsConfig
 
 
 def _action_names(info: dict[str, Any]) -> dict[str, int]:
@@ -35,23 +38,38 @@ def hub_configs(splits: list[str], webdataset: bool) -> list[dict[str, Any]]:
     return configs
 
 
-def dataset_card(info: dict[str, Any], splits: list[str], webdataset: bool) -> str:
-    """Markdown with YAML front matter for the Hub."""
-    front = {
-        "configs": hub_configs(splits, webdataset),
-        "tags": [
+def card_data(splits: list[str], cfg: DatasetsConfig) -> DatasetCardData:
+    """The card's metadata: Hub ``configs``, tags and the license (``datasets.license``; with
+    ``other``, ``license_name`` and ``license_link`` as the Hub requires)."""
+    return DatasetCardData(
+        license=cfg.license,
+        license_name=cfg.license_name or None,  # set only with "other" (DatasetsConfig checks)
+        license_link=cfg.license_link or None,
+        tags=[
             "diffusion",
             "text-to-image",
             "offline-reinforcement-learning",
             "trajectories",
             "addiffusion",
         ],
-        "license": "other",
-    }
+        configs=hub_configs(splits, cfg.write_webdataset),
+    )
+
+
+def _license_line(cfg: DatasetsConfig) -> str:
+    if cfg.license == "unknown":
+        return "not declared (`unknown`): set `datasets.license` and rebuild before sharing"
+    if cfg.license == "other":
+        return f"[{cfg.license_name}]({cfg.license_link})"
+    return f"`{cfg.license}`"
+
+
+def dataset_card(info: dict[str, Any], splits: list[str], cfg: DatasetsConfig) -> str:
+    """Markdown with YAML front matter for the Hub."""
     counts = info["counts"]
     sampler = json.dumps(info.get("sampler", {}))
     return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
+{card_data(splits, cfg).to_yaml()}
 ---
 
 # addiffusion denoising trajectories
@@ -69,6 +87,8 @@ components for any weights / NFE penalty.
 - sampler: `{sampler}`
 - actions: {json.dumps(_action_names(info))}; NFE: {info.get("nfe_convention", "")}
 - schema version {info["schema_version"]}, layout version {info["layout_version"]}
+- license: {_license_line(cfg)}; the records derive from outputs of
+  `{info.get("backbone")}` on the collected prompts, whose terms also apply
 
 ## Layout
 
@@ -78,7 +98,7 @@ components for any weights / NFE penalty.
 | `data/episodes/<split>-NNNNN.parquet` | one row per episode (prompt, category, seed, split, `rl_split`, branch parent) |
 | `data/steps/<split>-NNNNN.parquet` | one row per step (t, action, NFE, raw components, `feature_row`) |
 | `features.zarr/` | Zarr v3 (sharding codec): `image_features[feature_row]`, `text_features[text_row]`, optional thumbnails / latents |
-| `webdataset/*.tar` | one sample per episode: `<episode_id>.json` (+ `.png` x̂0 filmstrip) |
+| `webdataset/*.tar` | one sample per episode: `<episode_id>.json` (the episode row + its `steps`; a root's `parent_episode_id` is `""` there, null in Parquet) (+ `.png` x̂0 filmstrip) |
 
 ## Use
 

@@ -80,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "datasets",
         help="trajectory datasets: build from a store, validate, relabel rewards, "
         "stats, push to the Hub",
+        description="Trajectory datasets. `build` merges the shards of a `collect` store into a "
+        "dataset folder (meta/info.json, Parquet, Zarr features, WebDataset), `relabel` computes "
+        "rewards from its raw reward components and `stats` summarises it: these three are "
+        "dvc.yaml stages. `validate` and `push` are helpers.",
     )
     stage = parser.add_subparsers(dest="datasets_command", required=True, metavar="<command>")
     params_help = "params file (default: %(default)s)"

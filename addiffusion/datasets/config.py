@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
 from addiffusion.config import StageConfig, check
+
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+"""The form of Hub license ids (``cc-by-4.0``, ``openrail++``) and of ``license_name``."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,15 @@ class DatasetsConfig(StageConfig):
     """Copy x̂0 thumbnails into ``features.zarr`` when every shard has them."""
     include_latents: bool = False
     """Copy x̂0 latents (float16, large) into ``features.zarr`` when every shard has them."""
+    license: str = "unknown"
+    """License of the built dataset for its Hub card: a Hub license id
+    (https://huggingface.co/docs/hub/repositories-licenses, e.g. ``cc-by-4.0``), ``unknown`` until
+    you declare one, or ``other`` with ``license_name`` and ``license_link``. The trajectories hold
+    the backbone's outputs on the collected prompts, so their terms bound what you may declare."""
+    license_name: str = ""
+    """With ``license: other``: the license's id, lowercase with dashes (``my-license-1.0``)."""
+    license_link: str = ""
+    """With ``license: other``: the URL of the license text."""
 
     def __post_init__(self) -> None:
         check(
@@ -46,3 +59,31 @@ class DatasetsConfig(StageConfig):
             f"a multiple of datasets.zarr_chunk_rows ({self.zarr_chunk_rows})",
             self.zarr_shard_rows,
         )
+        check(
+            LICENSE_ID.fullmatch(self.license) is not None,
+            "datasets.license",
+            "a Hub license id (lowercase, e.g. cc-by-4.0, unknown or other)",
+            self.license,
+        )
+        if self.license == "other":
+            check(
+                LICENSE_ID.fullmatch(self.license_name) is not None,
+                "datasets.license_name",
+                "the license's id, lowercase with dashes (e.g. my-license-1.0), with "
+                "datasets.license: other",
+                self.license_name,
+            )
+            check(
+                self.license_link.startswith(("https://", "http://")),
+                "datasets.license_link",
+                "the URL of the license text (https://...), with datasets.license: other",
+                self.license_link,
+            )
+        else:
+            for key in ("license_name", "license_link"):
+                check(
+                    not getattr(self, key),
+                    f"datasets.{key}",
+                    f"empty unless datasets.license is other (it is {self.license!r})",
+                    getattr(self, key),
+                )

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from addiffusion.datasets.store import episode_from_record
 from addiffusion.datasets.validate import Problem, validate_dataset
 
 ALLOW_PATTERNS = ["README.md", "*.json", "*.parquet", "*.tar", "*.png", "features.zarr/*"]
@@ -84,7 +85,8 @@ def load(
 
 def iter_episodes(dataset_dir: Path) -> Iterator[dict[str, Any]]:
     """Stream episodes from the WebDataset tars one at a time (constant memory): dicts with
-    the episode row, ``steps`` (list of step rows) and ``filmstrip`` ((H, n*W, 3) uint8 or None).
+    the episode row as in Parquet (roots' ``parent_episode_id`` None, where the JSON has ``""``),
+    ``steps`` (list of step rows) and ``filmstrip`` ((H, n*W, 3) uint8 or None).
     Only ``.json`` and ``.png`` members are decoded; anything else in a tar is ignored."""
     import webdataset as wds
 
@@ -96,7 +98,7 @@ def iter_episodes(dataset_dir: Path) -> Iterator[dict[str, Any]]:
     for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False):
         if "json" not in sample:
             raise ValueError(f"{sample.get('__url__')}: sample {sample['__key__']!r} has no json")
-        record = json.loads(sample["json"])
+        record = episode_from_record(json.loads(sample["json"]))
         png = sample.get("png")
         record["filmstrip"] = (
             np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) if png else None

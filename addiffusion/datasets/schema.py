@@ -31,8 +31,11 @@ at step 0. Branches are episodes of their own, stored generically as (parent, st
 diverged and ``branch_action`` the (non-stop) action taken there instead of the parent's; the
 branch's first row is the state that action led to (its step is
 ``table.target(branch_step, branch_action)``). Roots have ``parent_episode_id`` null and
-``branch_step = branch_action = -1``. A built dataset's episodes table adds ``shard`` (int64,
-source shard index) and ``rl_split`` (string: ``train`` / ``val`` / ``heldout``; validation chosen by prompt).
+``branch_step = branch_action = -1``; in the WebDataset JSON a root's ``parent_episode_id`` is
+``JSON_ROOT_PARENT`` (``""``) instead, because JSON readers infer each field's type from the first
+samples (``datasets``' webdataset builder reads five) and those are often all roots. A built
+dataset's episodes table adds ``shard`` (int64, source shard index) and ``rl_split`` (string:
+``train`` / ``val`` / ``heldout``; validation chosen by prompt).
 """
 
 from __future__ import annotations
@@ -52,13 +55,17 @@ EPISODES_SCHEMA = pa.schema(
         ("category", pa.string()),  # complexity tier / prompt-set category
         ("split", pa.string()),  # "train" or "heldout"
         ("seed", pa.int64()),
-        ("parent_episode_id", pa.string()),  # null for roots
+        ("parent_episode_id", pa.string()),  # null for roots ("" in the WebDataset JSON)
         ("branch_step", pa.int32()),  # step of the parent where the branch diverged, -1 for roots
         ("branch_action", pa.int32()),  # action id taken at branch_step (jump/refine), -1 for roots
         ("num_steps", pa.int32()),
         ("text_row", pa.int64()),  # row of text_features in the shard's features.zarr
     ]
 )
+
+JSON_ROOT_PARENT = ""
+"""``parent_episode_id`` of a root in the WebDataset JSON (Parquet has null). The JSON has no
+nulls: a field that is null in the first samples would be typed null and fail on the first string."""
 
 STEPS_SCHEMA = pa.schema(
     [

@@ -26,7 +26,12 @@ import pyarrow.parquet as pq
 import zarr
 from PIL import Image
 
-from addiffusion.datasets.schema import EPISODES_SCHEMA, SCHEMA_VERSION, STEPS_SCHEMA
+from addiffusion.datasets.schema import (
+    EPISODES_SCHEMA,
+    JSON_ROOT_PARENT,
+    SCHEMA_VERSION,
+    STEPS_SCHEMA,
+)
 
 SHARD_RE = re.compile(r"^shard-(\d{5,})$")
 SHARD_TMP_RE = re.compile(r"^shard-(\d{5,})\.tmp-.+$")
@@ -253,10 +258,34 @@ class ShardWriter:
         return self.final_path
 
 
+def episode_record(episode: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON of one episode's WebDataset sample: the episode row plus ``steps`` (its step
+    rows). Every field has one JSON type in every sample, so that readers inferring types from the
+    first samples (``datasets.load_dataset("webdataset", ...)``) type them right: a root's
+    ``parent_episode_id`` is ``JSON_ROOT_PARENT``, and any other null is an error."""
+    parent = episode["parent_episode_id"]
+    record = {**episode, "parent_episode_id": JSON_ROOT_PARENT if parent is None else parent}
+    rows = [("", record)] + [(f" step {j}", row) for j, row in enumerate(steps)]
+    for where, row in rows:
+        null = next((k for k, v in row.items() if v is None), None)
+        if null is not None:
+            raise ValueError(
+                f"episode {episode['episode_id']!r}{where}: {null} is null; the WebDataset JSON "
+                "has no nulls (readers infer each field's type from the first samples)"
+            )
+    return {**record, "steps": steps}
+
+
+def episode_from_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`episode_record`: the episode row as in Parquet (roots' parent null)."""
+    parent = record["parent_episode_id"]
+    return {**record, "parent_episode_id": None if parent == JSON_ROOT_PARENT else parent}
+
+
 def write_episode_samples(
     tar: tarfile.TarFile, episodes: pa.Table, steps: pa.Table, thumbs: list[np.ndarray]
 ) -> None:
-    """One WebDataset sample per episode: ``<key>.json`` (episode row + its step rows) and, with
+    """One WebDataset sample per episode: ``<key>.json`` (:func:`episode_record`) and, with
     thumbnails, ``<key>.png`` (a filmstrip). Keys are episode ids, which contain no dots."""
     steps_by_ep: dict[str, list[dict[str, Any]]] = {}
     for row in steps.to_pylist():
@@ -265,7 +294,8 @@ def write_episode_samples(
         key = ep["episode_id"]
         if "." in key:
             raise ValueError(f"episode_id {key!r} contains a dot (WebDataset keys cannot)")
-        add_tar_member(tar, f"{key}.json", json.dumps({**ep, "steps": steps_by_ep[key]}).encode())
+        record = episode_record(ep, steps_by_ep[key])
+        add_tar_member(tar, f"{key}.json", json.dumps(record).encode())
         if thumbs:
             add_tar_member(tar, f"{key}.png", filmstrip_png(thumbs[i]))
 

@@ -8,6 +8,8 @@ of jumps and stop there; root ``r`` (global index over prompts x seeds) follows 
 ``branch_step``, a root visiting that point (not its last) forks there into the branch
 ``<root>-b<branch_step>``: roots with ``(r // 3) % 2 == 0`` take ``refine``, the others the
 smallest jump other than their own; a branch then continues with ``jump-1`` to the end.
+Each root is followed by its branch, or, with ``branches_last``, a shard holds its roots first and
+then their branches (the collector's order: a batch of roots, then the branches they forked).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def write_synthetic_store(
     branch_step: int | None = None,
     thumbnails: bool = True,
     seed: int = 0,
+    branches_last: bool = False,
 ) -> list[Path]:
     """Write ``n_prompts * seeds_per_prompt`` roots (see the module docstring) in shards of
     ``shard_size`` roots. Every ``heldout_every``-th prompt is heldout."""
@@ -141,9 +144,23 @@ def write_synthetic_store(
     table = ActionTable.from_dict(info["actions"])
     cost = table.nfe_cost
     roots = [(p, s) for p in range(n_prompts) for s in range(seeds_per_prompt)]
+
+    def add(
+        writer: ShardWriter, episode: dict[str, Any], rows: list[dict[str, Any]], text: np.ndarray
+    ) -> None:
+        n = len(rows)
+        writer.add_episode(
+            episode={**episode, "num_steps": n},
+            steps=rows,
+            image_features=rng.standard_normal((n, image_dim)).astype(np.float32),
+            text_features=text,
+            thumbnails=rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8) if thumbnails else None,
+        )
+
     paths = []
     for shard, start in enumerate(range(0, len(roots), shard_size)):
         writer = ShardWriter(store_dir, shard, info)
+        deferred: list[Any] = []  # branches written after the shard's roots (branches_last)
         for r in range(start, min(start + shard_size, len(roots))):
             p, s = roots[r]
             eid = f"{p:06d}-{s}"
@@ -159,7 +176,14 @@ def write_synthetic_store(
             points, actions = root_path(table, pattern)
             prob = 1.0 if len(pattern) == 1 else 1.0 / len(table.jumps)
             root_rows = _rows(eid, points, actions, 1, 0, table, [prob] * len(points), rng)
-            episodes = [(eid, None, -1, -1, root_rows)]
+            root = {
+                "episode_id": eid,
+                **base,
+                "parent_episode_id": None,
+                "branch_step": -1,
+                "branch_action": -1,
+            }
+            episodes = [(root, root_rows, text)]
             if branch_step is not None and branch_step in points[:-1]:
                 j = points.index(branch_step)
                 if (r // len(ROOT_PATTERNS)) % 2 == 0:
@@ -172,24 +196,17 @@ def write_synthetic_store(
                 bid = f"{eid}-b{branch_step}"
                 probs = [1.0] * len(b_points)
                 b_rows = _rows(bid, b_points, b_actions, nfe0, refines, table, probs, rng)
-                episodes.append((bid, eid, branch_step, b_action, b_rows))
-            for ep_id, parent, bstep, baction, rows in episodes:
-                n = len(rows)
-                writer.add_episode(
-                    episode={
-                        "episode_id": ep_id,
-                        **base,
-                        "parent_episode_id": parent,
-                        "branch_step": bstep,
-                        "branch_action": baction,
-                        "num_steps": n,
-                    },
-                    steps=rows,
-                    image_features=rng.standard_normal((n, image_dim)).astype(np.float32),
-                    text_features=text,
-                    thumbnails=rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8)
-                    if thumbnails
-                    else None,
-                )
+                branch = {
+                    "episode_id": bid,
+                    **base,
+                    "parent_episode_id": eid,
+                    "branch_step": branch_step,
+                    "branch_action": b_action,
+                }
+                (deferred if branches_last else episodes).append((branch, b_rows, text))
+            for episode, rows, txt in episodes:
+                add(writer, episode, rows, txt)
+        for episode, rows, txt in deferred:
+            add(writer, episode, rows, txt)
         paths.append(writer.commit())
     return paths
