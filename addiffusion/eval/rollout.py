@@ -37,7 +37,9 @@ class MethodRun:
         return self.seconds / max(len(self.nfe), 1)
 
 
-def _legal(actions: np.ndarray, mask: np.ndarray, table: ActionTable) -> tuple[np.ndarray, int]:
+def legal_or_fallback(
+    actions: np.ndarray, mask: np.ndarray, table: ActionTable
+) -> tuple[np.ndarray, int]:
     """Replace illegal actions (jump-1 if legal, else stop); return them and how many."""
     ok = mask[np.arange(len(actions)), actions]
     one = table.jump(1)
@@ -102,7 +104,7 @@ def rollout(
             raw = policy.act_episodes(np.array(active, np.int64), obs, mask.copy(), eps)
         else:
             raw = policy.act(obs, mask.copy())
-        actions, n_bad = _legal(
+        actions, n_bad = legal_or_fallback(
             _check_actions(raw, len(eps), name, sampler.table), mask, sampler.table
         )
         masked += n_bad

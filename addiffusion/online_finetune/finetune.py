@@ -30,13 +30,13 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
-from addiffusion.online_finetune.dataset_mdp import train_prompts
+from addiffusion.online_finetune.dataset_mdp import load_dataset_mdp
 from addiffusion.online_finetune.env import SamplerVectorEnv
 from addiffusion.online_finetune.offline_init import load_offline_networks
 from addiffusion.online_finetune.ppo import actor_from_ppo, build_maskable_ppo, save_actor
 from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
 from addiffusion.rewards.config import RewardConfig
-from addiffusion.task import read_task, task_sampler
+from addiffusion.task import read_task
 
 SB3_TO_CLEANRL = {
     "train/approx_kl": "losses/approx_kl",
@@ -97,33 +97,16 @@ def finetune(
     tic = time.perf_counter()
     out_dir = Path(out_dir)
     dataset_dir = Path(dataset_dir)
-    task = read_task(dataset_dir)
-    info_path = dataset_dir / "meta" / "info.json"
-    if rewards.normalize and not task.component_stats:
-        raise ValueError(
-            f"rewards.normalize is true but {info_path} records no component stats; rebuild the "
-            "dataset or set rewards.normalize: false"
-        )
-    prompts = train_prompts(dataset_dir)
-    offline = load_offline_networks(Path(offline_dir), task.actions)
+    # the offline run must fit the dataset's action table: checked before the models load
+    offline = load_offline_networks(Path(offline_dir), read_task(dataset_dir).actions)
+    torch.manual_seed(cfg.seed)  # before the sampler loads (open_clip draws an init), as always
+    live = load_dataset_mdp(dataset_dir, cfg.device, rewards)
+    task, sampler = live.task, live.sampler
     actor = offline.actor
     critic = offline.critic if cfg.init_critic else None
-    torch.manual_seed(cfg.seed)
-    sampler = task_sampler(task, cfg.device)
-    if sampler.table != task.actions:
-        raise ValueError(
-            f"the sampler built from {info_path} offers actions {list(sampler.table.names)}, but "
-            f"the dataset records {list(task.actions.names)} (a scheduler without variable-stride "
-            "steps offers only jump-1): the live MDP would not be the dataset's"
-        )
     env = SamplerVectorEnv(
-        sampler, prompts, cfg.n_envs, rewards, task.component_stats, seed=cfg.seed
+        sampler, live.prompts, cfg.n_envs, rewards, task.component_stats, seed=cfg.seed
     )
-    if task.obs_dim is not None and task.obs_dim != env.single_observation_space.shape[0]:
-        raise ValueError(
-            f"the dataset's observations have dim {task.obs_dim}, this sampler's "
-            f"{env.single_observation_space.shape[0]}"
-        )
     model = build_maskable_ppo(Sb3VecEnv(env), actor, cfg, sampler.device, critic=critic)
     model.set_logger(Logger(folder=None, output_formats=[]))  # we write our own metrics
     episodes = _EpisodeLog()

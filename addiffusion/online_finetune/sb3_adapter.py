@@ -2,8 +2,10 @@
 
 SB3 drives its own ``VecEnv`` interface: ``reset() -> obs``, ``step() -> (obs, rewards, dones,
 list of info dicts)`` with the terminal observation in ``info["terminal_observation"]`` and
-episode statistics in ``info["episode"]`` (read by ``ep_info_buffer``). Both envs autoreset in
-the same step, so only the infos change shape. MaskablePPO fetches masks with
+episode statistics in ``info["episode"]`` (read by ``ep_info_buffer``). SB3 autoresets in the same
+step, the vector env in the next one: after a step that ends episodes, the adapter restarts those
+sub-envs at once with ``reset(options={"reset_mask": dones})`` (the step's observation of them is
+the terminal one), and reshapes the infos. MaskablePPO fetches masks with
 ``env_method("action_masks")`` (``sb3_contrib.common.maskable.utils.get_action_masks``), which
 expects one ``(table.n,)`` mask per sub-env.
 """
@@ -49,17 +51,21 @@ class Sb3VecEnv(VecEnv):
         self._actions = None
         dones = terminated | truncated
         out: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        for i in np.flatnonzero(dones):
-            out[i]["terminal_observation"] = infos["final_obs"][i]
-            out[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
-            if infos.get("_episode", np.zeros(self.num_envs, bool))[i]:
-                ep = infos["episode"]
-                out[i]["episode"] = {
-                    "r": float(ep["r"][i]),
-                    "l": int(ep["l"][i]),
-                    "nfe": int(ep["nfe"][i]),
-                    "t": round(time.perf_counter() - self._tic, 6),
-                }
+        if dones.any():
+            ended = infos.get("_final_episode", np.zeros(self.num_envs, bool))
+            for i in np.flatnonzero(dones):
+                out[i]["terminal_observation"] = obs[i].copy()
+                out[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+                if ended[i]:
+                    ep = infos["final_episode"]
+                    out[i]["episode"] = {
+                        "r": float(ep["r"][i]),
+                        "l": int(ep["l"][i]),
+                        "nfe": int(ep["nfe"][i]),
+                        "t": round(time.perf_counter() - self._tic, 6),
+                    }
+            # SB3's same-step autoreset: the finished sub-envs' next episodes start now
+            obs, _ = self.env.reset(options={"reset_mask": dones})
         return obs, rewards.astype(np.float32), dones, out
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from addiffusion.diffusion import mdp
 from addiffusion.diffusion.actions import ActionTable
 from addiffusion.eval.metrics import closest_baseline, compare, paired_bootstrap, summarize
 from addiffusion.eval.policies import ClipDeltaStop, StabilityStop, StopAtStep
-from addiffusion.eval.rollout import _legal
+from addiffusion.eval.rollout import legal_or_fallback
 
 
 def _obs(clip_delta: list[float], stability: list[float], nfe: list[int], n_max: int) -> np.ndarray:
@@ -43,9 +43,9 @@ def test_illegal_actions_are_replaced_and_counted() -> None:
     # One stride: ids jump-1 0, stop 1, refine 2.
     t = ActionTable.build([1], n_max=4, warmup=1, refine_budget=0, refine_k=2)
     mask = np.array([[True, False, False], [False, True, False], [True, True, False]])
-    actions, n_bad = _legal(np.array([1, 0, 2]), mask, t)
+    actions, n_bad = legal_or_fallback(np.array([1, 0, 2]), mask, t)
     assert actions.tolist() == [0, 1, 0] and n_bad == 3
-    actions, n_bad = _legal(np.array([0, 1, 1]), mask, t)
+    actions, n_bad = legal_or_fallback(np.array([0, 1, 1]), mask, t)
     assert actions.tolist() == [0, 1, 1] and n_bad == 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gymnasium.wrappers.vector import RecordEpisodeStatistics
 from online_finetune_consts import N_MAX, PROMPTS, STATS, STRIDES, WARMUP
 from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
 
@@ -108,7 +109,8 @@ def test_jump_of_stride_4_moves_4_points_for_1_nfe(sampler) -> None:
 
 def test_nfe_rewards_and_autoreset(sampler) -> None:
     """Sub-env 0 stops at point 1, sub-env 1 runs jump-1 to the forced stop at n_max - 1: they sit
-    at different points in the same batch; NFE of a stride-1 episode stopping at i is i + 1."""
+    at different points in the same batch; NFE of a stride-1 episode stopping at i is i + 1.
+    Autoreset is next-step: the stopped sub-env restarts in the step after its stop."""
     env = make_env(sampler)
     t = env.table
     one = t.jump(1)
@@ -129,14 +131,21 @@ def test_nfe_rewards_and_autoreset(sampler) -> None:
     np.testing.assert_allclose(r[0], REWARDS.terminal_bonus * q1[0], rtol=1e-5)
     ep_returns += r
     assert stopped.done and stopped.nfe == 2  # stopped at point 1 -> 2 NFE
-    np.testing.assert_array_equal(info["_episode"], [True, False])
-    assert info["episode"]["nfe"][0] == 2 and info["episode"]["l"][0] == 2
-    np.testing.assert_allclose(info["episode"]["r"][0], ep_returns[0], rtol=1e-5)
-    # same-step autoreset: a new episode at point 0, the terminal observation in the infos
+    assert "episode" not in info  # gymnasium's RecordEpisodeStatistics writes that key
+    np.testing.assert_array_equal(info["_final_episode"], [True, False])
+    assert info["final_episode"]["nfe"][0] == 2 and info["final_episode"]["l"][0] == 2
+    np.testing.assert_allclose(info["final_episode"]["r"][0], ep_returns[0], rtol=1e-5)
+    # next-step autoreset: this step returns the terminal observation, the episode stays
+    assert env.episodes[0] is stopped
+    assert obs[0][-2] == pytest.approx(2 / N_MAX)  # nfe_frac of the stopped one
+    np.testing.assert_array_equal(env.action_masks()[0], [True] * t.n)  # ignored next step
+
+    # the next step ignores sub-env 0's action (stop would be illegal at point 0) and restarts it
+    obs, r, term, trunc, info = env.step(np.array([t.stop, one]))
     assert env.episodes[0] is not stopped and env.episodes[0].step == 0
-    assert info["_final_obs"][0] and not info["_final_obs"][1]
-    assert info["final_obs"][0][-2] == pytest.approx(2 / N_MAX)  # nfe_frac of the stopped one
-    assert [ep.step for ep in env.episodes] == [0, 2]
+    assert r[0] == 0 and not term.any() and info == {}
+    assert [ep.step for ep in env.episodes] == [0, 3]
+    np.testing.assert_allclose(obs[0], sampler.observations(env.episodes[:1])[0])
     masks = env.action_masks()
     np.testing.assert_array_equal(masks, [only(t, *t.jumps), only(t, *t.jumps, t.stop)])
 
@@ -145,10 +154,66 @@ def test_nfe_rewards_and_autoreset(sampler) -> None:
     np.testing.assert_array_equal(env.action_masks()[1], only(t, t.stop))  # only stop
     last = env.episodes[1]
     obs, r, term, trunc, info = env.step(np.array([one, t.stop]))
-    assert term[1] and last.nfe == N_MAX and info["episode"]["nfe"][1] == N_MAX
-    assert info["episode"]["l"][1] == N_MAX
-    # every NFE spent is counted: the live episodes' plus the two finished ones
-    assert env.total_nfe == sum(ep.nfe for ep in env.episodes) + stopped.nfe + last.nfe
+    assert term[1] and last.nfe == N_MAX and info["final_episode"]["nfe"][1] == N_MAX
+    assert info["final_episode"]["l"][1] == N_MAX
+    # every NFE spent is counted: the live episodes' (the last one too) plus the first stopped
+    assert env.total_nfe == sum(ep.nfe for ep in env.episodes) + stopped.nfe
+
+
+def test_reset_options(sampler) -> None:
+    """Partial reset (``reset_mask``, gymnasium's convention) and given (prompt, seed) tasks."""
+    env = make_env(sampler, n=3)
+    t = env.table
+    with pytest.raises(RuntimeError, match="without a reset_mask must come first"):
+        env.reset(options={"reset_mask": np.ones(3, bool)})
+    obs0, _ = env.reset(options={"prompts": PROMPTS[:3], "seeds": [5, 6, 7]})
+    assert [(ep.prompt, ep.seed) for ep in env.episodes] == list(
+        zip(PROMPTS[:3], [5, 6, 7], strict=True)
+    )
+    env.step(np.array([t.jump(1)] * 3))
+    kept = env.episodes[1]
+    mask = np.array([True, False, True])
+    obs, info = env.reset(options={"reset_mask": mask, "prompts": PROMPTS[:2], "seeds": [5, 9]})
+    assert env.episodes[1] is kept and [ep.step for ep in env.episodes] == [0, 1, 0]
+    assert (env.episodes[0].prompt, env.episodes[0].seed) == (PROMPTS[0], 5)
+    np.testing.assert_allclose(obs[0], obs0[0])  # same (prompt, seed): same first observation
+    with pytest.raises(ValueError, match="unknown reset option 'prompt'"):
+        env.reset(options={"prompt": "x"})
+    with pytest.raises(ValueError, match="go together"):
+        env.reset(options={"seeds": [1, 2, 3]})
+    with pytest.raises(ValueError, match="restarts 1 sub-env.*2 prompts"):
+        env.reset(options={"reset_mask": mask[[1, 0, 1]], "prompts": PROMPTS[:2], "seeds": [1, 2]})
+    with pytest.raises(ValueError, match=r"\(3,\) bool array"):
+        env.reset(options={"reset_mask": [1, 0, 1]})
+
+
+def test_record_episode_statistics_reports_the_envs_returns(sampler) -> None:
+    """gymnasium's vector ``RecordEpisodeStatistics`` (which assumes next-step autoreset) reports
+    each episode's return and length as the sum and count of the rewards the env produced."""
+    env = make_env(sampler)
+    wrapped = RecordEpisodeStatistics(env)
+    rng = np.random.default_rng(0)
+    wrapped.reset(seed=0)
+    running, length = np.zeros(2), np.zeros(2, np.int64)
+    restarting = np.zeros(2, bool)
+    expected: list[tuple[float, int]] = []
+    for _ in range(16):
+        actions = [rng.choice(np.flatnonzero(m)) for m in env.action_masks()]
+        _, r, term, trunc, info = wrapped.step(np.array(actions))
+        assert (r[restarting] == 0).all() and not term[restarting].any()
+        running[restarting], length[restarting] = 0.0, 0
+        running[~restarting] += r[~restarting]
+        length[~restarting] += 1
+        for i in np.flatnonzero(term):
+            expected.append((running[i], length[i]))
+            assert info["_episode"][i] and info["_final_episode"][i]
+            assert info["episode"]["l"][i] == info["final_episode"]["l"][i] == length[i]
+            np.testing.assert_allclose(info["episode"]["r"][i], running[i], rtol=1e-6)
+            np.testing.assert_allclose(info["final_episode"]["r"][i], running[i], rtol=1e-5)
+        restarting = term | trunc
+    assert len(expected) >= 3
+    np.testing.assert_allclose(list(wrapped.return_queue), [r for r, _ in expected], rtol=1e-6)
+    assert list(wrapped.length_queue) == [n for _, n in expected]
 
 
 def test_sb3_adapter(sampler) -> None:
@@ -165,6 +230,10 @@ def test_sb3_adapter(sampler) -> None:
     obs, rewards, dones, infos = venv.step(np.array([t.stop, t.jump(2)]))
     assert rewards.dtype == np.float32 and dones.tolist() == [True, False]
     assert infos[0]["terminal_observation"].shape == obs.shape[1:]
+    assert infos[0]["terminal_observation"][-2] == pytest.approx(2 / N_MAX)  # nfe_frac
+    # SB3 autoresets in the same step: sub-env 0's next episode has started, obs is its first
+    assert venv.env.episodes[0].step == 0 and not venv.env.episodes[0].done
+    np.testing.assert_allclose(obs[0], venv.env.sampler.observations(venv.env.episodes[:1])[0])
     assert infos[0]["TimeLimit.truncated"] is False
     assert infos[0]["episode"]["nfe"] == 2 and infos[0]["episode"]["l"] == 2
     assert infos[1] == {}
