@@ -9,7 +9,8 @@ Use a trained policy with a stock diffusers pipeline::
 Importing ``addiffusion`` registers the ``discrete_iql`` algorithm with d3rlpy, so that plain
 ``d3rlpy.load_learnable("policy.d3")`` rebuilds our IQL checkpoints. The registration happens
 when d3rlpy is imported (at once if it already is), so that ``addiffusion --help`` and
-``addiffusion generate`` do not pay for importing d3rlpy.
+``addiffusion generate`` do not pay for importing d3rlpy. The same hook keeps the deprecation
+banner that d3rlpy's ``import gym`` prints off stderr (see ``_drop_gym_notice``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,30 @@ class _RegisterWithD3rlpy(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        _drop_gym_notice()
         self._loader.exec_module(module)
         importlib.import_module(_REGISTERS)
+
+
+def _drop_gym_notice() -> None:
+    """Keep d3rlpy's ``import gym`` quiet.
+
+    The old ``gym`` package (which d3rlpy imports; we use gymnasium) prints a 4-line "Gym has been
+    unmaintained since 2022" banner to stderr on import: its ``__init__`` prints
+    ``gym_notices.notices.notices[gym.__version__]``. It is a print, not a warning, and no
+    environment variable turns it off, so drop that one entry before gym is imported; every
+    warning gym or d3rlpy emit still gets through.
+    """
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from gym_notices import notices
+    except ImportError:
+        return
+    try:
+        notices.notices.pop(version("gym"), None)
+    except PackageNotFoundError:
+        pass
 
 
 if "d3rlpy" in sys.modules:

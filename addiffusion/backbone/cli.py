@@ -22,7 +22,13 @@ def _build_tiny(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("backbone", help="build the built-in models")
+    parser = sub.add_parser(
+        "backbone",
+        help="helper, not a pipeline stage: build the random tiny models (tests, CI)",
+        description="A helper, not a pipeline stage (dvc.yaml has no backbone stage): the "
+        "pipeline runs on the shapes world's trained models in assets/shapes. `build-tiny` "
+        "writes a randomly initialised tiny pipeline and scorer for unit tests and CI.",
+    )
     bsub = parser.add_subparsers(dest="backbone_command", required=True, metavar="<command>")
     p = bsub.add_parser(
         "build-tiny",

@@ -17,7 +17,13 @@ BENCHMARKS = {
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("bench", help="benchmarks (ratios measured side by side in one run)")
+    parser = sub.add_parser(
+        "bench",
+        help="benchmarks (ratios measured side by side in one run)",
+        description="Benchmarks that time two ways of doing the same work side by side in one "
+        "run, so machine speed cancels out of the ratio they print. `shapes` and `policy` are "
+        "dvc.yaml stages; `collect` and `relabel` are helpers for development.",
+    )
     bench_sub = parser.add_subparsers(dest="bench", required=True, metavar="<benchmark>")
     for module_name in BENCHMARKS.values():
         try:

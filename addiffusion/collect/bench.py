@@ -152,14 +152,17 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "collect",
         help="plain generation vs collection with full recording, interleaved",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="episodes per run (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (default: %(default)s)")
-    p.add_argument("--device", default=None, help="override collect.device (cpu, cuda)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: collect.device)")
     p.add_argument(
-        "--x0-decode-scale", type=float, default=None, help="override collect.x0_decode_scale"
+        "--x0-decode-scale",
+        type=float,
+        default=None,
+        help="decode the per-step x̂0 at this fraction of the size, in (0, 1] "
+        "(default: collect.x0_decode_scale)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     p.set_defaults(func=_bench)

@@ -2,8 +2,9 @@
 
 Public API (imported lazily, so ``addiffusion --help`` does not pay for importing d3rlpy):
 ``DiscreteIQL``, ``DiscreteIQLConfig`` (``.discrete_iql``), ``OfflineRLConfig`` (``.config``),
-``train_offline`` (``.train``), ``load_policy``, ``OfflinePolicy``, ``actor_logits_module``
-(``.policy``). ``import addiffusion`` (so also this package) registers ``discrete_iql`` with
+``train_offline`` (``.train``), ``load_policy``, ``OfflinePolicy``, ``actor_logits_module``,
+``scores_module`` (``.policy``), ``export_onnx`` (``.onnx_export``: an ONNX graph of a trained
+policy, as d3rlpy's ``save_policy(".onnx")`` fails under our torch). ``import addiffusion`` (so also this package) registers ``discrete_iql`` with
 d3rlpy as soon as d3rlpy is imported, so ``d3rlpy.load_learnable`` can rebuild its checkpoints;
 for files you did not just write, use :func:`load_policy`, which checks the sha256 first.
 """
@@ -22,6 +23,8 @@ _EXPORTS = {
     "OfflinePolicy": "policy",
     "PolicyLoadError": "policy",
     "actor_logits_module": "policy",
+    "scores_module": "policy",
+    "export_onnx": "onnx_export",
     "evaluate_stops": "stop_eval",
 }
 __all__ = list(_EXPORTS)

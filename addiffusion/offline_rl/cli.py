@@ -69,10 +69,34 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    import sys
+
+    from addiffusion.offline_rl.onnx_export import export_onnx
+    from addiffusion.offline_rl.policy import PolicyLoadError, load_policy
+
+    policy_path = Path(args.policy)
+    try:
+        policy = load_policy(policy_path, Path(args.manifest) if args.manifest else None)
+    except PolicyLoadError as e:
+        print(f"addiffusion offline-rl export-onnx: {e}", file=sys.stderr)
+        return 1
+    out = export_onnx(policy, Path(args.out) if args.out else policy_path.with_suffix(".onnx"))
+    print(
+        f"offline-rl export-onnx: wrote the {policy.algo_name} policy to {out} (inputs obs "
+        f"(B, {policy.observation_dim}) float32, mask (B, {policy.action_size}) bool; outputs "
+        f"action (B,) int64, scores (B, {policy.action_size}) float32)"
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "offline-rl",
         help="train the jump/stop/refine policy offline (discrete IQL; CQL/BC baselines)",
+        description="Offline RL on a built dataset with d3rlpy. `train` (dvc.yaml's offline_rl "
+        "stage) fits discrete IQL and the CQL / BC baselines; `verify` and `export-onnx` are "
+        "helpers for a trained policy.d3.",
     )
     stage = parser.add_subparsers(dest="offline_rl_command", required=True, metavar="<command>")
 
@@ -80,16 +104,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train on a built dataset with a rewards file",
         description="Convert the dataset to d3rlpy replay buffers (validation prompts: the "
-        "split recorded by `datasets build` in meta/info.json), train the `offline_rl.algo` of the params file and each of "
-        "`offline_rl.baselines`, and write policy.d3, manifest.json, metrics.json, training.csv "
-        "and d3rlpy logs under --out.",
+        "split recorded by `datasets build` in meta/info.json), train the `offline_rl.algo` of "
+        "the params file and each of `offline_rl.baselines`, and write policy.d3, "
+        "manifest.json, metrics.json, training.csv and d3rlpy logs under --out.",
     )
     p.add_argument("--dataset", required=True, help="dataset folder (from `datasets build`)")
     p.add_argument("--rewards", required=True, help="rewards file (from `datasets relabel`)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: %(default)s = torch's choice)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
@@ -97,8 +124,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = stage.add_parser(
         "verify",
         help="check a policy.d3 against its manifest and load it",
-        description="Refuses a .d3 whose sha256 differs from the manifest written by its run.",
+        description="Check that --policy's sha256 is the one recorded in the manifest.json its "
+        "training run wrote, then load it and print its algo, observation dim, action count and "
+        "action names as JSON. A .d3 file is a pickle: on a mismatch nothing is loaded and the "
+        "exit status is 1.",
     )
     v.add_argument("--policy", required=True, help="policy.d3 file")
     v.add_argument("--manifest", default=None, help="manifest.json (default: beside the policy)")
     v.set_defaults(func=_verify)
+
+    o = stage.add_parser(
+        "export-onnx",
+        help="write a trained policy (iql, cql, bc) as an ONNX graph",
+        description="Load --policy (only after its sha256 matches its manifest) and write an ONNX "
+        "graph that acts like it: inputs obs (B, D) float32 (raw observations) and mask (B, n) "
+        "bool, outputs action (B,) int64 (the greedy legal action) and scores (B, n) float32. "
+        "The action table is in the model's metadata. Needs the onnx package; run the graph "
+        "with onnxruntime. (d3rlpy's own save_policy('x.onnx') fails under this torch.)",
+    )
+    o.add_argument("--policy", required=True, help="policy.d3 file")
+    o.add_argument("--manifest", default=None, help="manifest.json (default: beside the policy)")
+    o.add_argument(
+        "--out", default=None, help="ONNX file to write (default: the policy's path with .onnx)"
+    )
+    o.set_defaults(func=_export_onnx)

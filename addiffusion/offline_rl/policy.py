@@ -15,7 +15,7 @@ import d3rlpy
 import numpy as np
 import torch
 from d3rlpy.algos.qlearning.base import QLearningAlgoBase
-from d3rlpy.models.torch import CategoricalPolicy
+from d3rlpy.models.torch import CategoricalPolicy, DiscreteMeanQFunction
 from torch import nn
 
 import addiffusion.offline_rl.discrete_iql  # noqa: F401  (registers discrete_iql for load_learnable)
@@ -200,16 +200,51 @@ def actor_logits_module(policy: OfflinePolicy) -> nn.Sequential:
         raise ValueError(
             f"actor_logits_module needs a policy network (iql or bc), got {policy.algo_name!r}"
         )
+    return _plain_mlp(_categorical_policy(policy), policy)
+
+
+class EnsembleMean(nn.Module):
+    """The mean of its members' outputs: d3rlpy's ``reduction="mean"`` over a Q ensemble."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
+def scores_module(policy: OfflinePolicy) -> nn.Module:
+    """:meth:`OfflinePolicy.scores` as a plain torch module: obs (B, D) float32 -> (B, n).
+
+    iql / bc: :func:`actor_logits_module`. cql: an :class:`EnsembleMean` of one such MLP per Q
+    function (d3rlpy's greedy action is the argmax of that mean). Raw observations in (the
+    standardisation folded in as in :func:`actor_logits_module`); a copy, on the CPU, in eval mode.
+    """
+    if policy.algo_name != "cql":
+        return actor_logits_module(policy)
     impl = policy.algo.impl
     assert impl is not None
-    cat = _categorical_policy(policy)  # _encoder (d3rlpy VectorEncoder) + _fc (logits head)
+    heads = list(impl.modules.q_funcs)
+    for q in heads:
+        if not isinstance(q, DiscreteMeanQFunction):
+            raise ValueError(
+                f"scores_module needs CQL's default mean Q functions (q_func_factory 'mean'), "
+                f"got {type(q).__name__}"
+            )
+    return EnsembleMean([_plain_mlp(q, policy) for q in heads]).eval()
+
+
+def _plain_mlp(head: nn.Module, policy: OfflinePolicy) -> nn.Sequential:
+    """A d3rlpy head (``_encoder`` a VectorEncoder, ``_fc`` the output Linear) as one
+    nn.Sequential on the CPU with ``policy``'s observation standardisation folded in."""
     layers: list[nn.Module] = []
-    for layer in cat._encoder._layers:
+    for layer in head._encoder._layers:
         if isinstance(layer, nn.Linear | nn.ReLU):
             layers.append(copy.deepcopy(layer))
         else:
             raise ValueError(f"unsupported layer {layer!r} in the policy encoder")
-    layers.append(copy.deepcopy(cat._fc))
+    layers.append(copy.deepcopy(head._fc))
     mlp = nn.Sequential(*layers).cpu().float()
     scaler = policy.algo.observation_scaler
     if scaler is not None:

@@ -45,18 +45,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "online-finetune",
         help="fine-tune the offline (IQL) actor with MaskablePPO on the live sampler",
         description=(
-            "Fine-tune the offline policy online with sb3-contrib MaskablePPO. The environment is "
+            "Fine-tune the offline policy online with sb3-contrib MaskablePPO.\n\n"
+            "The environment is "
             "the dataset's own MDP: backbone, scheduler, CLIP scorer, sampler settings and the "
             "action table (jump-s per stride, stop, refine) are read from "
             "<dataset>/meta/info.json, prompts are the dataset's train split, rewards combine "
             "the raw components with the dataset's normalisation stats and the `rewards` params "
-            "section. The PPO policy starts as the actor in <offline>/policy.d3 (loaded only if "
+            "section.\n\nThe PPO policy starts as the actor in <offline>/policy.d3 (loaded only if "
             "its sha256 matches <offline>/manifest.json, whose action table must be the dataset's); "
             "its value network starts as the offline "
-            "run's V (init_critic: true) or fresh. Hyperparameters come from the "
+            "run's V (init_critic: true) or fresh.\n\nHyperparameters come from the "
             "`online_finetune` params section (n_envs, n_steps, iterations, learning_rate, "
             "batch_size, n_epochs, gamma, gae_lambda, clip_range, ent_coef, init_critic, seed, "
-            "device). Writes <out>/actor.safetensors + manifest.json (sha256, "
+            "device).\n\nWrites <out>/actor.safetensors + manifest.json (sha256, "
             "architecture, obs dim, action table; no pickle), <out>/metrics.json (per iteration: "
             "charts/episodic_return, charts/episodic_nfe, losses/approx_kl, losses/entropy, ...) "
             "and <out>/training.csv."

@@ -310,7 +310,6 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "policy",
         help="drop-in adaptive sampler vs the stock pipeline at its default steps, interleaved",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--policy", required=True, help="policy package: folder or Hub repo id")
     p.add_argument(
@@ -323,13 +322,22 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     p.add_argument("--n-prompts", type=_positive, default=16, help="images (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=8, help="default: %(default)s")
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=8,
+        help="images per pipeline call, the same for both methods",
+    )
     p.add_argument(
         "--repeats", type=_positive, default=3, help="timed rounds (default: %(default)s)"
     )
     p.add_argument("--seed", type=int, default=0, help="shapes prompts; image i uses seed + i")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
+    p.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present"
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16"), help="pipeline dtype"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's choice)")
     p.add_argument("--json", default=None, metavar="PATH", help="write every number as JSON here")
     p.set_defaults(func=_main)

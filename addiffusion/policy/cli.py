@@ -116,10 +116,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("float32", "float16", "bfloat16"),
         help="pipeline dtype",
     )
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's choice)")
     g.set_defaults(func=_generate)
 
-    p = sub.add_parser("policy", help="policy packages: export a trained policy")
+    p = sub.add_parser(
+        "policy",
+        help="policy packages: export a trained policy",
+        description=(
+            "Policy packages: a trained policy as a folder (config.json + model.safetensors + "
+            "a model card) that AdaptivePolicy.from_pretrained, `addiffusion generate` and the "
+            "drop-in AdaptiveDiffusionPipeline read, and that push_to_hub shares."
+        ),
+    )
     psub = p.add_subparsers(dest="policy_command", required=True, metavar="<command>")
     e = psub.add_parser(
         "export",

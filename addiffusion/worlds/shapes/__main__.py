@@ -1,5 +1,7 @@
-"""``python -m addiffusion.worlds.shapes train --out assets/shapes``."""
+"""``python -m addiffusion.worlds.shapes train --out models/shapes``."""
 
-from addiffusion.worlds.shapes.cli import main
+import sys
 
-main(["shapes", *__import__("sys").argv[1:]])
+from addiffusion.cli import main
+
+sys.exit(main(["shapes", *sys.argv[1:]]))

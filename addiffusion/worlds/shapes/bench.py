@@ -216,15 +216,32 @@ def _main(args: argparse.Namespace) -> None:
 
 
 def register_bench(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("shapes", help="shapes world: verifier accuracy vs steps, CLIP top-1")
+    p = bench_sub.add_parser(
+        "shapes",
+        help="shapes world: verifier accuracy vs steps, CLIP top-1",
+        description=__doc__,
+    )
     p.add_argument("--model-dir", default="assets/shapes", help="folder with pipeline/ and clip/")
-    p.add_argument("--n-prompts", type=int, default=None, help="held-out prompts (default: params)")
-    p.add_argument("--steps", type=int, nargs="+", default=None, help="DDIM step counts")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: params)")
+    p.add_argument(
+        "--n-prompts",
+        type=int,
+        default=None,
+        help="held-out prompts (default: shapes.bench_prompts)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="DDIM step counts (default: shapes.bench_steps)",
+    )
+    p.add_argument(
+        "--guidance", type=float, default=None, help="CFG scale (default: shapes.guidance_scale)"
+    )
     p.add_argument("--seed", type=int, default=0, help="prompt sampling and per-prompt noise seed")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--params", default="params.yaml", help="params file with a `shapes` section")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--grid", default=None, help="write a 4x8 sample grid PNG here")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.set_defaults(func=_main)

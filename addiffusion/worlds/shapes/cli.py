@@ -28,27 +28,41 @@ def _ship(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("shapes", help="the built-in shapes world (train its models)")
+    parser = sub.add_parser(
+        "shapes",
+        help="the built-in shapes world: train its models, ship them to assets/shapes",
+        description="The built-in world: 32x32 scenes of coloured circles, squares and triangles "
+        "with counts and spatial relations, captions in three tiers and an exact verifier. Its "
+        "trained SD-format pipeline and open_clip scorer ship in assets/shapes, so you only "
+        "need `train` + `ship` (dvc.yaml's frozen shapes_train stage) to retrain them.",
+    )
     shapes_sub = parser.add_subparsers(dest="shapes_command", required=True, metavar="<command>")
-    p = shapes_sub.add_parser("train", help="train VAE, CLIP, UNet + text encoder (resumable)")
+    p = shapes_sub.add_parser(
+        "train",
+        help="train VAE, CLIP, UNet + text encoder (resumable)",
+        description="Train the shapes world's models from scratch, seeded, in resumable phases: "
+        "the VAE (then its decoder alone), the open_clip scorer, then the UNet with its text "
+        "encoder. Writes --out/pipeline (diffusers, exported at every UNet checkpoint, so the "
+        "newest is always usable), --out/clip and --out/checkpoints (rerun the same command to "
+        "resume). Settings: the `shapes` section of --params (CUDA when present). Hours on a CPU.",
+    )
     p.add_argument("--out", required=True, help="output folder (pipeline/, clip/, checkpoints/)")
     p.add_argument("--params", default="params.yaml", help="params file with a `shapes` section")
     p.add_argument(
         "--max-minutes",
         type=float,
         default=None,
-        help="stop the UNet phase (and export) after this many minutes in all",
+        help="stop the UNet phase (and export) after this many minutes in all (default: no limit)",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.set_defaults(func=_train)
-    p = shapes_sub.add_parser("ship", help="copy a run's pipeline/ and clip/ with float16 weights")
-    p.add_argument("--src", required=True, help="training output folder")
+    p = shapes_sub.add_parser(
+        "ship",
+        help="copy a run's pipeline/ and clip/ with float16 weights",
+        description="Copy --src/pipeline and --src/clip (a `shapes train` output) to --dst with "
+        "float16 weights, half the size in git; diffusers and open_clip load them back into "
+        "float32 models. Prints each weight file written.",
+    )
+    p.add_argument("--src", required=True, help="training output folder (`shapes train --out`)")
     p.add_argument("--dst", default="assets/shapes", help="where the shipped weights go")
     p.set_defaults(func=_ship)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m addiffusion.worlds.shapes")
-    register(parser.add_subparsers(dest="stage", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
