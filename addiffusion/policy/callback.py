@@ -67,7 +67,7 @@ from diffusers import DiffusionPipeline
 from addiffusion.diffusion import backbone
 from addiffusion.diffusion.sampler import Episode, StepwiseSampler
 from addiffusion.policy.package import AdaptivePolicy, PolicyPackageError
-from addiffusion.policy.pipeline import ImageTrace, _own_processors
+from addiffusion.policy.pipeline import ImageTrace, restore_attention_processors
 
 RECOVERY = {
     "ddim": "two consecutive latents",
@@ -153,7 +153,7 @@ class AdaptiveStopCallback:
             )
         # The sampler owns the observation (scoring, stability, layout); it never runs the
         # denoiser here, so the capture processors it installs are taken off again at once.
-        with _own_processors(denoiser):
+        with restore_attention_processors(denoiser):
             self.sampler = StepwiseSampler(
                 pipe, scorer, self.settings, scheduler=copy.deepcopy(pipe.scheduler)
             )

@@ -96,7 +96,7 @@ def default_steps(pipe: DiffusionPipeline) -> int:
 
 
 @contextmanager
-def _own_processors(denoiser: torch.nn.Module) -> Iterator[None]:
+def restore_attention_processors(denoiser: torch.nn.Module) -> Iterator[None]:
     """Restore the denoiser's attention processors on exit (the sampler installs capturing
     ones for refine's masks)."""
     saved = dict(denoiser.attn_processors)
@@ -111,8 +111,8 @@ class AdaptiveDiffusionPipeline:
 
     ``policy``: an :class:`AdaptivePolicy` or a package folder / Hub id. ``scorer``: the CLIP
     scorer of the observations: a loaded one, or its open_clip name / folder (default: the
-    package's). Raises
-    :class:`PolicyPackageError` naming every mismatch between the package and the pipeline.
+    package's). Raises :class:`PolicyPackageError` naming every mismatch between the package
+    and the pipeline.
     """
 
     def __init__(
@@ -169,7 +169,7 @@ class AdaptiveDiffusionPipeline:
             raise PolicyPackageError("the policy does not fit the pipeline: " + "; ".join(problems))
 
     def _sampler(self, settings: Any) -> StepwiseSampler:
-        with _own_processors(self.denoiser):
+        with restore_attention_processors(self.denoiser):
             return StepwiseSampler(self.pipe, self.scorer, settings, scheduler=self.scheduler)
 
     @property
@@ -262,7 +262,7 @@ class AdaptiveDiffusionPipeline:
             height=s.height if height is None else int(height),
             width=s.width if width is None else int(width),
         )
-        with _own_processors(self.denoiser):
+        with restore_attention_processors(self.denoiser):
             sampler = StepwiseSampler(self.pipe, self.scorer, settings, scheduler=self.scheduler)
             shape = (self.denoiser.config.in_channels, *sampler.latent_hw)
             noise, seeds = self._noise(len(prompts), shape, generator, latents)
