@@ -3,6 +3,10 @@
 Each stage module ``addiffusion.<stage>.cli`` exposes ``register(subparsers)``, which adds its
 subcommand(s) and sets ``func`` on the parsed namespace. :func:`build_parser` gives every parser
 one :class:`HelpFormatter`, so help texts read alike whoever wrote them.
+
+A :class:`~addiffusion.config.UserError` (a bad params key, input file or row) or a missing input
+file ends the command with exit status 2 and one line on stderr naming what is wrong; ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 
-from addiffusion.config import ConfigError
+from addiffusion.config import UserError
 
 STAGES = (
     "backbone",
@@ -139,6 +143,11 @@ def walk(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="addiffusion")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error in your input (params, files), show the traceback too",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     for stage in STAGES:
         try:
@@ -173,11 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except ConfigError as e:
-        # Bad params are the user's to fix: say what is wrong, no traceback.
-        print(f"addiffusion: error: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as e:
+        # The user's to fix (a params key, a file, a row; an input file that is not there): say
+        # what is wrong, no traceback.
+        if args.debug:
+            raise
+        print(f"addiffusion: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: a listing ("3 problem(s):" then one per line) joined by "; "."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    out = lines[0] if lines else ""
+    for line in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + line
+    return out
 
 
 if __name__ == "__main__":

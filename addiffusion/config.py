@@ -2,13 +2,18 @@
 
 Every stage config subclasses :class:`StageConfig`. Loading rejects unknown keys and values of the
 wrong type with messages that name the key, the expected value and the value got, e.g.
-``collect.n_max must be >= 1, got 0``. Range checks live in each config's ``__post_init__`` and use
-:func:`check`.
+``collect.n_max must be >= 1, got 0``. Every float must be finite (``.nan`` / ``.inf`` are refused
+for every key). Range checks live in each config's ``__post_init__`` and use :func:`check`.
+:func:`read_params` refuses a duplicated key and an unknown top-level section, naming the line.
+
+Errors the user can fix (a bad params key, file or row) are :class:`UserError`: the CLI prints
+them on one line and exits 2, without a traceback (unless ``--debug``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,8 +22,28 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user gave is wrong: a params key, an input file, a row of it. The message
+    names the file, row or key and says what to do; ``addiffusion`` prints it on one line and
+    exits 2 (see :func:`addiffusion.cli.main`)."""
+
+
+class ConfigError(UserError, ValueError):
     """A ``params.yaml`` section has an unknown key or a bad value."""
+
+
+SECTIONS = (
+    "backbone",
+    "collect",
+    "datasets",
+    "rewards",
+    "offline_rl",
+    "online_finetune",
+    "shapes",
+    "eval",
+)
+"""The top-level sections of ``params.yaml``: the ``section`` of every :class:`StageConfig`
+(tests/reliability/test_config_errors.py checks that the two agree)."""
 
 
 C = TypeVar("C", bound="StageConfig")
@@ -79,6 +104,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         check(
             isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value
         )
+        # YAML's .nan / .inf are floats; no setting of the pipeline means anything with them.
+        check(math.isfinite(value), key, "a finite number", value)
         return float(value)
     if tp is str:
         check(isinstance(value, str), key, "a string", value)
@@ -121,13 +148,61 @@ class StageConfig:
         return dataclasses.asdict(self)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the
+    last one, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen[key] = line
+            except TypeError:  # an unhashable key; SafeLoader's own error names it
+                continue
+            if first is not None:
+                raise ConfigError(
+                    f"{self.name}:{line}: key {key!r} is given twice (first on line {first}); "
+                    "keep one"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Parse a params file. Library code never calls this; ``__main__`` / CLI code does."""
+    """Parse a params file. Library code never calls this; ``__main__`` / CLI code does.
+
+    Raises :class:`ConfigError` naming the line on invalid YAML, a duplicated key or a top-level
+    section that no stage reads (:data:`SECTIONS`)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"params file {path} not found")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"params file {path} is not UTF-8 text (byte {e.start})") from e
+    loader = _StrictLoader(text)
+    loader.name = str(path)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({e.problem or e.context})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    finally:
+        loader.dispose()
+    data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    for key_node, _ in node.value if node is not None else ():
+        key = key_node.value
+        if key not in SECTIONS:
+            raise ConfigError(
+                f"{path}:{key_node.start_mark.line + 1}: unknown section {key!r} (known "
+                f"sections: {', '.join(SECTIONS)})"
+            )
     return data

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import sys
 from pathlib import Path
 
 from addiffusion.collect.config import CollectConfig
@@ -26,7 +28,29 @@ def _collect(args: argparse.Namespace) -> int:
         # One process per GPU: "cuda" (and "auto") then mean this process's own GPU.
         if torch.cuda.is_available():
             torch.cuda.set_device(int(local_rank) % torch.cuda.device_count())
-    s = collect(cfg, Path(args.store), rank=rank, world_size=world, progress=not args.quiet)
+    store = Path(args.store)
+    try:
+        s = collect(
+            cfg,
+            store,
+            rank=rank,
+            world_size=world,
+            progress=not args.quiet,
+            record_timings=not args.no_timings,
+        )
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from addiffusion.datasets.store import completed_shards
+
+        # The shard being written is removed by its writer; complete shards stay valid.
+        print(
+            f"addiffusion collect: no space left on device writing {store} ({e}); "
+            f"{len(completed_shards(store))} complete shard(s) are kept and the incomplete one "
+            "was removed. Free space and rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"collect: {s.shards_written} shards written, {s.shards_skipped} already complete, "
         f"{s.episodes} episodes, {s.steps} steps in {s.seconds:.1f}s"
@@ -40,8 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run prompts x seeds to n_max and record every step into the trajectory store",
         description="Record full denoising trajectories (features, raw reward components, NFE per "
         "step) into <store>/shard-NNNNN folders. Settings come from the `collect` section of the "
-        "params file. Resumable: complete shards are skipped, incomplete ones redone. Several "
-        "processes (accelerate launch / torchrun set RANK and WORLD_SIZE) write disjoint shards.",
+        "params file. Resumable: complete shards are skipped, incomplete ones redone; a store "
+        "collected with other settings is refused (only device and batch_size may change). "
+        "Several processes (accelerate launch / torchrun set RANK and WORLD_SIZE) write disjoint "
+        "shards, each holding a lock of its rank in <store>/.locks.",
     )
     p.add_argument("--store", default="data/store", help="store folder (default: %(default)s)")
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
@@ -55,4 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="number of processes (default: $WORLD_SIZE or 1)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-timings",
+        action="store_true",
+        help="write 0 for wall_time_s and peak_mem_bytes (the only columns that differ between "
+        "two runs of one seed on one machine), so that the shards are byte-identical",
+    )
     p.set_defaults(func=_collect)

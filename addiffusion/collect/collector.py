@@ -6,8 +6,9 @@ components and CLIP features of x̂0, so one trajectory holds the outcome of eve
 on its path (stopping at point i = decoding x̂0_i). The behaviour policy mixes the fixed
 schedules (a constant stride, ``const_stride_prob`` of the roots) with per-point random strides,
 so that the data covers many schedules. Episodes are ordered globally (prompt × seed) and cut into
-shards of ``shard_size``; rank r of W processes writes shards r, r+W, ...; a restarted collector
-skips complete shards, so every episode lands exactly once.
+shards of ``shard_size``; rank r of W processes writes shards r, r+W, ... under a lock of its rank;
+a restarted collector skips complete shards, so every episode lands exactly once, and refuses a
+store collected with other settings (:mod:`addiffusion.collect.resume`).
 
 Branches, stored generically as (parent, step, action): at sampled points i of a root a fork of
 the episode takes another action (another jump, or refine) and continues at random strides to
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from addiffusion.collect.config import CollectConfig
 from addiffusion.collect.prompts import PromptRecord, load_prompts
+from addiffusion.collect.resume import RankLock, check_store_config, episode_config, plan_sha256
 from addiffusion.datasets.store import ShardWriter, completed_shards
 from addiffusion.diffusion.actions import ActionTable
 from addiffusion.diffusion.sampler import Episode, StepRecord, StepwiseSampler
@@ -116,8 +118,17 @@ def build_sampler(cfg: CollectConfig) -> StepwiseSampler:
     )
 
 
-def shard_info(cfg: CollectConfig, sampler: StepwiseSampler) -> dict:
+def store_config(cfg: CollectConfig, specs: list[EpisodeSpec]) -> dict:
+    """What a store's episodes are defined by (the store manifest's config; see
+    :mod:`addiffusion.collect.resume`): the episode keys of ``cfg`` and a hash of the plan."""
+    plan = [(s.episode_id, s.prompt.text, s.seed, s.prompt.split) for s in specs]
+    return {**episode_config(cfg), "plan_sha256": plan_sha256(plan)}
+
+
+def shard_info(cfg: CollectConfig, sampler: StepwiseSampler, config: dict | None = None) -> dict:
     return {
+        # The store's config (its manifest), so that a shard on its own says where it belongs.
+        "collect_config": config if config is not None else episode_config(cfg),
         "components": sampler.component_names,
         "image_dim": sampler.scorer.dim,
         "text_dim": sampler.scorer.dim,
@@ -275,7 +286,9 @@ def run_with_branches(
     return roots + branches
 
 
-def _write_trace(writer: ShardWriter, cfg: CollectConfig, trace: Trace) -> None:
+def _write_trace(
+    writer: ShardWriter, cfg: CollectConfig, trace: Trace, timings: bool = True
+) -> None:
     steps = []
     n = len(trace.rows)
     for (r, b, batch), action, prob in zip(trace.rows, trace.actions, trace.probs, strict=True):
@@ -290,8 +303,8 @@ def _write_trace(writer: ShardWriter, cfg: CollectConfig, trace: Trace) -> None:
             "nfe": int(r.nfe[b]),
             "refines_used": int(r.refines_used[b]),
             # A batched step's cost, shared evenly by its episodes.
-            "wall_time_s": r.wall_time_s / batch,
-            "peak_mem_bytes": r.peak_mem_bytes,
+            "wall_time_s": r.wall_time_s / batch if timings else 0.0,
+            "peak_mem_bytes": r.peak_mem_bytes if timings else 0,
         }
         row.update({k: float(v[b]) for k, v in r.components.items()})
         steps.append(row)
@@ -322,38 +335,52 @@ def _write_trace(writer: ShardWriter, cfg: CollectConfig, trace: Trace) -> None:
 
 
 def collect(
-    cfg: CollectConfig, store_dir: Path, rank: int = 0, world_size: int = 1, progress: bool = True
+    cfg: CollectConfig,
+    store_dir: Path,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    record_timings: bool = True,
 ) -> CollectSummary:
-    """Collect this rank's shards into ``store_dir``, skipping shards already complete."""
+    """Collect this rank's shards into ``store_dir``, skipping shards already complete.
+
+    Holds the rank's lock and refuses a store collected with other settings
+    (:mod:`addiffusion.collect.resume`). ``record_timings=False`` writes 0 for ``wall_time_s``
+    and ``peak_mem_bytes``, the only columns that differ between two runs of the same seed on the
+    same machine: the shards are then byte-identical.
+    """
     tic = time.perf_counter()
     torch.manual_seed(cfg.seed)
     specs = plan_episodes(cfg)
     shards = [specs[i : i + cfg.shard_size] for i in range(0, len(specs), cfg.shard_size)]
-    done = completed_shards(store_dir)
-    mine = [k for k in range(len(shards)) if k % world_size == rank]
-    todo = [k for k in mine if k not in done]
-    summary = dict(shards_written=0, episodes=0, steps=0)
-    if todo:
-        sampler = build_sampler(cfg)
-        info = shard_info(cfg, sampler)
-        bar = tqdm(
-            total=sum(len(shards[k]) for k in todo),
-            unit="episode",
-            disable=not progress,
-            desc=f"collect rank {rank}",
-        )
-        for k in todo:
-            writer = ShardWriter(store_dir, k, info)
-            for j in range(0, len(shards[k]), cfg.batch_size):
-                batch = shards[k][j : j + cfg.batch_size]
-                for trace in run_with_branches(sampler, cfg, batch):
-                    _write_trace(writer, cfg, trace)
-                    summary["episodes"] += 1
-                    summary["steps"] += len(trace.rows)
-                bar.update(len(batch))
-            writer.commit()
-            summary["shards_written"] += 1
-        bar.close()
+    config = store_config(cfg, specs)
+    with RankLock(store_dir, rank, world_size):
+        check_store_config(store_dir, config, len(shards))
+        done = completed_shards(store_dir)
+        mine = [k for k in range(len(shards)) if k % world_size == rank]
+        todo = [k for k in mine if k not in done]
+        summary = dict(shards_written=0, episodes=0, steps=0)
+        if todo:
+            sampler = build_sampler(cfg)
+            info = shard_info(cfg, sampler, config)
+            bar = tqdm(
+                total=sum(len(shards[k]) for k in todo),
+                unit="episode",
+                disable=not progress,
+                desc=f"collect rank {rank}",
+            )
+            for k in todo:
+                writer = ShardWriter(store_dir, k, info)
+                for j in range(0, len(shards[k]), cfg.batch_size):
+                    batch = shards[k][j : j + cfg.batch_size]
+                    for trace in run_with_branches(sampler, cfg, batch):
+                        _write_trace(writer, cfg, trace, record_timings)
+                        summary["episodes"] += 1
+                        summary["steps"] += len(trace.rows)
+                    bar.update(len(batch))
+                writer.commit()
+                summary["shards_written"] += 1
+            bar.close()
     return CollectSummary(
         shards_skipped=len(mine) - len(todo), seconds=time.perf_counter() - tic, **summary
     )

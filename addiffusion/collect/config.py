@@ -164,6 +164,9 @@ class CollectConfig(StageConfig):
         )
         check(self.shard_size >= 1, "collect.shard_size", ">= 1", self.shard_size)
         check(self.batch_size >= 1, "collect.batch_size", ">= 1", self.batch_size)
+        check(
+            self.seed >= 0, "collect.seed", ">= 0 (numpy and torch seeds are unsigned)", self.seed
+        )
 
     @property
     def sampler(self) -> SamplerSettings:

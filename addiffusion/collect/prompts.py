@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from addiffusion.config import UserError
 
 BUILTIN: dict[str, list[str]] = {
     "simple": [
@@ -68,6 +71,17 @@ def _require(ok: bool, where: str, what: str) -> None:
         raise ValueError(f"{where}: {what}")
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"prompt file {path}:{line}: not UTF-8 text (byte {e.start}: "
+            f"{e.object[e.start : e.start + 1]!r}); save the file as UTF-8"
+        ) from e
+
+
 def _text(value: object, where: str, column: str) -> str:
     _require(
         isinstance(value, str) and bool(value.strip()),
@@ -80,7 +94,7 @@ def _text(value: object, where: str, column: str) -> str:
 def _read_table(path: Path, delimiter: str) -> list[tuple[str, str]]:
     """CSV / TSV with a header. PartiPrompts (TSV: Prompt, Category, Challenge, Note), DrawBench
     (CSV: Prompts, Category) or a plain file with ``prompt`` [+ ``category``]."""
-    with path.open(newline="", encoding="utf-8") as f:
+    with io.StringIO(_read_utf8(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         names = reader.fieldnames or []
         column = next((c for c in ("Prompt", "Prompts", "prompt") if c in names), None)
@@ -104,7 +118,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, str]]:
     """One JSON object per line with ``prompt``; category from ``category`` or GenEval's
     ``tag`` (GenEval's ``evaluation_metadata.jsonl``)."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -121,7 +135,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, str]]:
 def _read_coco(path: Path) -> list[tuple[str, str]]:
     """COCO captions (``captions_*.json``): the first caption of every image, in file order."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_utf8(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
     _require(
@@ -142,11 +156,7 @@ def _read_coco(path: Path) -> list[tuple[str, str]]:
 
 
 def _read_txt(path: Path, category: str) -> list[tuple[str, str]]:
-    return [
-        (line.strip(), category)
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
+    return [(line.strip(), category) for line in _read_utf8(path).splitlines() if line.strip()]
 
 
 def _read_compbench(folder: Path) -> list[tuple[str, str]]:

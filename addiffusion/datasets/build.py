@@ -18,7 +18,7 @@ Layout (``LAYOUT_VERSION`` 1)::
         webdataset/episodes-NNNNN.tar   optional; one sample per episode (json + png filmstrip)
 
 ``feature_row`` / ``text_row`` index the merged arrays. ``rl_split`` is ``train`` / ``val`` for
-the train split (validation chosen *by prompt*) and ``heldout`` for the heldout split.
+the train split (validation chosen *by prompt text*, normalised: a repeated prompt is on one side) and ``heldout`` for the heldout split.
 Shards are verified first; a corrupted shard aborts the build and no output is written. The new
 dataset is assembled under a temporary name and swapped in only when complete.
 """
@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from addiffusion.config import UserError
 from addiffusion.datasets.card import dataset_card
+from addiffusion.datasets.completeness import INCOMPLETE, SHARED_INFO_KEYS, store_problems
 from addiffusion.datasets.config import DatasetsConfig
-from addiffusion.datasets.schema import EPISODES_SCHEMA, SCHEMA_VERSION
+from addiffusion.datasets.out_path import BUILT_BY, check_out, swap_in
+from addiffusion.datasets.schema import EPISODES_SCHEMA, SCHEMA_VERSION, normalize_prompt
 from addiffusion.datasets.store import (
     Shard,
     file_checksums,
@@ -54,35 +58,59 @@ from addiffusion.diffusion.mdp import ObservationLayout
 from addiffusion.rewards.reward import component_stats
 
 LAYOUT_VERSION = 1
-SHARED_INFO_KEYS = (
-    "components",
-    "image_dim",
-    "text_dim",
-    "backbone",
-    "scheduler",
-    "scorer",
-    "num_train_timesteps",
-    "sampler",
-    "actions",
-    "nfe_convention",
-)
-"""Shard metadata that must agree across the shards of one dataset."""
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """The store cannot be built into a dataset (corrupted or inconsistent shards)."""
 
 
-def prompt_val_split(prompt_ids: np.ndarray, val_fraction: float, seed: int) -> set[int]:
-    """Prompt ids of the offline-RL validation split: a seeded permutation of the distinct
-    ``prompt_ids`` (train split only), first ``round(val_fraction * n)`` (>= 1 when
-    ``val_fraction > 0`` and n >= 2). The one definition used by build and the d3rlpy converter."""
-    ids = np.unique(np.asarray(prompt_ids, dtype=np.int64))
-    if val_fraction <= 0 or ids.size < 2:
+def prompt_val_split(
+    prompt_ids: np.ndarray, val_fraction: float, seed: int, texts: list[str] | None = None
+) -> set[int]:
+    """Prompt ids of the offline-RL validation split (train split only). Prompts are grouped by
+    :func:`normalize_prompt` of ``texts`` (one per id; without texts every id is its own group),
+    so a prompt given twice lands on one side. A seeded permutation of the groups (each named by
+    its smallest id) picks the first ``round(val_fraction * n)`` (>= 1 when ``val_fraction > 0``
+    and n >= 2). The one definition used by build and the d3rlpy converter."""
+    ids = np.asarray(prompt_ids, dtype=np.int64).tolist()
+    keys = [normalize_prompt(t) for t in texts] if texts is not None else [str(i) for i in ids]
+    group: dict[str, int] = {}
+    for i, k in zip(ids, keys, strict=True):
+        group[k] = min(group.get(k, i), i)
+    reps = np.unique(np.fromiter(group.values(), dtype=np.int64, count=len(group)))
+    if val_fraction <= 0 or reps.size < 2:
         return set()
-    n_val = min(max(int(round(val_fraction * ids.size)), 1), ids.size - 1)
-    perm = np.random.default_rng(seed).permutation(ids)
-    return {int(i) for i in perm[:n_val]}
+    n_val = min(max(int(round(val_fraction * reps.size)), 1), reps.size - 1)
+    val = {int(i) for i in np.random.default_rng(seed).permutation(reps)[:n_val]}
+    return {i for i, k in zip(ids, keys, strict=True) if group[k] in val}
+
+
+def warn_duplicate_prompts(episodes: pl.DataFrame) -> None:
+    """Warn, counting them, about prompt ids whose text repeats another's (after
+    :func:`normalize_prompt`), and about texts that are in both the train and heldout splits."""
+    prompts = (
+        episodes.select("prompt_id", "prompt", "split")
+        .unique()
+        .with_columns(
+            pl.col("prompt").map_elements(normalize_prompt, return_dtype=pl.String).alias("_key")
+        )
+    )
+    n_dup = prompts["prompt_id"].n_unique() - prompts["_key"].n_unique()
+    both = (
+        prompts.group_by("_key").agg(pl.col("split").n_unique().alias("n")).filter(pl.col("n") > 1)
+    )
+    if n_dup:
+        warnings.warn(
+            f"{n_dup} prompt(s) repeat another prompt's text (after stripping, collapsing "
+            "whitespace and casefolding); the validation split keeps each text on one side"
+            + (
+                f", but {both.height} text(s) are in both the train and heldout splits: "
+                "deduplicate the prompt file and recollect"
+                if both.height
+                else ""
+            ),
+            stacklevel=2,
+        )
 
 
 def _check_consistent(shards: list[Shard]) -> None:
@@ -119,8 +147,11 @@ def _merged_tables(shards: list[Shard], cfg: DatasetsConfig) -> tuple[pl.DataFra
             f"episode_id {first['episode_id']!r} appears in more than one shard "
             f"(e.g. shard {first['shard']}); collect wrote overlapping shards"
         )
-    train_ids = episodes.filter(pl.col("split") == "train")["prompt_id"].to_numpy()
-    val = prompt_val_split(train_ids, cfg.val_fraction, cfg.split_seed)
+    warn_duplicate_prompts(episodes)
+    train = episodes.filter(pl.col("split") == "train").select("prompt_id", "prompt").unique()
+    val = prompt_val_split(
+        train["prompt_id"].to_numpy(), cfg.val_fraction, cfg.split_seed, train["prompt"].to_list()
+    )
     episodes = episodes.with_columns(
         pl.when(pl.col("split") != "train")
         .then(pl.col("split"))
@@ -248,6 +279,7 @@ def _info(
     }
     return {
         **extra,
+        "built_by": BUILT_BY,
         "schema_version": SCHEMA_VERSION,
         "layout_version": LAYOUT_VERSION,
         "observation": layout.to_dict(),
@@ -265,34 +297,37 @@ def _info(
                 episodes.group_by("rl_split").len().sort("rl_split").iter_rows()
             ),
         },
-        "rl_split": {"val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "by": "prompt_id"},
+        "rl_split": {"val_fraction": cfg.val_fraction, "seed": cfg.split_seed, "by": "prompt_text"},
         "source_shards": [int(s.info["shard_index"]) for s in shards],
     }
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp``; the old output is removed only after the new one is in place."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def build_dataset(store_dir: Path, out_dir: Path, cfg: DatasetsConfig) -> Path:
-    """Verify every complete shard of ``store_dir`` and merge them into ``out_dir``."""
+def build_dataset(
+    store_dir: Path, out_dir: Path, cfg: DatasetsConfig, allow_incomplete: bool = False
+) -> Path:
+    """Verify the store as a whole and every complete shard of ``store_dir``, and merge them into
+    ``out_dir``. ``allow_incomplete``: build past missing shards and shard folders without
+    ``shard.json`` (the shards present); copied, renamed, changed or mixed shards always stop it."""
     store_dir, out_dir = Path(store_dir), Path(out_dir)
+    check_out(out_dir, store_dir)
     paths = shard_paths(store_dir)
-    if not paths:
+    found = store_problems(store_dir) if store_dir.is_dir() else []
+    if not paths and not found:
         raise BuildError(
             f"{store_dir} holds no complete shard (shard-NNNNN/ with shard.json); "
             "run `addiffusion collect` first"
         )
-    problems = [p for path in paths for p in validate_shard(path)]
+    in_shards = [p for path in paths for p in validate_shard(path)]
+    across = [p for kind, p in found if not (allow_incomplete and kind in INCOMPLETE)]
+    problems = in_shards + across
     if problems:
         listing = "\n  ".join(str(p) for p in problems[:20])
+        only_incomplete = not in_shards and all(kind in INCOMPLETE for kind, _ in found)
+        hint = (
+            "; --allow-incomplete builds the shards present" if across and only_incomplete else ""
+        )
         raise BuildError(
-            f"{len(problems)} problem(s) in {store_dir}; nothing was written:\n  {listing}"
+            f"{len(problems)} problem(s) in {store_dir}; nothing was written{hint}:\n  {listing}"
         )
     shards = [read_shard(p) for p in paths]
     _check_consistent(shards)
@@ -319,7 +354,7 @@ def build_dataset(store_dir: Path, out_dir: Path, cfg: DatasetsConfig) -> Path:
         (tmp / "README.md").write_text(dataset_card(info, splits, cfg))
         info["files"] = file_checksums(tmp, exclude=("meta/info.json",))
         (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=2))
-        _swap_in(tmp, out_dir)
+        swap_in(tmp, out_dir, store_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,7 +16,9 @@ def _build(args: argparse.Namespace) -> int:
 
     cfg = DatasetsConfig.from_params(read_params(args.params))
     try:
-        out = build_dataset(Path(args.store), Path(args.out), cfg)
+        out = build_dataset(
+            Path(args.store), Path(args.out), cfg, allow_incomplete=args.allow_incomplete
+        )
     except BuildError as e:
         print(f"addiffusion datasets build: {e}", file=sys.stderr)
         return 1
@@ -93,11 +95,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="merge a store's complete shards into a dataset folder",
         description="Verify every complete shard of --store (checksums, schema, indices) and "
         "merge them into --out (meta/info.json, data/*/ Parquet, features.zarr, webdataset/, "
-        "README.md). A corrupted shard aborts the build; an existing --out is replaced only "
-        "once the new dataset is complete. Layout keys: the `datasets` section of --params.",
+        "README.md). A corrupted shard, a missing, copied, renamed or changed shard, a duplicate "
+        "episode id or shards of two configs abort the build. --out must be new, empty or a "
+        "dataset this command built (it is then replaced atomically once the new one is "
+        "complete); never the store, a folder holding other files, or a file. Layout keys: the "
+        "`datasets` section of --params.",
     )
     p.add_argument("--store", required=True, help="store folder written by `addiffusion collect`")
-    p.add_argument("--out", required=True, help="dataset folder to create or replace")
+    p.add_argument(
+        "--out", required=True, help="dataset folder to create (new/empty) or replace (built here)"
+    )
+    p.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="build the shards present although the store misses shards or a shard.json",
+    )
     p.add_argument("--params", default="params.yaml", help=params_help)
     p.set_defaults(func=_build)
 

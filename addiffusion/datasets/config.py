@@ -50,6 +50,7 @@ class DatasetsConfig(StageConfig):
         check(
             0.0 <= self.val_fraction < 1.0, "datasets.val_fraction", "in [0, 1)", self.val_fraction
         )
+        check(self.split_seed >= 0, "datasets.split_seed", ">= 0", self.split_seed)
         check(self.chunk_rows >= 1, "datasets.chunk_rows", ">= 1", self.chunk_rows)
         check(self.zarr_chunk_rows >= 1, "datasets.zarr_chunk_rows", ">= 1", self.zarr_chunk_rows)
         check(

@@ -245,7 +245,15 @@ def to_replay_buffers(
     by_prompt = build_episodes(Path(dataset_dir), Path(rewards_path), "train")
     if not by_prompt:
         raise ValueError(f"{dataset_dir} has no train-split steps to convert")
-    val_ids = prompt_val_split(np.asarray(sorted(by_prompt)), val_fraction, seed)
+    text_of = dict(
+        scan_table(Path(dataset_dir), "episodes")
+        .select("prompt_id", "prompt")
+        .unique()
+        .collect()
+        .iter_rows()
+    )
+    ids = sorted(by_prompt)
+    val_ids = prompt_val_split(np.asarray(ids), val_fraction, seed, [text_of[i] for i in ids])
     dim = int(read_info(dataset_dir)["observation"]["dim"])
     n = dataset_table(dataset_dir).n
     train = [e for p, eps in sorted(by_prompt.items()) if p not in val_ids for e in eps]

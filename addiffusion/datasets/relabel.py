@@ -12,6 +12,9 @@ For each row (episode, step i) of each episode (root or branch), with Q_i the qu
 Rows are located by (episode_id, step) keys, never by step arithmetic (steps are not
 contiguous). Output: a Parquet file (episode_id, step, q, r_action, r_stop, r_enter) and a JSON
 summary beside it (``<out>.json``).
+
+An unreadable Parquet file and a weighted component that is null, NaN or infinite are refused
+here (:class:`~addiffusion.config.UserError` naming the file and row), not mid-training.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from addiffusion.config import ConfigError, UserError
 from addiffusion.rewards.config import RewardConfig
 from addiffusion.rewards.reward import quality, step_reward, stop_reward
 from addiffusion.task import read_info
@@ -40,6 +44,43 @@ def scan_table(dataset_dir: Path, name: str) -> pl.LazyFrame:
     if not files:
         raise FileNotFoundError(f"{dataset_dir}/data/{name}/ holds no Parquet files")
     return pl.scan_parquet(files)
+
+
+def read_table(
+    dataset_dir: Path, name: str, columns: list[str], finite: tuple[str, ...] = ()
+) -> pl.DataFrame:
+    """``columns`` of the ``data/<name>/*.parquet`` files, read file by file so that a corrupt
+    file, or a null / NaN / infinite value in a ``finite`` column, is named with its row
+    (:class:`UserError`): every reward and quality computed from such a value would carry it."""
+    files = sorted((Path(dataset_dir) / "data" / name).glob("*.parquet"))
+    if not files:
+        raise UserError(
+            f"{dataset_dir}/data/{name}/ holds no Parquet files: is {dataset_dir} a dataset "
+            "built by `addiffusion datasets build`?"
+        )
+    frames = []
+    for f in files:
+        try:
+            frame = pl.read_parquet(f, columns=columns)
+        except (pl.exceptions.PolarsError, OSError) as e:
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise UserError(
+                f"{f}: cannot read Parquet ({first}); rebuild the dataset with "
+                "`addiffusion datasets build`"
+            ) from e
+        for c in finite:
+            values = frame[c].cast(pl.Float64)
+            bad = values.is_null() | ~values.fill_null(0.0).is_finite()
+            if bad.any():
+                i = int(bad.arg_max())  # type: ignore[arg-type]
+                raise UserError(
+                    f"{f}: row {i} (episode_id {frame['episode_id'][i]}, step "
+                    f"{frame['step'][i]}): {c} is {values[i]} ({int(bad.sum())} such row(s) in "
+                    f"this file); rewards need finite components: rebuild the dataset, or drop "
+                    f"{c} from rewards.weights"
+                )
+        frames.append(frame)
+    return pl.concat(frames, how="vertical_relaxed")
 
 
 def compute_rewards(
@@ -98,17 +139,15 @@ def relabel(dataset_dir: Path, reward_cfg: RewardConfig, out_path: Path) -> dict
     info = read_info(dataset_dir)
     missing = sorted(set(reward_cfg.weights) - set(info.get("components", [])))
     if missing:
-        raise KeyError(
+        raise ConfigError(
             f"rewards.weights names component {missing[0]!r}, which {dataset_dir} "
             f"does not record (components: {', '.join(info.get('components', []))})"
         )
     stats = info.get("component_stats") if reward_cfg.normalize else None
     cols = ["episode_id", "step", "nfe", *reward_cfg.weights]
-    steps = scan_table(dataset_dir, "steps").select(cols).collect()
-    episodes = (
-        scan_table(dataset_dir, "episodes")
-        .select("episode_id", "parent_episode_id", "branch_step")
-        .collect()
+    steps = read_table(dataset_dir, "steps", cols, finite=tuple(reward_cfg.weights))
+    episodes = read_table(
+        dataset_dir, "episodes", ["episode_id", "parent_episode_id", "branch_step"]
     )
     rewards = compute_rewards(steps, episodes, reward_cfg, stats)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+
+def normalize_prompt(text: str) -> str:
+    """The identity of a prompt for splitting: stripped, inner whitespace collapsed, casefolded
+    (``"A  red circle "`` and ``"a red circle"`` are one prompt)."""
+    return " ".join(text.split()).casefold()
+
+
 SCHEMA_VERSION = 1
 
 EPISODES_SCHEMA = pa.schema(

@@ -4,6 +4,13 @@ A collector process owns the shard indices it writes (rank r of W writes r, r+W,
 assembled in memory, written under ``shard-<k:05d>.tmp-<pid>`` and renamed to ``shard-<k:05d>``
 only when every file and its sha256 is on disk, so a reader never sees half a shard and a
 restarted collector can trust :func:`completed_shards`. Layout: see :mod:`addiffusion.datasets.schema`.
+
+What a store should hold is recorded beside the shards, so that a lost, copied or renamed shard
+shows (:mod:`addiffusion.datasets.completeness`): ``collect.json`` (written once, before the
+first shard, by the collector's resume guard or :func:`init_store`: the episode-defining config,
+its hash and the number of shards planned) and ``shards.jsonl`` (one line per committed shard: index, sha256 of its
+``shard.json``, config hash; appended by :meth:`ShardWriter.commit`). Every shard's ``shard.json``
+carries the store's ``config_hash``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import pyarrow.parquet as pq
 import zarr
 from PIL import Image
 
+from addiffusion.config import UserError
 from addiffusion.datasets.schema import (
     EPISODES_SCHEMA,
     JSON_ROOT_PARENT,
@@ -36,6 +44,9 @@ from addiffusion.datasets.schema import (
 SHARD_RE = re.compile(r"^shard-(\d{5,})$")
 SHARD_TMP_RE = re.compile(r"^shard-(\d{5,})\.tmp-.+$")
 REQUIRED_INFO = ("components", "image_dim", "text_dim")
+STORE_MANIFEST = "collect.json"
+"""What the store should hold: the collector's record (:mod:`addiffusion.collect.resume`)."""
+SHARD_LEDGER = "shards.jsonl"
 ZARR_CHUNK_ROWS = 64
 """Rows per Zarr chunk inside a shard file (features are read by row ranges)."""
 
@@ -56,6 +67,90 @@ def file_checksums(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
         if p.is_file() and rel not in exclude:
             out[rel] = sha256_file(p)
     return out
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of the JSON of ``config`` with sorted keys (as the collector's resume guard)."""
+    text = json.dumps(config, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class StoreMismatch(UserError, ValueError):
+    """A store was collected under another config than the one given."""
+
+
+def read_store_manifest(store_dir: Path) -> dict[str, Any] | None:
+    """The store's ``collect.json``, or None for a store without one (written before it existed)."""
+    path = Path(store_dir) / STORE_MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        for key in ("config", "config_hash", "n_shards"):
+            if key not in manifest:
+                raise ValueError(f"no {key!r}")
+    except ValueError as e:
+        raise StoreMismatch(
+            f"{path}: unreadable store manifest ({e}); it is written by `addiffusion collect`: "
+            "restore it or collect into a new store"
+        ) from e
+    return manifest
+
+
+def init_store(store_dir: Path, config: dict[str, Any], n_shards: int) -> dict[str, Any]:
+    """Record what ``store_dir`` should hold (``collect.json``), or check that it records the same.
+
+    ``config``: every setting that changes the episodes (JSON-able); ``n_shards``: how many shards
+    the full collection has. Created atomically and exclusively (``os.link``), so ranks starting
+    together agree on one manifest. Raises :class:`StoreMismatch` naming the first key that
+    differs from the recorded one.
+    """
+    store_dir = Path(store_dir)
+    config = json.loads(json.dumps(config))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "config_hash": config_hash(config),
+        "n_shards": int(n_shards),
+        "config": config,
+    }
+    store_dir.mkdir(parents=True, exist_ok=True)
+    path = store_dir / STORE_MANIFEST
+    _drop_dead_tmp_manifests(store_dir)
+    if not path.exists():
+        tmp = store_dir / f".{STORE_MANIFEST}.tmp-{os.getpid()}"
+        try:
+            tmp.write_text(json.dumps(manifest, indent=2))
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    recorded = read_store_manifest(store_dir)
+    assert recorded is not None
+    old, new = recorded["config"], {**config, "n_shards": int(n_shards)}
+    old = {**old, "n_shards": recorded["n_shards"]}
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            raise StoreMismatch(
+                f"{path}: the store was collected with {key} = {old.get(key)!r}, this run has "
+                f"{new.get(key)!r}; collect into a new store (or restore the setting)"
+            )
+    return recorded
+
+
+def _drop_dead_tmp_manifests(store_dir: Path) -> None:
+    """Remove ``.collect.json.tmp-<pid>`` files of processes that no longer run (a collector
+    killed while creating the manifest); a live process's file is left to it."""
+    for tmp in store_dir.glob(f".{STORE_MANIFEST}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def steps_schema(components: list[str]) -> pa.Schema:
@@ -130,6 +225,9 @@ class ShardWriter:
         self._latents: list[np.ndarray] = []
         self._n_steps = 0
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        manifest = read_store_manifest(self.store_dir)
+        if manifest is not None:
+            self.info["config_hash"] = manifest["config_hash"]
         for p in self.store_dir.glob(f"shard-{self.index:05d}.tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
 
@@ -251,11 +349,30 @@ class ShardWriter:
                 "files": file_checksums(tmp),
             }
             (tmp / "shard.json").write_text(json.dumps(meta, indent=2))
+            if "config_hash" in self.info:
+                # Recorded before the rename: a kill in between leaves a line for a shard that is
+                # not there (a gap, which a rerun fills and re-records; the last line wins), never
+                # a complete shard the ledger does not know.
+                self._record(sha256_file(tmp / "shard.json"))
             os.rename(tmp, self.final_path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return self.final_path
+
+    def _record(self, digest: str) -> None:
+        """Append this shard to the store's ledger: one ``write`` of one short line in append
+        mode, so collectors of other ranks appending at once never interleave."""
+        line = {
+            "shard_index": self.index,
+            "sha256": digest,
+            "config_hash": self.info["config_hash"],
+        }
+        fd = os.open(self.store_dir / SHARD_LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        finally:
+            os.close(fd)
 
 
 def episode_record(episode: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -303,6 +420,21 @@ def write_episode_samples(
 def shard_index_of(path: Path) -> int | None:
     m = SHARD_RE.match(path.name)
     return int(m.group(1)) if m else None
+
+
+def read_ledger(store_dir: Path) -> dict[int, dict[str, Any]]:
+    """The last ``shards.jsonl`` line of every shard index (a recollected shard appends again);
+    a torn last line (a crash mid-append) is ignored."""
+    path = Path(store_dir) / SHARD_LEDGER
+    out: dict[int, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                out[int(row["shard_index"])] = row
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
 
 
 def completed_shards(store_dir: Path) -> set[int]:

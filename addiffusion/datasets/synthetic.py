@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from addiffusion.datasets.store import ShardWriter
+from addiffusion.datasets.store import ShardWriter, init_store
 from addiffusion.diffusion.actions import ActionTable
 
 COMPONENTS = ["clip_score", "stability"]
@@ -136,14 +136,32 @@ def write_synthetic_store(
     thumbnails: bool = True,
     seed: int = 0,
     branches_last: bool = False,
+    prompts: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write ``n_prompts * seeds_per_prompt`` roots (see the module docstring) in shards of
-    ``shard_size`` roots. Every ``heldout_every``-th prompt is heldout."""
+    ``shard_size`` roots. Every ``heldout_every``-th prompt is heldout. Like a collector, it
+    records the store's plan first (``collect.json``: these settings, the number of shards).
+    ``prompts``: the text of each prompt id (default ``prompt <id>``)."""
     rng = np.random.default_rng(seed)
     info = synthetic_info(n_max, image_dim, text_dim)
     table = ActionTable.from_dict(info["actions"])
     cost = table.nfe_cost
     roots = [(p, s) for p in range(n_prompts) for s in range(seeds_per_prompt)]
+    settings = dict(
+        n_prompts=n_prompts,
+        seeds_per_prompt=seeds_per_prompt,
+        n_max=n_max,
+        image_dim=image_dim,
+        text_dim=text_dim,
+        shard_size=shard_size,
+        heldout_every=heldout_every,
+        branch_step=branch_step,
+        thumbnails=thumbnails,
+        seed=seed,
+        branches_last=branches_last,
+        prompts=list(prompts) if prompts is not None else None,
+    )
+    init_store(store_dir, {"synthetic": settings}, -(-len(roots) // shard_size))
 
     def add(
         writer: ShardWriter, episode: dict[str, Any], rows: list[dict[str, Any]], text: np.ndarray
@@ -166,7 +184,7 @@ def write_synthetic_store(
             eid = f"{p:06d}-{s}"
             base = {
                 "prompt_id": p,
-                "prompt": f"prompt {p}",
+                "prompt": prompts[p] if prompts is not None else f"prompt {p}",
                 "category": ("simple", "hard")[p % 2],
                 "split": "heldout" if p % heldout_every == heldout_every - 1 else "train",
                 "seed": s,

@@ -407,6 +407,18 @@ def validate_shard(path: Path) -> list[Problem]:
     info = _read_json(path / "shard.json", problems)
     if info is None:
         return problems
+    bad = [k for k in ("image_dim", "text_dim") if not isinstance(info.get(k), int)]
+    if bad:  # the feature arrays cannot be checked without them
+        return [
+            Problem(
+                str(path / "shard.json"),
+                None,
+                f"has no {k} entry"
+                if k not in info
+                else f"{k} must be an integer, got {info[k]!r}",
+            )
+            for k in bad
+        ]
     problems += check_files(path, info.get("files", {}), {"shard.json"})
     problems += _check_contents(
         path,
@@ -421,13 +433,15 @@ def validate_shard(path: Path) -> list[Problem]:
     return problems
 
 
-def validate_dataset(path: Path) -> list[Problem]:
+def validate_dataset(path: Path, ignore: set[str] | frozenset[str] = frozenset()) -> list[Problem]:
+    """Problems of a built dataset; ``ignore``: relative paths of unlisted files not to report
+    (files :mod:`.hub` skipped with a warning)."""
     path = Path(path)
     problems: list[Problem] = []
     info = _read_json(path / "meta" / "info.json", problems)
     if info is None:
         return problems
-    problems += check_files(path, info.get("files", {}), {"meta/info.json"})
+    problems += check_files(path, info.get("files", {}), {"meta/info.json", *ignore})
     schema = pa.schema(
         list(EPISODES_SCHEMA) + [pa.field("shard", pa.int64()), pa.field("rl_split", pa.string())]
     )
@@ -446,14 +460,18 @@ def validate_dataset(path: Path) -> list[Problem]:
 
 
 def validate(path: Path) -> list[Problem]:
-    """Validate a shard folder, a store (all complete shards) or a built dataset."""
+    """Validate a shard folder, a store (all complete shards, and the store as a whole: see
+    :mod:`addiffusion.datasets.completeness`) or a built dataset."""
+    from addiffusion.datasets.completeness import store_problems
+
     path = Path(path)
     if (path / "shard.json").exists():
         return validate_shard(path)
     if (path / "meta" / "info.json").exists():
         return validate_dataset(path)
+    across = [p for _, p in store_problems(path)] if path.is_dir() else []
     shards = shard_paths(path) if path.is_dir() else []
-    if not shards:
+    if not shards and not across:
         return [
             Problem(
                 str(path),
@@ -462,4 +480,4 @@ def validate(path: Path) -> list[Problem]:
                 "folders) or a built dataset (meta/info.json)",
             )
         ]
-    return [p for s in shards for p in validate_shard(s)]
+    return [p for s in shards for p in validate_shard(s)] + across

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from addiffusion.config import read_params
 from addiffusion.eval.config import EvalConfig
+from addiffusion.offline_rl.config import OfflineRLConfig
 from addiffusion.rewards.config import RewardConfig
 
 
@@ -19,21 +22,52 @@ def _d3rlpy_device(device: str) -> str:
     return {"cpu": "cpu:0", "cuda": "cuda:0"}.get(device, device)
 
 
-def load_offline_policies(offline_dir: Path, device: str) -> dict:
-    """The main policy (``<dir>/policy.d3``) and every baseline (``<dir>/baselines/*/policy.d3``)
-    of an offline_rl run, each loaded only after its sha256 matches its manifest.json; named by
-    the manifest's algo (iql, cql, bc)."""
-    from addiffusion.offline_rl import load_policy
+def load_offline_policies(
+    offline_dir: Path, device: str, names: Sequence[str] | None = None
+) -> dict:
+    """The policies of an offline_rl run that ``names`` lists: ``names[0]`` is the main one
+    (``<dir>/policy.d3``), the others its baselines (``<dir>/baselines/<name>/policy.d3``);
+    keyed by algo (iql, cql, bc). ``None``: the main policy and the baselines its manifest's
+    config lists. Each goes through :func:`addiffusion.offline_rl.load_policy` (trusted and
+    sha256-checked). A named policy that is missing is an error; a folder under ``baselines/``
+    that is not named is never loaded (a warning names it).
+    """
+    from addiffusion.offline_rl import PolicyLoadError, load_policy
 
-    paths = [offline_dir / "policy.d3", *sorted(offline_dir.glob("baselines/*/policy.d3"))]
-    if not paths[0].exists():
+    offline_dir = Path(offline_dir)
+    main_path = offline_dir / "policy.d3"
+    if not main_path.exists():
         raise FileNotFoundError(
-            f"{paths[0]} not found: --offline must be an offline-rl output folder"
+            f"{main_path} not found: --offline must be an offline-rl output folder"
         )
-    policies = {}
-    for path in paths:
+    main = load_policy(main_path, offline_dir / "manifest.json", device=_d3rlpy_device(device))
+    if names is None:
+        names = [main.algo_name, *main.manifest.get("config", {}).get("baselines", [])]
+    if main.algo_name != names[0]:
+        raise PolicyLoadError(
+            f"offline_rl.algo is {names[0]!r}, but {main_path} is a {main.algo_name!r} policy: "
+            "rerun the offline_rl stage (`dvc repro offline_rl`)"
+        )
+    baselines = offline_dir / "baselines"
+    extra = sorted(d.name for d in baselines.glob("*") if d.is_dir() and d.name not in names[1:])
+    if extra:
+        warnings.warn(
+            f"ignoring {', '.join(str(baselines / n) for n in extra)}: offline_rl.baselines "
+            f"names only {list(names[1:])}",
+            stacklevel=2,
+        )
+    policies = {main.algo_name: main}
+    for name in names[1:]:
+        path = baselines / name / "policy.d3"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} not found: offline_rl.baselines names {name!r}; rerun the offline_rl "
+                "stage (`dvc repro offline_rl`) or remove it from offline_rl.baselines"
+            )
         policy = load_policy(path, path.parent / "manifest.json", device=_d3rlpy_device(device))
-        policies[str(policy.algo_name)] = policy
+        if policy.algo_name != name:
+            raise PolicyLoadError(f"{path} is a {policy.algo_name!r} policy, not {name!r}")
+        policies[name] = policy
     return policies
 
 
@@ -57,7 +91,13 @@ def _eval(args: argparse.Namespace) -> int:
     reward_cfg = RewardConfig.from_params(params)
     policies: dict = {}
     if args.offline is not None:
-        policies.update(load_offline_policies(Path(args.offline), cfg.device))
+        # The policies the params file names (without an offline_rl section: the ones the run's
+        # manifest lists), never whatever lies in the folder.
+        names = None
+        if "offline_rl" in params:
+            offline_cfg = OfflineRLConfig.from_params(params)
+            names = [offline_cfg.algo, *offline_cfg.baselines]
+        policies.update(load_offline_policies(Path(args.offline), cfg.device, names))
     if args.online is not None:
         policies["ppo"] = load_online_policy(Path(args.online))
     from addiffusion.eval.evaluate import evaluate  # heavy imports only once params are valid
@@ -102,9 +142,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Heuristics on the dataset's grid: stop once stability >= x, "
             "once the CLIP-score gain < x, or after n points without gain (patience); a "
             "progress-based adaptive stride schedule.\n\n"
-            "Learned policies: the offline-rl ones "
-            "(policy.d3 and baselines/*, each loaded only after its sha256 matches its "
-            "manifest.json) and the online-finetune actor.\n\n"
+            "Learned policies: the offline-rl ones that the params file names (offline_rl.algo: "
+            "policy.d3; offline_rl.baselines: baselines/<name>/policy.d3; without an offline_rl "
+            "section, the baselines the run's manifest lists; other folders there are ignored), each loaded only when dvc.lock or the trust store records its hash and it "
+            "matches its manifest.json, and the online-finetune actor.\n\n"
             "Metrics per method: mean NFE, wall "
             "seconds per image, CLIP score, the shapes verifier's score when the dataset has it, "
             "reward-defined quality Q, per category, a prompt-cluster paired bootstrap against "

@@ -1,4 +1,5 @@
-"""``addiffusion offline-rl``: train the offline policy (and baselines); verify a trained one."""
+"""``addiffusion offline-rl``: train the offline policy (and baselines); verify, trust or export
+a trained one."""
 
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ def _verify(args: argparse.Namespace) -> int:
     from addiffusion.offline_rl.policy import PolicyLoadError, load_policy
 
     try:
-        policy = load_policy(Path(args.policy), Path(args.manifest) if args.manifest else None)
+        policy = load_policy(
+            Path(args.policy),
+            Path(args.manifest) if args.manifest else None,
+            trusted_sha256=args.trust_sha256,
+        )
     except PolicyLoadError as e:
         print(f"addiffusion offline-rl verify: {e}", file=sys.stderr)
         return 1
@@ -77,7 +82,11 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     policy_path = Path(args.policy)
     try:
-        policy = load_policy(policy_path, Path(args.manifest) if args.manifest else None)
+        policy = load_policy(
+            policy_path,
+            Path(args.manifest) if args.manifest else None,
+            trusted_sha256=args.trust_sha256,
+        )
     except PolicyLoadError as e:
         print(f"addiffusion offline-rl export-onnx: {e}", file=sys.stderr)
         return 1
@@ -90,13 +99,53 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust(args: argparse.Namespace) -> int:
+    import hashlib
+    import sys
+
+    from addiffusion.offline_rl import trust
+
+    path = Path(args.policy)
+    if not path.is_file():
+        print(f"addiffusion offline-rl trust: {path} not found", file=sys.stderr)
+        return 1
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if args.sha256 is not None and args.sha256.lower() != digest:
+        print(
+            f"addiffusion offline-rl trust: {path} has sha256 {digest}, not the {args.sha256} "
+            "you expected; nothing was trusted",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        store = trust.record(path, digest, "addiffusion offline-rl trust")
+    except trust.TrustStoreError as e:
+        print(f"addiffusion offline-rl trust: {e}", file=sys.stderr)
+        return 1
+    print(f"offline-rl trust: sha256 {digest} of {path} recorded in {store}")
+    return 0
+
+
+def _add_trust_sha256(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-sha256",
+        default=None,
+        metavar="HEX",
+        help="load the policy if its sha256 is HEX even when neither dvc.lock nor the trust "
+        "store records it (a hash you checked against its publisher's)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "offline-rl",
         help="train the jump/stop/refine policy offline (discrete IQL; CQL/BC baselines)",
         description="Offline RL on a built dataset with d3rlpy. `train` (dvc.yaml's offline_rl "
-        "stage) fits discrete IQL and the CQL / BC baselines; `verify` and `export-onnx` are "
-        "helpers for a trained policy.d3.",
+        "stage) fits discrete IQL and the CQL / BC baselines; `verify`, `trust` and "
+        "`export-onnx` are helpers for a trained policy.d3. A .d3 file is a pickle: it is loaded "
+        "only when the project's dvc.lock records it as a stage output or its sha256 is in the "
+        "trust store (which `train` and `trust` write; $ADDIFFUSION_TRUST_STORE, default "
+        "$XDG_DATA_HOME/addiffusion/trusted.json).",
     )
     stage = parser.add_subparsers(dest="offline_rl_command", required=True, metavar="<command>")
 
@@ -106,7 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Convert the dataset to d3rlpy replay buffers (validation prompts: the "
         "split recorded by `datasets build` in meta/info.json), train the `offline_rl.algo` of "
         "the params file and each of `offline_rl.baselines`, and write policy.d3, "
-        "manifest.json, metrics.json, training.csv and d3rlpy logs under --out.",
+        "manifest.json, metrics.json, training.csv and d3rlpy logs under --out; each policy.d3's "
+        "sha256 is added to the trust store.",
     )
     p.add_argument("--dataset", required=True, help="dataset folder (from `datasets build`)")
     p.add_argument("--rewards", required=True, help="rewards file (from `datasets relabel`)")
@@ -124,19 +174,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = stage.add_parser(
         "verify",
         help="check a policy.d3 against its manifest and load it",
-        description="Check that --policy's sha256 is the one recorded in the manifest.json its "
-        "training run wrote, then load it and print its algo, observation dim, action count and "
-        "action names as JSON. A .d3 file is a pickle: on a mismatch nothing is loaded and the "
-        "exit status is 1.",
+        description="Check that --policy is trusted (dvc.lock or the trust store records its "
+        "hash) and that its sha256 is the one recorded in the manifest.json its training run "
+        "wrote, then load it and print its algo, observation dim, action count and action names "
+        "as JSON. A .d3 file is a pickle: otherwise nothing is loaded and the exit status is 1.",
     )
     v.add_argument("--policy", required=True, help="policy.d3 file")
     v.add_argument("--manifest", default=None, help="manifest.json (default: beside the policy)")
+    _add_trust_sha256(v)
     v.set_defaults(func=_verify)
 
     o = stage.add_parser(
         "export-onnx",
         help="write a trained policy (iql, cql, bc) as an ONNX graph",
-        description="Load --policy (only after its sha256 matches its manifest) and write an ONNX "
+        description="Load --policy (only when trusted and matching its manifest) and write an ONNX "
         "graph that acts like it: inputs obs (B, D) float32 (raw observations) and mask (B, n) "
         "bool, outputs action (B,) int64 (the greedy legal action) and scores (B, n) float32. "
         "The action table is in the model's metadata. Needs the onnx package; run the graph "
@@ -144,7 +195,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     o.add_argument("--policy", required=True, help="policy.d3 file")
     o.add_argument("--manifest", default=None, help="manifest.json (default: beside the policy)")
+    _add_trust_sha256(o)
     o.add_argument(
         "--out", default=None, help="ONNX file to write (default: the policy's path with .onnx)"
     )
     o.set_defaults(func=_export_onnx)
+
+    t = stage.add_parser(
+        "trust",
+        help="trust a policy.d3 you checked (adds its sha256 to the trust store)",
+        description="Record the sha256 of --policy in the trust store, so that eval, "
+        "online-finetune, policy export and the other commands will load it. A .d3 file is a "
+        "pickle and runs code when loaded: trust only files whose source you trust, ideally "
+        "checked against a published hash with --sha256. Store: $ADDIFFUSION_TRUST_STORE, "
+        "default $XDG_DATA_HOME/addiffusion/trusted.json (~/.local/share/...).",
+    )
+    t.add_argument("policy", help="policy.d3 file")
+    t.add_argument(
+        "--sha256", default=None, metavar="HEX", help="refuse unless the file's sha256 is HEX"
+    )
+    t.set_defaults(func=_trust)

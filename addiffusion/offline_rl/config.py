@@ -85,6 +85,7 @@ class OfflineRLConfig(StageConfig):
             self.cql_target_update_interval,
         )
         check(self.bc_beta >= 0.0, f"{s}.bc_beta", ">= 0", self.bc_beta)
+        check(self.seed >= 0, f"{s}.seed", ">= 0", self.seed)
         check(
             len(set(self.baselines)) == len(self.baselines),
             f"{s}.baselines",

@@ -1,13 +1,18 @@
 """Load a trained offline policy safely and act with action masks.
 
 A ``.d3`` file is a pickle, and shared files are untrusted: :func:`load_policy` unpickles it only
-after its sha256 matches the ``manifest.json`` its training run wrote beside it.
+when its hash is one the pipeline recorded away from the file (the project's ``dvc.lock`` or the
+trust store ``offline-rl train`` writes: :mod:`addiffusion.offline_rl.trust`), and matches the
+``manifest.json`` its training run wrote beside it.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +24,16 @@ from d3rlpy.models.torch import CategoricalPolicy, DiscreteMeanQFunction
 from torch import nn
 
 import addiffusion.offline_rl.discrete_iql  # noqa: F401  (registers discrete_iql for load_learnable)
-from addiffusion.datasets.store import sha256_file
+from addiffusion.config import UserError
 from addiffusion.diffusion.actions import ActionTable
+from addiffusion.offline_rl import trust
 
 MANIFEST_FORMAT = "addiffusion.offline_rl.manifest/1"
 D3RLPY_TYPES = {"iql": "discrete_iql", "cql": "discrete_cql", "bc": "discrete_bc"}
 """Our algorithm names -> the d3rlpy config type stored in the ``.d3`` file."""
 
 
-class PolicyLoadError(RuntimeError):
+class PolicyLoadError(UserError, RuntimeError):
     """A policy file is missing, does not match its manifest, or is of the wrong kind."""
 
 
@@ -132,8 +138,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"no manifest at {path}: a .d3 policy is a pickle and is only loaded after its sha256 "
             "matches the manifest.json written by its training run"
         )
-    with path.open() as f:
-        manifest = json.load(f)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PolicyLoadError(
+            f"{path} is not valid JSON ({e}): rewrite it by retraining (addiffusion offline-rl "
+            "train), or restore the manifest.json of the run that wrote the policy"
+        ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise PolicyLoadError(
             f"{path} is not an offline_rl manifest (expected format {MANIFEST_FORMAT!r}, got "
@@ -153,26 +164,51 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_policy(path: Path, manifest: Path | None = None, device: str = "cpu:0") -> OfflinePolicy:
-    """Load ``policy.d3`` after checking its sha256 against ``manifest`` (default: the
-    ``manifest.json`` beside it). Raises :class:`PolicyLoadError` on any mismatch."""
+def load_policy(
+    path: Path,
+    manifest: Path | None = None,
+    device: str = "cpu:0",
+    trusted_sha256: str | None = None,
+) -> OfflinePolicy:
+    """Load ``policy.d3`` once it is trusted and matches ``manifest`` (default: the
+    ``manifest.json`` beside it). Raises :class:`PolicyLoadError` on any mismatch.
+
+    Trusted: its md5 is the one the project's ``dvc.lock`` records for it as a stage output, or
+    its sha256 is in the trust store (written by ``offline-rl train`` and ``offline-rl trust``),
+    or equals ``trusted_sha256`` (a hash the caller checked). The bytes hashed are the bytes
+    unpickled: the file is read once.
+    """
     path = Path(path)
     manifest_path = Path(manifest) if manifest is not None else path.parent / "manifest.json"
     info = read_manifest(manifest_path)
-    if not path.exists():
+    if not path.is_file():
         raise PolicyLoadError(f"policy file {path} not found")
-    digest = sha256_file(path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if digest != info["sha256"]:
         raise PolicyLoadError(
             f"refusing to load {path}: its sha256 is {digest}, but {manifest_path} records "
             f"{info['sha256']}. The file changed after training (or belongs to another run); "
             "retrain, or pass the manifest of the run that wrote it."
         )
+    if trusted_sha256 is None or trusted_sha256.lower() != digest:
+        try:
+            reason = trust.trusted_by(path, data)
+        except trust.TrustStoreError as e:
+            raise PolicyLoadError(f"refusing to load {path}: {e}") from e
+        if reason is None:
+            raise PolicyLoadError(untrusted_message(path, digest))
     if info["algo"] not in D3RLPY_TYPES:
         raise PolicyLoadError(
             f"{manifest_path}: algo must be one of {', '.join(D3RLPY_TYPES)}, got {info['algo']!r}"
         )
-    algo = d3rlpy.load_learnable(str(path), device=device)
+    # d3rlpy reads a path: give it a private copy of the checked bytes, so that the file cannot
+    # be swapped between the check and the unpickling.
+    with tempfile.TemporaryDirectory(prefix="addiffusion-d3-") as tmp:
+        copy_path = os.path.join(tmp, "policy.d3")
+        with open(copy_path, "wb") as f:
+            f.write(data)
+        algo = d3rlpy.load_learnable(copy_path, device=device)
     if algo.config.get_type() != info["d3rlpy_type"]:
         raise PolicyLoadError(
             f"{path} holds a {algo.config.get_type()!r} model but {manifest_path} says "
@@ -180,6 +216,17 @@ def load_policy(path: Path, manifest: Path | None = None, device: str = "cpu:0")
         )
     assert isinstance(algo, QLearningAlgoBase)
     return OfflinePolicy(algo, info)
+
+
+def untrusted_message(path: Path, digest: str) -> str:
+    """Why ``path`` is refused and how to trust it."""
+    return (
+        f"refusing to load {path}: a .d3 file is a pickle, which runs code when loaded, and its "
+        f"sha256 {digest} is not one this pipeline recorded ({trust.untrusted_detail(path)}). "
+        "If this project trained it, rerun the stage (`dvc repro offline_rl`) or "
+        "`addiffusion offline-rl train`; if it came from elsewhere and you trust its source, "
+        f"run `addiffusion offline-rl trust {path}` (or pass --trust-sha256 {digest})."
+    )
 
 
 def actor_logits_module(policy: OfflinePolicy) -> nn.Sequential:

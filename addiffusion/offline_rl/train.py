@@ -2,7 +2,9 @@
 
 Output folder of one run (``out_dir``)::
 
-    policy.d3          d3rlpy checkpoint (``algo.save``): config, weights, optimizer states
+    policy.d3          d3rlpy checkpoint (``algo.save``): config, weights, optimizer states; its
+                       sha256 is also added to the user's trust store (``offline_rl.trust``),
+                       outside this folder, so that ``load_policy`` will unpickle it
     manifest.json      algo, sha256 of policy.d3, observation dim, action size, the action table
                        (``actions``: ActionTable.to_dict()), config, metrics
     metrics.json       final losses, validation metrics, stop-decision evaluation (+ baselines)
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from d3rlpy.preprocessing import StandardObservationScaler
 
 from addiffusion.datasets.store import sha256_file
 from addiffusion.diffusion.actions import ActionTable
+from addiffusion.offline_rl import trust
 from addiffusion.offline_rl.config import Algo, OfflineRLConfig
 from addiffusion.offline_rl.discrete_iql import DiscreteIQLConfig
 from addiffusion.offline_rl.policy import (
@@ -187,6 +191,16 @@ def _train_one(
     )
     policy_path = out_dir / "policy.d3"
     algo.save(str(policy_path))
+    sha256 = sha256_file(policy_path)
+    try:
+        trust.record(policy_path, sha256, f"offline-rl train ({cfg.algo})")
+    except trust.TrustStoreError as e:
+        # The run's result stays usable: under `dvc repro`, dvc.lock vouches for it too.
+        warnings.warn(
+            f"{e}; {policy_path} will load only where dvc.lock records it, or once trusted "
+            f"with `addiffusion offline-rl trust {policy_path}`",
+            stacklevel=2,
+        )
     _write_curve(out_dir / "training.csv", history)
 
     final = history[-1][1]
@@ -196,7 +210,7 @@ def _train_one(
         "d3rlpy_type": D3RLPY_TYPES[cfg.algo],
         "d3rlpy_version": d3rlpy.__version__,
         "policy_file": policy_path.name,
-        "sha256": sha256_file(policy_path),
+        "sha256": sha256,
         "observation_dim": obs_dim,
         "action_size": table.n,
         "actions": table.to_dict(),

@@ -1,6 +1,7 @@
 """The networks PPO starts from: the actor (and V) of an ``offline_rl`` run as plain MLPs.
 
-``policy.d3`` is unpickled by ``offline_rl.load_policy`` only after its sha256 matches the run's
+``policy.d3`` is unpickled by ``offline_rl.load_policy`` only when its hash is one the pipeline
+recorded (dvc.lock or the trust store: ``offline_rl.trust``) and matches the run's
 ``manifest.json``. ``actor_logits_module`` folds d3rlpy's observation standardisation into the
 first layer; it is unfolded here (``W = W' * s``, ``b = b' + W' m``) so that PPO keeps optimising
 on standardised inputs, as IQL did, and its critic sees them too. Both copies are checked against
@@ -76,7 +77,8 @@ def check_action_table(manifest: dict, table: ActionTable, where: Path) -> None:
 
 
 def load_offline_networks(offline_dir: Path, table: ActionTable | None = None) -> OfflineNetworks:
-    """Load ``offline_dir/policy.d3`` (hash-checked) and copy its actor and V network.
+    """Load ``offline_dir/policy.d3`` (trusted and hash-checked: ``load_policy``) and copy its
+    actor and V network.
 
     ``table``: the dataset's action table; the run's recorded table and the actor's head width
     must match it (:func:`check_action_table`). ``None`` skips the check.

@@ -31,6 +31,7 @@ from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from addiffusion.config import UserError
 from addiffusion.diffusion.actions import ActionTable
 from addiffusion.diffusion.mdp import ObservationLayout
 from addiffusion.online_finetune.actor import ActorSpec, MlpActor
@@ -45,7 +46,7 @@ ALGOS = ("iql", "cql", "bc", "ppo")
 FAMILIES = ("sd", "sdxl", "sd3")
 
 
-class PolicyPackageError(ValueError):
+class PolicyPackageError(UserError, ValueError):
     """A package is malformed, or does not fit the pipeline it is used with."""
 
 

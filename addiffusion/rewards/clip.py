@@ -3,7 +3,9 @@
 A scorer is named like open_clip names models: a local folder (``open_clip_config.json`` +
 weights, loaded with open_clip's ``local-dir:`` schema), ``hf-hub:org/repo``, or a built-in
 open_clip name with an optional pretrained tag (``ViT-B-32@laion2b_s34b_b79k``).
-The built-in random ``tiny`` scorer is written by :func:`save_tiny_clip`.
+The built-in random ``tiny`` scorer is written by :func:`save_tiny_clip`. A name that is neither
+(a missing folder, a typo) and a folder whose weights cannot be read are a
+:class:`~addiffusion.config.UserError` naming it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from addiffusion.config import UserError
 
 TINY_CLIP_CFG = {
     "embed_dim": 32,
@@ -50,17 +55,22 @@ class ClipScorer:
 
     def __init__(self, name: str, device: torch.device | str = "cpu") -> None:
         self.name = name
-        if Path(name).is_dir():
-            model_name, pretrained = f"local-dir:{name}", None
-        elif "@" in name:
-            model_name, pretrained = name.split("@", 1)
-        else:
-            model_name, pretrained = name, None
-        if Path(name).exists() and not (Path(name) / "open_clip_config.json").exists():
-            raise FileNotFoundError(f"scorer folder {name} has no open_clip_config.json")
-        model, _, _ = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device
-        )
+        model_name, pretrained = _open_clip_name(name)
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device=device
+            )
+        except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+            if not model_name.startswith("local-dir:"):
+                raise
+            weights = sorted(
+                str(p) for p in Path(name).iterdir() if p.suffix in (".safetensors", ".bin", ".pt")
+            )
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise UserError(
+                f"cannot load the scorer's weights {' or '.join(weights) or f'in {name}'} "
+                f"({first}): the file is truncated or corrupt; copy or download it again"
+            ) from e
         self.model = model.eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
         cfg = open_clip.get_model_preprocess_cfg(model)
@@ -93,6 +103,31 @@ class ClipScorer:
             x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False)
         x = (x.clamp(0, 1) - self.mean) / self.std
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+
+def _open_clip_name(name: str) -> tuple[str, str | None]:
+    """open_clip's (model name, pretrained tag) for a scorer name; :class:`UserError` for a
+    name that is no folder, Hub id or open_clip model (open_clip would take a path for a model
+    name and say only that it has no config for it)."""
+    path = Path(name)
+    if name.startswith("hf-hub:"):
+        return name, None
+    if path.is_dir():
+        if not (path / "open_clip_config.json").is_file():
+            raise UserError(
+                f"scorer folder {name} has no open_clip_config.json (write one with "
+                "save_tiny_clip, or point collect.scorer at an open_clip folder)"
+            )
+        return f"local-dir:{name}", None
+    model_name, _, pretrained = name.partition("@")
+    if model_name not in open_clip.list_models():
+        what = "a file, not a folder" if path.exists() else "no such folder"
+        raise UserError(
+            f"scorer {name!r}: {what}, nor an open_clip model name; set collect.scorer to a "
+            "folder with open_clip_config.json, hf-hub:<org>/<repo> or <model>@<pretrained> "
+            "(e.g. ViT-B-32@laion2b_s34b_b79k)"
+        )
+    return model_name, pretrained or None
 
 
 def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> np.ndarray:

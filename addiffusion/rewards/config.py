@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -26,6 +27,19 @@ class RewardConfig(StageConfig):
     """Standardise each component with the dataset's recorded mean/std before weighting."""
 
     def __post_init__(self) -> None:
+        # Checked here too (not only at load): a NaN weight would turn every reward into NaN.
         check(len(self.weights) > 0, "rewards.weights", "a non-empty mapping", self.weights)
-        check(self.c_nfe >= 0, "rewards.c_nfe", ">= 0", self.c_nfe)
-        check(self.terminal_bonus >= 0, "rewards.terminal_bonus", ">= 0", self.terminal_bonus)
+        for name, w in self.weights.items():
+            check(math.isfinite(w), f"rewards.weights.{name}", "a finite number", w)
+        check(
+            math.isfinite(self.c_nfe) and self.c_nfe >= 0,
+            "rewards.c_nfe",
+            "a finite number >= 0",
+            self.c_nfe,
+        )
+        check(
+            math.isfinite(self.terminal_bonus) and self.terminal_bonus >= 0,
+            "rewards.terminal_bonus",
+            "a finite number >= 0",
+            self.terminal_bonus,
+        )

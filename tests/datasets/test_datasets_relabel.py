@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from addiffusion.config import ConfigError
 from addiffusion.datasets.relabel import relabel
 from addiffusion.datasets.store import file_checksums
 from addiffusion.datasets.validate import validate
@@ -75,5 +76,5 @@ def test_weights_change_rewards_never_the_data(dataset: Path, tmp_path: Path) ->
 
 
 def test_unknown_component_is_named(dataset: Path, tmp_path: Path) -> None:
-    with pytest.raises(KeyError, match="'pickscore'.*components: clip_score, stability"):
+    with pytest.raises(ConfigError, match="'pickscore'.*components: clip_score, stability"):
         relabel(dataset, RewardConfig(weights={"pickscore": 1.0}), tmp_path / "r.parquet")

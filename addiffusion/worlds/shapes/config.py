@@ -43,6 +43,7 @@ class ShapesConfig(StageConfig):
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check(self.seed >= 0, "shapes.seed", ">= 0", self.seed)
         for key in ("n_train_scenes", "vae_batch", "clip_batch", "unet_batch", "bench_prompts"):
             check(getattr(self, key) >= 1, f"shapes.{key}", ">= 1", getattr(self, key))
         for key in ("vae_steps", "decoder_steps", "clip_steps", "unet_steps", "unet_decay_steps"):
