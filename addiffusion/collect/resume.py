@@ -109,6 +109,11 @@ def check_store_config(store_dir: Path, config: dict[str, Any], n_shards: int) -
     """
     store_dir = Path(store_dir)
     manifest = read_store_manifest(store_dir)
+    if manifest is not None and manifest["config"] != config and not _has_shards(store_dir):
+        # Settings recorded by a run that failed before its first shard (a bad scorer path, say):
+        # nothing was collected under them, so the corrected run records its own.
+        (store_dir / STORE_MANIFEST).unlink(missing_ok=True)
+        manifest = None
     if manifest is not None:
         if manifest["config"] != config:
             raise _refuse(store_dir, STORE_MANIFEST, _differences(manifest["config"], config))
@@ -131,6 +136,11 @@ def check_store_config(store_dir: Path, config: dict[str, Any], n_shards: int) -
             if recorded != config:
                 raise _refuse(store_dir, shard.name, _differences(recorded, config))
     init_store(store_dir, config, n_shards)
+
+
+def _has_shards(store_dir: Path) -> bool:
+    """Whether any shard of ``store_dir`` was committed or is being written (a tmp folder)."""
+    return any(p.is_dir() and p.name.startswith("shard-") for p in store_dir.iterdir())
 
 
 def _refuse(store_dir: Path, where: str, diffs: list[str]) -> StoreConflict:

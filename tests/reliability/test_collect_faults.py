@@ -478,3 +478,17 @@ def test_four_ranks_at_once_and_a_second_collector_on_a_taken_rank(
     assert sorted(read_ledger(store)) == list(range(8))
     assert len((store / "shards.jsonl").read_text().splitlines()) == 8  # each shard once
     assert validate(store) == [] and not _leftovers(store)
+
+
+def test_a_run_that_failed_before_its_first_shard_does_not_block_the_fixed_one(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad scorer path fails the run after the store recorded its settings; once the path is
+    fixed, the rerun records its own (nothing was collected under the bad ones)."""
+    store = tmp_path / "store"
+    bad = _params(tmp_path / "bad.yaml", models, scorer=str(tmp_path / "no_clip"))
+    assert main(["collect", "--store", str(store), "--params", str(bad), "--quiet"]) == 2
+    good = _params(tmp_path / "good.yaml", models)
+    assert main(["collect", "--store", str(store), "--params", str(good), "--quiet"]) == 0
+    assert completed_shards(store) == {0, 1, 2, 3}
+    capsys.readouterr()
