@@ -25,6 +25,7 @@ dataset is assembled under a temporary name and swapped in only when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -355,7 +356,12 @@ def build_dataset(
         info["files"] = file_checksums(tmp, exclude=("meta/info.json",))
         (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=2))
         swap_in(tmp, out_dir, store_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise BuildError(
+                f"no space left on the device of {out_dir.parent} while writing the dataset; "
+                f"nothing was written and {out_dir} is as it was: free space and rerun"
+            ) from e
         raise
     return out_dir

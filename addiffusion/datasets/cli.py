@@ -20,8 +20,9 @@ def _build(args: argparse.Namespace) -> int:
             Path(args.store), Path(args.out), cfg, allow_incomplete=args.allow_incomplete
         )
     except BuildError as e:
+        # A store that build refuses is the user's to fix: a one-line error, exit 2.
         print(f"addiffusion datasets build: {e}", file=sys.stderr)
-        return 1
+        return 2
     info = json.loads((out / "meta" / "info.json").read_text())
     c = info["counts"]
     print(

@@ -62,7 +62,7 @@ def _verify(args: argparse.Namespace) -> int:
         )
     except PolicyLoadError as e:
         print(f"addiffusion offline-rl verify: {e}", file=sys.stderr)
-        return 1
+        return 2
     summary = {
         "algo": policy.algo_name,
         "observation_dim": policy.observation_dim,
@@ -89,7 +89,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
         )
     except PolicyLoadError as e:
         print(f"addiffusion offline-rl export-onnx: {e}", file=sys.stderr)
-        return 1
+        return 2
     out = export_onnx(policy, Path(args.out) if args.out else policy_path.with_suffix(".onnx"))
     print(
         f"offline-rl export-onnx: wrote the {policy.algo_name} policy to {out} (inputs obs "
@@ -108,7 +108,7 @@ def _trust(args: argparse.Namespace) -> int:
     path = Path(args.policy)
     if not path.is_file():
         print(f"addiffusion offline-rl trust: {path} not found", file=sys.stderr)
-        return 1
+        return 2
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if args.sha256 is not None and args.sha256.lower() != digest:
         print(
@@ -116,12 +116,12 @@ def _trust(args: argparse.Namespace) -> int:
             "you expected; nothing was trusted",
             file=sys.stderr,
         )
-        return 1
+        return 2
     try:
         store = trust.record(path, digest, "addiffusion offline-rl trust")
     except trust.TrustStoreError as e:
         print(f"addiffusion offline-rl trust: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"offline-rl trust: sha256 {digest} of {path} recorded in {store}")
     return 0
 

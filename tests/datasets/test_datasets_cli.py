@@ -113,7 +113,7 @@ def test_cli_build_refuses_corrupted_store(
                 str(_params(tmp_path)),
             ]
         )
-        == 1
+        == 2
     )
     assert "schema_version 99" in capsys.readouterr().err and not (tmp_path / "ds").exists()
 

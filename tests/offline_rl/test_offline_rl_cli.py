@@ -71,7 +71,7 @@ def test_train_then_verify(
     assert main(["offline-rl", "verify", "--policy", str(out / "policy.d3")]) == 0
     assert json.loads(capsys.readouterr().out)["sha256"] == manifest["sha256"]
     (out / "policy.d3").write_bytes((out / "policy.d3").read_bytes() + b"\0")
-    assert main(["offline-rl", "verify", "--policy", str(out / "policy.d3")]) == 1
+    assert main(["offline-rl", "verify", "--policy", str(out / "policy.d3")]) == 2
     assert "refusing to load" in capsys.readouterr().err
 
 

@@ -119,7 +119,7 @@ def test_export_onnx_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFi
     tampered = tmp_path / "policy.d3"
     tampered.write_bytes(policy.read_bytes() + b"x")
     (tmp_path / "manifest.json").write_bytes((policy.parent / "manifest.json").read_bytes())
-    assert _main(["offline-rl", "export-onnx", "--policy", str(tampered)]) == 1
+    assert _main(["offline-rl", "export-onnx", "--policy", str(tampered)]) == 2
     assert "refusing to load" in capsys.readouterr().err
     assert not tampered.with_suffix(".onnx").exists()
 

@@ -209,7 +209,7 @@ def _refused(
     store: Path, tmp_path: Path, params: Path, capsys: pytest.CaptureFixture[str], *extra: str
 ) -> str:
     before = tree(store)
-    assert build(store, tmp_path / "ds", params, *extra) == 1
+    assert build(store, tmp_path / "ds", params, *extra) == 2
     assert not (tmp_path / "ds").exists()
     assert tree(store) == before
     return capsys.readouterr().err

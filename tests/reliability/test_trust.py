@@ -135,7 +135,7 @@ def test_crafted_pickle_with_matching_manifest_never_runs(env: Path, tmp_path: P
         load_offline_networks(evil)
     with pytest.raises(PolicyLoadError, match="refusing to load"):
         package_offline(evil, task=None)  # type: ignore[arg-type]  (refused before the task is read)
-    assert main(["offline-rl", "verify", "--policy", str(evil / "policy.d3")]) == 1
+    assert main(["offline-rl", "verify", "--policy", str(evil / "policy.d3")]) == 2
     assert not marker.exists()
     # Control: the crafted file does run code when unpickled.
     control = tmp_path / "control"
@@ -179,7 +179,7 @@ def test_untrusted_file_is_refused_until_trusted_explicitly(
         load_policy(path)
     assert load_policy(path, trusted_sha256=sha).algo_name == "iql"  # a one-off, not recorded
     assert not store.exists()
-    assert main(["offline-rl", "trust", str(path), "--sha256", "0" * 64]) == 1
+    assert main(["offline-rl", "trust", str(path), "--sha256", "0" * 64]) == 2
     assert "nothing was trusted" in capsys.readouterr().err and not store.exists()
     assert main(["offline-rl", "trust", str(path), "--sha256", sha]) == 0
     assert trust.read_store()[sha]["source"] == "addiffusion offline-rl trust"
