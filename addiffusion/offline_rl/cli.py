@@ -177,7 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Check that --policy is trusted (dvc.lock or the trust store records its "
         "hash) and that its sha256 is the one recorded in the manifest.json its training run "
         "wrote, then load it and print its algo, observation dim, action count and action names "
-        "as JSON. A .d3 file is a pickle: otherwise nothing is loaded and the exit status is 1.",
+        "as JSON. A .d3 file is a pickle: otherwise nothing is loaded and the exit status is 2.",
     )
     v.add_argument("--policy", required=True, help="policy.d3 file")
     v.add_argument("--manifest", default=None, help="manifest.json (default: beside the policy)")
