@@ -178,14 +178,16 @@ def _has_subcommands(parser: argparse.ArgumentParser) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command: a user error (a params key, a file, a row; an input file that is
+    not there) is the user's to fix, so say what is wrong in one line, no traceback, exit 2."""
     try:
         result = args.func(args)
     except (UserError, FileNotFoundError) as e:
-        # The user's to fix (a params key, a file, a row; an input file that is not there): say
-        # what is wrong, no traceback.
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"addiffusion: error: {one_line(str(e))}", file=sys.stderr)
         return 2

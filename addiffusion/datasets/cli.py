@@ -11,18 +11,14 @@ from addiffusion.config import read_params
 
 
 def _build(args: argparse.Namespace) -> int:
-    from addiffusion.datasets.build import BuildError, build_dataset
+    from addiffusion.datasets.build import build_dataset
     from addiffusion.datasets.config import DatasetsConfig
 
     cfg = DatasetsConfig.from_params(read_params(args.params))
-    try:
-        out = build_dataset(
-            Path(args.store), Path(args.out), cfg, allow_incomplete=args.allow_incomplete
-        )
-    except BuildError as e:
-        # A store that build refuses is the user's to fix: a one-line error, exit 2.
-        print(f"addiffusion datasets build: {e}", file=sys.stderr)
-        return 2
+    # A store build refuses raises BuildError, a UserError: `main` says why and exits 2.
+    out = build_dataset(
+        Path(args.store), Path(args.out), cfg, allow_incomplete=args.allow_incomplete
+    )
     info = json.loads((out / "meta" / "info.json").read_text())
     c = info["counts"]
     print(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from addiffusion.config import read_params
 from addiffusion.offline_rl.config import OfflineRLConfig
@@ -50,19 +51,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import sys
 
-    from addiffusion.offline_rl.policy import PolicyLoadError, load_policy
-
-    try:
-        policy = load_policy(
-            Path(args.policy),
-            Path(args.manifest) if args.manifest else None,
-            trusted_sha256=args.trust_sha256,
-        )
-    except PolicyLoadError as e:
-        print(f"addiffusion offline-rl verify: {e}", file=sys.stderr)
-        return 2
+    policy = _load(args)  # a refused file is a UserError: `main` says why and exits 2
     summary = {
         "algo": policy.algo_name,
         "observation_dim": policy.observation_dim,
@@ -74,23 +64,21 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> Any:
+    """``--policy`` (with ``--manifest`` / ``--trust-sha256``) through the trusted loader."""
+    from addiffusion.offline_rl.policy import load_policy
+
+    manifest = Path(args.manifest) if args.manifest else None
+    return load_policy(Path(args.policy), manifest, trusted_sha256=args.trust_sha256)
+
+
 def _export_onnx(args: argparse.Namespace) -> int:
-    import sys
-
     from addiffusion.offline_rl.onnx_export import export_onnx
-    from addiffusion.offline_rl.policy import PolicyLoadError, load_policy
 
-    policy_path = Path(args.policy)
-    try:
-        policy = load_policy(
-            policy_path,
-            Path(args.manifest) if args.manifest else None,
-            trusted_sha256=args.trust_sha256,
-        )
-    except PolicyLoadError as e:
-        print(f"addiffusion offline-rl export-onnx: {e}", file=sys.stderr)
-        return 2
-    out = export_onnx(policy, Path(args.out) if args.out else policy_path.with_suffix(".onnx"))
+    policy = _load(args)
+    out = export_onnx(
+        policy, Path(args.out) if args.out else Path(args.policy).with_suffix(".onnx")
+    )
     print(
         f"offline-rl export-onnx: wrote the {policy.algo_name} policy to {out} (inputs obs "
         f"(B, {policy.observation_dim}) float32, mask (B, {policy.action_size}) bool; outputs "
@@ -101,27 +89,19 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 def _trust(args: argparse.Namespace) -> int:
     import hashlib
-    import sys
 
+    from addiffusion.config import UserError
     from addiffusion.offline_rl import trust
 
     path = Path(args.policy)
     if not path.is_file():
-        print(f"addiffusion offline-rl trust: {path} not found", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{path} not found: --policy must be a policy.d3 file")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if args.sha256 is not None and args.sha256.lower() != digest:
-        print(
-            f"addiffusion offline-rl trust: {path} has sha256 {digest}, not the {args.sha256} "
-            "you expected; nothing was trusted",
-            file=sys.stderr,
+        raise UserError(
+            f"{path} has sha256 {digest}, not the {args.sha256} you expected; nothing was trusted"
         )
-        return 2
-    try:
-        store = trust.record(path, digest, "addiffusion offline-rl trust")
-    except trust.TrustStoreError as e:
-        print(f"addiffusion offline-rl trust: {e}", file=sys.stderr)
-        return 2
+    store = trust.record(path, digest, "addiffusion offline-rl trust")
     print(f"offline-rl trust: sha256 {digest} of {path} recorded in {store}")
     return 0
 

@@ -31,11 +31,13 @@ from typing import Any
 
 import yaml
 
+from addiffusion.config import UserError
+
 STORE_ENV = "ADDIFFUSION_TRUST_STORE"
 STORE_FORMAT = "addiffusion.trust/1"
 
 
-class TrustStoreError(RuntimeError):
+class TrustStoreError(UserError, RuntimeError):
     """The trust store cannot be read or written."""
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from offline_rl_stop_mdp import TABLE, make_buffer
 
+from addiffusion.cli import run
 from addiffusion.offline_rl.cli import register
 from addiffusion.offline_rl.config import OfflineRLConfig
 from addiffusion.offline_rl.onnx_export import export_onnx
@@ -102,8 +103,7 @@ def test_onnx_metadata_names_the_actions(run_dir: Path, tmp_path: Path) -> None:
 def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="addiffusion")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run(parser.parse_args(argv))
 
 
 def test_export_onnx_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
