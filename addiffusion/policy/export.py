@@ -9,6 +9,7 @@ written: a package that would act differently from the policy it came from is ne
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -37,8 +38,6 @@ def task_config(
     evaluation: dict[str, Any] | None = None,
 ) -> PolicyConfig:
     """The package config of a policy trained on ``task`` (a dataset's MDP)."""
-    import dataclasses
-
     family = task.info.get("family")
     if task.observation is None or family is None:
         raise PolicyPackageError(
