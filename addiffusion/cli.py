@@ -32,6 +32,7 @@ STAGES = (
     "eval",
     "policy",
     "bench",
+    "distill",
 )
 """Modules under ``addiffusion`` whose ``cli.register`` adds subcommands (``offline_rl`` is spelt
 ``offline-rl`` on the command line, ``online_finetune`` ``online-finetune``)."""
@@ -49,6 +50,8 @@ PIPELINE = (
     "eval",
     "policy export",
     "bench policy",
+    "distill train",
+    "distill eval",
 )
 """The commands of dvc.yaml's stages, in its order (tests/test_cli_help.py checks it); every
 other command is a helper."""

@@ -41,6 +41,7 @@ SECTIONS = (
     "online_finetune",
     "shapes",
     "eval",
+    "distill",
 )
 """The top-level sections of ``params.yaml``: the ``section`` of every :class:`StageConfig`
 (tests/reliability/test_config_errors.py checks that the two agree)."""
