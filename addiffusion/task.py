@@ -3,8 +3,9 @@
 A built dataset's ``meta/info.json`` (written by ``datasets build`` from the shards' info, which
 ``collect`` writes) says which MDP its trajectories live in: backbone, scheduler, scorer, reward
 components and their normalisation stats, sampler settings, the action table and the observation
-layout. Offline RL, online fine-tuning and evaluation must all run on that same MDP, so all of
-them read it here (:func:`read_task`) and build their sampler with :func:`make_sampler`.
+layout, and which decoder produced the observations. Offline RL, online fine-tuning and
+evaluation must all run on that same MDP, so all of them read it here (:func:`read_task`) and
+build their sampler with :func:`make_sampler`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from addiffusion.config import UserError
 from addiffusion.diffusion.actions import ActionTable
 from addiffusion.diffusion.mdp import ObservationLayout
 
@@ -79,12 +81,52 @@ class Task:
     observation: ObservationLayout | None
     drop_components: tuple[str, ...] = ()
     extra_scorer_models: dict[str, str] = field(default_factory=dict)
+    preview: str = ""
+    """The preview decoder of the observations (folder or Hub id) when ``settings.observe_with``
+    is ``preview``, else empty."""
     info: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The whole ``meta/info.json`` (model ids, behaviour policy, ...), for reports."""
 
     @property
     def obs_dim(self) -> int | None:
         return None if self.observation is None else self.observation.dim
+
+    @property
+    def observer(self) -> dict[str, str]:
+        """Which decoder produced the observations: what a policy trained on them records, and
+        what evaluation checks (:func:`check_observer`)."""
+        return observer(self.settings.observe_with, self.preview)
+
+
+def observer(observe_with: str, preview: str) -> dict[str, str]:
+    """``{"observe_with", "preview"}``, the preview empty unless it is used."""
+    return {"observe_with": observe_with, "preview": preview if observe_with == "preview" else ""}
+
+
+class ObserverMismatch(UserError, ValueError):
+    """A policy was trained on observations of another decoder than the task's."""
+
+
+def check_observer(task: Task, recorded: dict[str, Any] | None, what: str) -> None:
+    """Refuse ``what`` (a policy) whose training observations were decoded by another decoder than
+    the task's: its inputs would come from a different distribution. ``recorded`` None: a policy
+    from before observers were recorded, whose observations were the full VAE's."""
+    mine = observer(**(recorded or {"observe_with": "vae", "preview": ""}))
+    if mine != task.observer:
+        raise ObserverMismatch(
+            f"{what} was trained on observations decoded by {_describe(mine)}, but this dataset's "
+            f"observations are decoded by {_describe(task.observer)}: evaluate it on a dataset "
+            "collected with the same collect.observe_with / collect.preview, or retrain it on "
+            "this one"
+        )
+
+
+def _describe(obs: dict[str, str]) -> str:
+    return (
+        "the full VAE"
+        if obs["observe_with"] == "vae"
+        else f"the preview decoder {obs['preview']!r}"
+    )
 
 
 def task_from_info(info: dict[str, Any], where: str) -> Task:
@@ -106,6 +148,11 @@ def task_from_info(info: dict[str, Any], where: str) -> Task:
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: observation layout is malformed ({e!r}): {obs!r}") from e
     settings = sampler_settings(info["sampler"], f"{where} 'sampler'")
+    preview = str(info.get("preview", ""))
+    if settings.observe_with == "preview" and not preview:
+        raise ValueError(
+            f"{where}: the sampler observes with a preview decoder but no 'preview' entry names it"
+        )
     table = ActionTable.from_dict(info["actions"], f"{where} 'actions'")
     if table.n_max != settings.n_max:
         raise ValueError(f"{where}: actions.n_max {table.n_max} != sampler.n_max {settings.n_max}")
@@ -120,6 +167,7 @@ def task_from_info(info: dict[str, Any], where: str) -> Task:
         observation=layout,
         drop_components=tuple(info.get("drop_components", ())),
         extra_scorer_models=dict(info.get("extra_scorer_models", {})),
+        preview=preview if settings.observe_with == "preview" else "",
         info=info,
     )
 
@@ -139,9 +187,11 @@ def make_sampler(
     extra_scorer_models: dict[str, str],
     device: str,
     drop_components: tuple[str, ...] | list[str] = (),
+    preview: str = "",
 ) -> StepwiseSampler:
-    """The one sampler factory: the pipeline, CLIP scorer and extra scorers on ``device``."""
-    from addiffusion.diffusion.backbone import load_pipeline, resolve_device
+    """The one sampler factory: the pipeline, CLIP scorer, extra scorers and (when
+    ``settings.observe_with`` is ``preview``) the preview decoder ``preview`` on ``device``."""
+    from addiffusion.diffusion.backbone import load_pipeline, load_preview, resolve_device
     from addiffusion.diffusion.sampler import StepwiseSampler
     from addiffusion.rewards.clip import ClipScorer
     from addiffusion.rewards.extra import build_extra_scorers
@@ -149,7 +199,10 @@ def make_sampler(
     dev = resolve_device(device)
     pipe = load_pipeline(backbone, scheduler, str(dev), drop_components=tuple(drop_components))
     extra = build_extra_scorers(list(components), dict(extra_scorer_models), dev)
-    return StepwiseSampler(pipe, ClipScorer(scorer, dev), settings, extra)
+    decoder = None
+    if settings.observe_with == "preview":
+        decoder = load_preview(preview, dev, pipe.vae.dtype)
+    return StepwiseSampler(pipe, ClipScorer(scorer, dev), settings, extra, preview=decoder)
 
 
 def task_sampler(
@@ -174,6 +227,7 @@ def task_sampler(
             task.extra_scorer_models,
             device,
             task.drop_components,
+            task.preview,
         )
         if scheduler is None and observe:
             return base
@@ -190,5 +244,11 @@ def task_sampler(
         cls, kwargs = SCHEDULERS[scheduler]
         sched = cls.from_config(share.scheduler.config, **kwargs)
     return StepwiseSampler(
-        share.pipe, share.scorer, settings, share.extra_scorers, observe=observe, scheduler=sched
+        share.pipe,
+        share.scorer,
+        settings,
+        share.extra_scorers,
+        observe=observe,
+        scheduler=sched,
+        preview=share.preview,
     )

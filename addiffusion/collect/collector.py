@@ -115,6 +115,7 @@ def build_sampler(cfg: CollectConfig) -> StepwiseSampler:
         extra_scorer_models(cfg),
         cfg.device,
         cfg.drop_components,
+        cfg.preview,
     )
 
 
@@ -136,6 +137,8 @@ def shard_info(cfg: CollectConfig, sampler: StepwiseSampler, config: dict | None
         "scheduler": cfg.scheduler,
         "drop_components": list(cfg.drop_components),
         "scorer": cfg.scorer,
+        # The observations' decoder (the sampler settings say whether it is used).
+        "preview": cfg.preview if cfg.observe_with == "preview" else "",
         "extra_scorer_models": extra_scorer_models(cfg),
         "num_train_timesteps": sampler.num_train_timesteps,
         # Every SamplerSettings field, so a consumer rebuilds the exact sampler.

@@ -50,6 +50,15 @@ class CollectConfig(StageConfig):
     x0_decode_scale: float = 1.0
     """Per-step x̂0 decoded from latents resized by this factor (1 = exact; 0.5 = a quarter of
     the decode cost, features and scores from a half-size image). Final images: full size."""
+    observe_with: str = "vae"
+    """Decoder of the per-step x̂0 observations: ``vae`` (the pipeline's own, exact) or
+    ``preview`` (the TAESD-style ``AutoencoderTiny`` that ``preview`` names; features, scores and
+    the recorded per-step components then come from the preview). Final images are always the
+    full VAE's. The dataset records which one, and eval, online fine-tuning and the drop-in
+    sampler observe with the same."""
+    preview: str = "assets/shapes/preview"
+    """The preview decoder (``observe_with: preview``): an ``AutoencoderTiny`` folder or Hub id
+    (``madebyollin/taesd`` for SD 1.x/2.x, ``madebyollin/taesdxl``, ``madebyollin/taesd3``)."""
     const_stride_prob: float = 0.5
     """Behaviour policy: fraction of root episodes that follow one constant stride (uniform over
     ``strides``: the fixed schedules); the others draw a stride uniformly at every point."""
@@ -133,6 +142,18 @@ class CollectConfig(StageConfig):
             "in (0, 1]",
             self.x0_decode_scale,
         )
+        check(
+            self.observe_with in ("vae", "preview"),
+            "collect.observe_with",
+            "vae or preview",
+            self.observe_with,
+        )
+        check(
+            self.observe_with != "preview" or bool(self.preview),
+            "collect.preview",
+            "an AutoencoderTiny folder or Hub id when collect.observe_with is preview",
+            self.preview,
+        )
         check(0.0 <= self.branch_prob <= 1.0, "collect.branch_prob", "in [0, 1]", self.branch_prob)
         check(
             1 in self.strides
@@ -185,4 +206,5 @@ class CollectConfig(StageConfig):
             width=self.width,
             mask_blur_sigma=self.mask_blur_sigma,
             x0_decode_scale=self.x0_decode_scale,
+            observe_with=self.observe_with,
         )

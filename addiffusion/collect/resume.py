@@ -61,7 +61,8 @@ class StoreConflict(UserError):
 
 def episode_config(cfg: CollectConfig) -> dict[str, Any]:
     """The collect keys that decide a store's contents, as JSON values: every key but
-    :data:`RESUMABLE_KEYS`, and a learned scorer's checkpoint only when that scorer is used."""
+    :data:`RESUMABLE_KEYS`, and a learned scorer's checkpoint or the preview decoder only when
+    it is used."""
     out = {
         f.name: getattr(cfg, f.name)
         for f in dataclasses.fields(cfg)
@@ -75,6 +76,8 @@ def episode_config(cfg: CollectConfig) -> dict[str, Any]:
         if scorer not in cfg.scorers:
             for k in keys:
                 out.pop(k)
+    if cfg.observe_with != "preview":
+        out.pop("preview")
     return json.loads(json.dumps(out))  # tuples -> lists, as read back from JSON
 
 

@@ -32,6 +32,7 @@ SHARED_INFO_KEYS = (
     "backbone",
     "scheduler",
     "scorer",
+    "preview",
     "num_train_timesteps",
     "sampler",
     "actions",

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
@@ -94,6 +95,29 @@ def load_pipeline(
         # SDXL's VAE overflows in float16 (its config says so); every x̂0 decode runs in float32.
         pipe.vae.to(torch.float32)
     return pipe
+
+
+def load_preview(name: str, device: torch.device, dtype: torch.dtype) -> AutoencoderTiny:
+    """The preview decoder ``name`` (an ``AutoencoderTiny`` folder or Hub id, e.g.
+    ``madebyollin/taesd`` for SD 1.x/2.x, ``taesdxl``, ``taesd3``; the shapes world ships
+    ``assets/shapes/preview``) on ``device``."""
+    if not name:
+        raise ValueError(
+            "observe_with is 'preview' but no preview decoder is named (collect.preview: an "
+            "AutoencoderTiny folder or Hub id such as madebyollin/taesd)"
+        )
+    local = Path(name)
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{name} exists but has no config.json: not an AutoencoderTiny folder (train the shapes "
+            "world's with `addiffusion shapes train --phase preview`)"
+        )
+    if not local.exists() and (local.is_absolute() or name.startswith(".") or name.count("/") != 1):
+        raise FileNotFoundError(
+            f"preview decoder {name} not found (a local AutoencoderTiny folder, or a Hub id "
+            "org/name)"
+        )
+    return AutoencoderTiny.from_pretrained(name, dtype=dtype).to(device).eval()
 
 
 def _write_char_tokenizer(out_dir: Path) -> CLIPTokenizer:
@@ -420,9 +444,13 @@ def set_schedule(
         scheduler.set_timesteps(timesteps=custom, device=device)
 
 
-def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
-    """``(B, C, h, w)`` clean latents -> ``(B, 3, H, W)`` float32 images in [0, 1]."""
-    vae = pipe.vae
+def decode_latents(
+    pipe: DiffusionPipeline, latents: torch.Tensor, vae: torch.nn.Module | None = None
+) -> torch.Tensor:
+    """``(B, C, h, w)`` clean latents -> ``(B, 3, H, W)`` float32 images in [0, 1], by the
+    pipeline's VAE or ``vae`` (a preview decoder: ``AutoencoderTiny`` takes the same latents,
+    its config's ``scaling_factor`` / ``shift_factor`` say how, as in the stock pipelines)."""
+    vae = pipe.vae if vae is None else vae
     shift = vae.config.get("shift_factor", None) or 0.0
     x = latents.to(vae.dtype) / vae.config.scaling_factor + shift
     return (vae.decode(x, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)

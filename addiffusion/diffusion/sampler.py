@@ -5,9 +5,10 @@ Every episode (one prompt, one seed) keeps its own scheduler copy, latents and s
 episodes in one batch may sit at different steps (the online vector env needs that) without
 mixing multistep solver state; denoiser calls are still batched, with per-sample timesteps.
 
-Per step the sampler produces the one-step clean prediction x̂0, decodes it with the VAE, and
-scores it: CLIP image features, CLIP score against the prompt, stability (cosine to the previous
-step's x̂0 features; 0 at step 0) and any extra scorer (e.g. the shapes-world verifier). It also
+Per step the sampler produces the one-step clean prediction x̂0, decodes it with the VAE (or,
+with ``observe_with: preview``, a TAESD-style preview decoder), and scores it: CLIP image
+features, CLIP score against the prompt, stability (cosine to the previous step's x̂0 features;
+0 at step 0) and any extra scorer (e.g. the shapes-world verifier). It also
 captures the attention of image positions to text tokens (UNet cross-attention, SD3 joint
 attention; :mod:`addiffusion.diffusion.attention`) and keeps the episode's under-generation mask, which *refine* re-denoises and every policy may look at.
 Backbones: SD 1.x/2.x, SDXL and SD3 (:func:`addiffusion.diffusion.backbone.model_family`).
@@ -58,6 +59,9 @@ class FeatureScorer(Protocol):
         ...
 
 
+OBSERVERS = ("vae", "preview")
+"""Decoders of the per-step observations (``SamplerSettings.observe_with``)."""
+
 ExtraScorer = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 """``(images (B, H, W, 3) uint8, prompts) -> (B,) float32`` raw reward component."""
 
@@ -91,9 +95,20 @@ class SamplerSettings:
     """Per-step x̂0 is decoded from latents resized by this factor (1: exact). Below 1 the
     per-step images, features and scores are approximations that cost ~scale² of a decode;
     :meth:`StepwiseSampler.stop` always decodes the final image at full resolution."""
+    observe_with: str = "vae"
+    """Decoder of the per-step x̂0 observations: ``vae`` (the pipeline's, exact) or ``preview``
+    (a TAESD-style ``AutoencoderTiny`` handed to the sampler: a fraction of the cost, an
+    approximation). Either way :meth:`StepwiseSampler.stop` decodes and scores the final image
+    with the full VAE."""
 
     def __post_init__(self) -> None:
         from addiffusion.diffusion.backbone import GRIDS
+
+        if self.observe_with not in OBSERVERS:
+            raise ValueError(
+                f"sampler observe_with must be one of {', '.join(OBSERVERS)}, got "
+                f"{self.observe_with!r}"
+            )
 
         if self.grid not in GRIDS:
             raise ValueError(f"sampler grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
@@ -179,10 +194,19 @@ class StepwiseSampler:
         extra_scorers: dict[str, ExtraScorer] | None = None,
         observe: bool = True,
         scheduler: object | None = None,
+        preview: torch.nn.Module | None = None,
     ) -> None:
         """``observe=False`` (fixed schedules, which need no observations) skips the per-point
         decode and scoring: :meth:`stop` then decodes and scores only the final images.
-        ``scheduler`` replaces ``pipe.scheduler`` (samplers of several solvers share one pipe)."""
+        ``scheduler`` replaces ``pipe.scheduler`` (samplers of several solvers share one pipe).
+        ``preview``: the per-step decoder when ``settings.observe_with`` is ``preview`` (see
+        :func:`addiffusion.diffusion.backbone.load_preview`)."""
+        if settings.observe_with == "preview" and preview is None and observe:
+            raise ValueError(
+                "sampler settings observe with the preview decoder, but none was given "
+                "(load one with addiffusion.diffusion.backbone.load_preview)"
+            )
+        self.preview = preview if settings.observe_with == "preview" else None
         self.observe = observe
         self.scheduler = pipe.scheduler if scheduler is None else scheduler
         self.pipe = pipe
@@ -388,15 +412,24 @@ class StepwiseSampler:
     @torch.no_grad()
     def stop(self, episodes: Sequence[Episode]) -> np.ndarray:
         """End the episodes; the final images ``(B, H, W, 3)`` uint8 are the decoded x̂0 of their
-        current step (at full resolution, whatever ``x0_decode_scale``)."""
+        current step, by the full VAE at full resolution whatever ``x0_decode_scale`` and
+        ``observe_with``; approximate observations are then scored again on that image, so the
+        episodes' final components are always the final image's."""
         for ep in episodes:
             ep.done = True
-        if self.observe and self.settings.x0_decode_scale == 1.0:
+        if self.observe and self.exact_observations:
             return np.stack([ep.image for ep in episodes])
         images = backbone.decode_latents(self.pipe, torch.cat([ep.x0 for ep in episodes]))
-        if not self.observe:
-            self._score(episodes, images)
+        # The final image's scores are always the full VAE decode's.
+        self._score(episodes, images)
         return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+    @property
+    def exact_observations(self) -> bool:
+        """Whether the per-step observations are the full VAE's decode at full size (then a
+        stop's final image and scores are the last observation's)."""
+        s = self.settings
+        return s.observe_with == "vae" and s.x0_decode_scale == 1.0
 
     def fork(self, episodes: Sequence[Episode]) -> list[Episode]:
         """Independent copies of the episodes at their current state (for refine branches).
@@ -507,12 +540,12 @@ class StepwiseSampler:
         self, episodes: Sequence[Episode], x0: torch.Tensor, since: float | None = None
     ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Decode the episodes' clean predictions ``x0`` (B, C, h, w) (resized by
-        ``x0_decode_scale``) and score them as their current point: what :meth:`observations`
-        then reads (the stop-only callback observes a stock pipeline's x̂0 through this)."""
+        ``x0_decode_scale``; with the preview decoder when ``observe_with`` says so) and score
+        them as their current point: what :meth:`observations` then reads (the stop-only callback observes a stock pipeline's x̂0 through this)."""
         since = time.perf_counter() if since is None else since
         scale = self.settings.x0_decode_scale
         small = x0 if scale == 1.0 else F.interpolate(x0, scale_factor=scale, mode="area")
-        images = backbone.decode_latents(self.pipe, small)
+        images = backbone.decode_latents(self.pipe, small, self.preview)
         self._tick("decode", since)
         return self._score(episodes, images)
 

@@ -45,7 +45,7 @@ from addiffusion.eval.policies import (
 from addiffusion.eval.rollout import MethodRun, run_method
 from addiffusion.rewards.config import RewardConfig
 from addiffusion.rewards.reward import quality
-from addiffusion.task import Task, task_sampler
+from addiffusion.task import Task, check_observer, task_sampler
 
 OUTPUTS = (
     "metrics.json",
@@ -260,6 +260,10 @@ def evaluate(
     held = load_heldout(Path(dataset_dir), cfg, prompts)
     task = held.task
     settings = task.settings
+    for name, policy in policies.items():
+        manifest = getattr(policy, "manifest", None)
+        if isinstance(manifest, dict):
+            check_observer(task, manifest.get("observer"), f"policy {name!r}")
     methods = _methods(cfg, policies, task)
     prompts = [it.prompt for it in held.items]
     seeds = [it.seed for it in held.items]

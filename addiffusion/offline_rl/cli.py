@@ -33,9 +33,15 @@ def _train(args: argparse.Namespace) -> int:
     train, val = to_replay_buffers(
         Path(args.dataset), Path(args.rewards), float(split["val_fraction"]), int(split["seed"])
     )
-    table = read_task(Path(args.dataset)).actions
+    task = read_task(Path(args.dataset))
     metrics = train_offline(
-        train, val, cfg, Path(args.out), actions=table, show_progress=not args.quiet
+        train,
+        val,
+        cfg,
+        Path(args.out),
+        actions=task.actions,
+        observer=task.observer,
+        show_progress=not args.quiet,
     )
     rows = [(cfg.algo, metrics), *metrics.get("baselines", {}).items()]
     for name, m in rows:

@@ -6,7 +6,8 @@ Output folder of one run (``out_dir``)::
                        sha256 is also added to the user's trust store (``offline_rl.trust``),
                        outside this folder, so that ``load_policy`` will unpickle it
     manifest.json      algo, sha256 of policy.d3, observation dim, action size, the action table
-                       (``actions``: ActionTable.to_dict()), config, metrics
+                       (``actions``: ActionTable.to_dict()), the observations' decoder
+                       (``observer``), config, metrics
     metrics.json       final losses, validation metrics, stop-decision evaluation (+ baselines)
     training.csv       one row per epoch: losses and validation metrics (for ``dvc plots``)
     logs/<algo>/       d3rlpy's FileAdapter log (params.json, one CSV per metric)
@@ -165,6 +166,7 @@ def _train_one(
     log: bool,
     show_progress: bool,
     table: ActionTable,
+    observer: dict[str, str] | None,
 ) -> dict[str, Any]:
     obs_dim = check_buffer(train, "train", table)
     d3rlpy.seed(cfg.seed)
@@ -214,6 +216,7 @@ def _train_one(
         "observation_dim": obs_dim,
         "action_size": table.n,
         "actions": table.to_dict(),
+        "observer": observer,
         "actor": {
             "hidden_units": list(cfg.hidden_units),
             "activation": "relu",
@@ -251,6 +254,7 @@ def train_offline(
     out_dir: Path,
     *,
     actions: ActionTable,
+    observer: dict[str, str] | None = None,
     log: bool = True,
     show_progress: bool = False,
 ) -> dict[str, Any]:
@@ -258,7 +262,9 @@ def train_offline(
 
     Buffers: d3rlpy ReplayBuffers with ``ActionSpace.DISCRETE``, ``action_size=actions.n`` (the
     dataset's action table, recorded in the manifest as ``actions``) and flat float32
-    observations (B, D). Writes the files listed in the module docstring under
+    observations (B, D). ``observer``: which decoder produced the observations
+    (:attr:`addiffusion.task.Task.observer`), recorded in the manifest so that evaluation can
+    refuse the policy on observations of another decoder. Writes the files listed in the module docstring under
     ``out_dir`` and returns the content of ``out_dir/metrics.json`` (baselines under
     ``"baselines"``). ``log=False`` uses d3rlpy's NoopAdapter (no ``logs/`` folder).
     """
@@ -268,7 +274,7 @@ def train_offline(
         raise ValueError(
             f"val observations have dim {check_buffer(val, 'val', actions)}, train ones {obs_dim}"
         )
-    summary = _train_one(train, val, cfg, out_dir, log, show_progress, actions)
+    summary = _train_one(train, val, cfg, out_dir, log, show_progress, actions, observer)
     # Always present (maybe empty), so a pipeline can declare it as an output.
     (out_dir / "baselines").mkdir(exist_ok=True)
     if cfg.baselines:
@@ -281,6 +287,7 @@ def train_offline(
                 log,
                 show_progress,
                 actions,
+                observer,
             )
             for name in cfg.baselines
         }

@@ -36,7 +36,7 @@ from addiffusion.online_finetune.offline_init import load_offline_networks
 from addiffusion.online_finetune.ppo import actor_from_ppo, build_maskable_ppo, save_actor
 from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
 from addiffusion.rewards.config import RewardConfig
-from addiffusion.task import read_task
+from addiffusion.task import check_observer, read_task
 
 SB3_TO_CLEANRL = {
     "train/approx_kl": "losses/approx_kl",
@@ -97,8 +97,11 @@ def finetune(
     tic = time.perf_counter()
     out_dir = Path(out_dir)
     dataset_dir = Path(dataset_dir)
-    # the offline run must fit the dataset's action table: checked before the models load
-    offline = load_offline_networks(Path(offline_dir), read_task(dataset_dir).actions)
+    # the offline run must fit the dataset's action table and observations: checked before the
+    # models load
+    task = read_task(dataset_dir)
+    offline = load_offline_networks(Path(offline_dir), task.actions)
+    check_observer(task, offline.manifest.get("observer"), f"the offline policy in {offline_dir}")
     torch.manual_seed(cfg.seed)  # before the sampler loads (open_clip draws an init), as always
     live = load_dataset_mdp(dataset_dir, cfg.device, rewards)
     task, sampler = live.task, live.sampler
@@ -152,6 +155,7 @@ def finetune(
                 "scorer": task.scorer,
                 "sampler": dataclasses.asdict(task.settings),
             },
+            "observer": task.observer,
             "config": cfg.to_dict(),
             "rewards": rewards.to_dict(),
             "critic_init": "offline V" if critic is not None else "fresh",

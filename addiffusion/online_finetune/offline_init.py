@@ -15,8 +15,9 @@ The offline run must have been trained on the dataset's action table: its manife
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ class OfflineNetworks:
     """obs (B, D) -> logits (B, table.n): the IQL (or BC) policy."""
     critic: MlpActor | None
     """obs (B, D) -> V(s) (B, 1): IQL's state-value network; None for BC (it has none)."""
+    manifest: dict[str, Any] = field(default_factory=dict)
+    """The offline run's manifest.json (checked: its sha256 matched the policy)."""
 
 
 def _unfold_first_layer(mlp: nn.Sequential, mean: torch.Tensor, scale: torch.Tensor) -> None:
@@ -132,7 +135,9 @@ def load_offline_networks(offline_dir: Path, table: ActionTable | None = None) -
             x = probe_t.to(impl.device)
             theirs = value_func(scaler.transform(x) if scaler is not None else x).cpu()
             _check("state-value network", critic(probe_t), theirs, offline_dir)
-    return OfflineNetworks(actor.eval(), critic.eval() if critic is not None else None)
+    return OfflineNetworks(
+        actor.eval(), critic.eval() if critic is not None else None, policy.manifest
+    )
 
 
 def load_offline_actor(offline_dir: Path, table: ActionTable | None = None) -> MlpActor:

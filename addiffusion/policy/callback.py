@@ -67,7 +67,11 @@ from diffusers import DiffusionPipeline
 from addiffusion.diffusion import backbone
 from addiffusion.diffusion.sampler import Episode, StepwiseSampler
 from addiffusion.policy.package import AdaptivePolicy, PolicyPackageError
-from addiffusion.policy.pipeline import ImageTrace, restore_attention_processors
+from addiffusion.policy.pipeline import (
+    ImageTrace,
+    preview_decoder,
+    restore_attention_processors,
+)
 
 RECOVERY = {
     "ddim": "two consecutive latents",
@@ -107,8 +111,9 @@ class AdaptiveStopCallback:
 
     ``policy``: an :class:`AdaptivePolicy` (any action table: all but ``jump-1`` and ``stop`` are
     masked out). ``scorer``: the CLIP scorer of the observations, or its open_clip name / folder
-    (default: the package's). Raises :class:`PolicyPackageError` when the policy does not fit
-    ``pipe`` or its scheduler.
+    (default: the package's); ``preview``: the preview decoder of the observations for a policy
+    trained on preview-decoded ones (a module, folder or Hub id; default: the package's).
+    Raises :class:`PolicyPackageError` when the policy does not fit ``pipe`` or its scheduler.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class AdaptiveStopCallback:
         policy: AdaptivePolicy,
         pipe: DiffusionPipeline,
         scorer: Any | str | Path | None = None,
+        preview: Any | str | Path | None = None,
     ) -> None:
         cfg = policy.config
         self.policy = policy
@@ -155,7 +161,11 @@ class AdaptiveStopCallback:
         # denoiser here, so the capture processors it installs are taken off again at once.
         with restore_attention_processors(denoiser):
             self.sampler = StepwiseSampler(
-                pipe, scorer, self.settings, scheduler=copy.deepcopy(pipe.scheduler)
+                pipe,
+                scorer,
+                self.settings,
+                scheduler=copy.deepcopy(pipe.scheduler),
+                preview=preview_decoder(policy, preview, pipe),
             )
         table = policy.actions
         self.allowed = np.zeros(table.n, bool)

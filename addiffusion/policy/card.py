@@ -79,7 +79,9 @@ stop 0). Trained with {ALGO_NAMES.get(cfg.algo, cfg.algo)}.
 
 - pipeline: `{cfg.backbone}` (family `{cfg.family}`; loading checks the family, the solver, the
   scorer's feature size and the action table, and names what does not match)
-- scorer for the observations: open_clip `{cfg.scorer}`
+- scorer for the observations: open_clip `{cfg.scorer}`; their x̂0 decoded by
+  {f"the preview decoder `{cfg.preview}`" if cfg.preview else "the pipeline's VAE"} (final
+  images always by the VAE)
 - trained at guidance {settings.guidance_scale}, {settings.height}×{settings.width}, warm-up
   {settings.warmup} point(s), refine budget {settings.refine_budget}
 

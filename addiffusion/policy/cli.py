@@ -16,7 +16,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        adaptive = load_adaptive(args.policy, args.model, args.device, args.dtype, args.scorer)
+        adaptive = load_adaptive(
+            args.policy, args.model, args.device, args.dtype, args.scorer, args.preview
+        )
     except (ValueError, OSError) as e:
         # A package that does not fit, a missing folder or model: the user's to fix.
         print(f"addiffusion generate: error: {e}", file=sys.stderr)
@@ -92,6 +94,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="open_clip scorer of the observations: folder, hf-hub:org/repo or name@pretrained "
         "(default: the one the policy was trained with)",
+    )
+    g.add_argument(
+        "--preview",
+        default=None,
+        help="preview decoder of the observations (AutoencoderTiny folder or Hub id), for a "
+        "policy trained on preview observations (default: the one it was trained with)",
     )
     g.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     g.add_argument("--out", default="out.png", help="image file to write (default: %(default)s)")

@@ -57,6 +57,7 @@ def task_config(
         solver=task.scheduler,
         sampler=dataclasses.asdict(task.settings),
         drop_components=tuple(task.drop_components),
+        preview=task.preview,
         component_stats=task.component_stats,
         training={
             "episodes": counts.get("episodes"),

@@ -38,10 +38,11 @@ def load_adaptive(
     device: str = "auto",
     dtype: str = "float32",
     scorer: str | None = None,
+    preview: str | None = None,
 ) -> AdaptiveDiffusionPipeline:
     """The package ``policy`` over the stock pipeline ``model`` (default: the package's
     backbone), loaded with ``DiffusionPipeline.from_pretrained``; ``scorer``: the open_clip
-    scorer (default: the package's)."""
+    scorer, ``preview``: the observations' preview decoder (defaults: the package's)."""
     from addiffusion.diffusion.backbone import load_pipeline
 
     if dtype not in DTYPES:
@@ -58,7 +59,7 @@ def load_adaptive(
     pipe = load_pipeline(
         model or cfg.backbone, cfg.solver, device, DTYPES[dtype], cfg.drop_components
     )
-    return AdaptiveDiffusionPipeline(pipe, package, scorer)
+    return AdaptiveDiffusionPipeline(pipe, package, scorer, preview)
 
 
 def generate(

@@ -70,6 +70,9 @@ class PolicyConfig:
     """``SamplerSettings`` as a mapping: grid, strides, warm-up, refine, guidance, size."""
     drop_components: tuple[str, ...] = ()
     """Pipeline parts the backbone was loaded without (e.g. SD3's T5)."""
+    preview: str = ""
+    """The preview decoder (``AutoencoderTiny`` folder or Hub id) of the observations when the
+    sampler settings say ``observe_with: preview``; empty when they are the full VAE's."""
     component_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     """Running mean / std of the reward components in the training data."""
     training: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +104,7 @@ class PolicyConfig:
             "solver": self.solver,
             "sampler": self.sampler,
             "drop_components": list(self.drop_components),
+            "preview": self.preview,
             "component_stats": self.component_stats,
             "training": self.training,
             "evaluation": self.evaluation,
@@ -142,6 +146,7 @@ class PolicyConfig:
             solver=str(data["solver"]),
             sampler=dict(data["sampler"]),
             drop_components=tuple(str(c) for c in data.get("drop_components", ())),
+            preview=str(data.get("preview", "")),
             component_stats=dict(data.get("component_stats", {})),
             training=dict(data.get("training", {})),
             evaluation=dict(data.get("evaluation", {})),
@@ -181,6 +186,11 @@ class PolicyConfig:
             if settings.n_max != self.actions.n_max:
                 problems.append(
                     f"sampler n_max {settings.n_max} != the action table's {self.actions.n_max}"
+                )
+            if (settings.observe_with == "preview") != bool(self.preview):
+                problems.append(
+                    f"sampler observe_with is {settings.observe_with!r} but preview is "
+                    f"{self.preview!r} (a preview decoder is named exactly when it is used)"
                 )
         if problems:
             raise PolicyPackageError(f"{where}: " + "; ".join(problems))

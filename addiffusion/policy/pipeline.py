@@ -90,6 +90,20 @@ def missing_folder(name: str, what: str, option: str) -> None:
         )
 
 
+def preview_decoder(
+    policy: AdaptivePolicy, preview: torch.nn.Module | str | Path | None, pipe: DiffusionPipeline
+) -> torch.nn.Module | None:
+    """The decoder of the policy's observations on ``pipe``'s device: None when they are the
+    VAE's, else ``preview`` (a module, or a folder / Hub id) or the package's preview decoder."""
+    if policy.config.settings().observe_with != "preview":
+        return None
+    if preview is not None and not isinstance(preview, str | Path):
+        return preview
+    name = str(preview or policy.config.preview)
+    missing_folder(name, "preview decoder", "preview= (addiffusion generate: --preview) ")
+    return backbone.load_preview(name, backbone.denoiser_of(pipe).device, pipe.vae.dtype)
+
+
 def default_steps(pipe: DiffusionPipeline) -> int:
     """The stock pipeline's default ``num_inference_steps``."""
     return int(inspect.signature(type(pipe).__call__).parameters["num_inference_steps"].default)
@@ -111,8 +125,10 @@ class AdaptiveDiffusionPipeline:
 
     ``policy``: an :class:`AdaptivePolicy` or a package folder / Hub id. ``scorer``: the CLIP
     scorer of the observations: a loaded one, or its open_clip name / folder (default: the
-    package's). Raises :class:`PolicyPackageError` naming every mismatch between the package
-    and the pipeline.
+    package's). ``preview``: the preview decoder of the observations when the policy was trained
+    on preview-decoded ones (``AutoencoderTiny``, or its folder / Hub id; default: the
+    package's); the final images are always decoded by ``pipe``'s own VAE. Raises
+    :class:`PolicyPackageError` naming every mismatch between the package and the pipeline.
     """
 
     def __init__(
@@ -120,6 +136,7 @@ class AdaptiveDiffusionPipeline:
         pipe: DiffusionPipeline,
         policy: AdaptivePolicy | str | Path,
         scorer: Any | None = None,
+        preview: torch.nn.Module | str | Path | None = None,
     ) -> None:
         if not isinstance(policy, AdaptivePolicy):
             policy = AdaptivePolicy.from_pretrained(str(policy))
@@ -151,6 +168,7 @@ class AdaptiveDiffusionPipeline:
             scorer = ClipScorer(name, self.denoiser.device)
         self.scorer = scorer
         self.settings = cfg.settings()
+        self.preview = preview_decoder(policy, preview, pipe)
         layout = cfg.observation
         if (scorer.dim, scorer.dim) != (layout.image_dim, layout.text_dim):
             problems.append(
@@ -168,9 +186,15 @@ class AdaptiveDiffusionPipeline:
         if problems:
             raise PolicyPackageError("the policy does not fit the pipeline: " + "; ".join(problems))
 
+    def _make_sampler(self, settings: Any) -> StepwiseSampler:
+        """The sampler of one call (it installs its attention-capturing processors)."""
+        return StepwiseSampler(
+            self.pipe, self.scorer, settings, scheduler=self.scheduler, preview=self.preview
+        )
+
     def _sampler(self, settings: Any) -> StepwiseSampler:
         with restore_attention_processors(self.denoiser):
-            return StepwiseSampler(self.pipe, self.scorer, settings, scheduler=self.scheduler)
+            return self._make_sampler(settings)
 
     @property
     def default_steps(self) -> int:
@@ -263,7 +287,7 @@ class AdaptiveDiffusionPipeline:
             width=s.width if width is None else int(width),
         )
         with restore_attention_processors(self.denoiser):
-            sampler = StepwiseSampler(self.pipe, self.scorer, settings, scheduler=self.scheduler)
+            sampler = self._make_sampler(settings)
             shape = (self.denoiser.config.in_channels, *sampler.latent_hw)
             noise, seeds = self._noise(len(prompts), shape, generator, latents)
             tic = time.perf_counter()

@@ -450,3 +450,53 @@ def test_adaptive_diffusion_baseline_runs_on_a_reuse_sampler(dataset: Path, tmp_
     ad = m["adaptive-diffusion<=0"]
     assert ad["kind"] == "heuristic" and ad["nfe"] == N_MAX
     assert ad["clip_score"] == pytest.approx(m[f"ddim-{N_MAX}"]["clip_score"], abs=1e-6)
+
+
+def test_eval_refuses_a_policy_trained_on_another_decoders_observations(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The dataset's observations are the VAE's; a policy whose manifest says it learned from
+    preview-decoded ones is refused, by name, before anything runs (the CLI exits 2)."""
+    from d3rlpy.constants import ActionSpace
+    from d3rlpy.dataset import MDPDataset
+
+    from addiffusion.eval.cli import load_offline_policies
+    from addiffusion.offline_rl.config import OfflineRLConfig
+    from addiffusion.offline_rl.train import train_offline
+    from addiffusion.task import ObserverMismatch, read_task
+
+    task = read_task(dataset)
+    assert task.observer == {"observe_with": "vae", "preview": ""}
+    rng = np.random.default_rng(0)
+    n, dim = 16, task.obs_dim
+    terminals = np.zeros(n, np.float32)
+    terminals[3::4] = 1.0
+    data = MDPDataset(
+        rng.standard_normal((n, dim)).astype(np.float32),
+        rng.integers(0, TABLE.n, n),
+        rng.standard_normal(n).astype(np.float32),
+        terminals,
+        action_space=ActionSpace.DISCRETE,
+        action_size=TABLE.n,
+    )
+    offline = tmp_path / "offline"
+    cfg = OfflineRLConfig(
+        n_steps=2, n_steps_per_epoch=2, batch_size=8, hidden_units=[8], baselines=[], device="cpu"
+    )
+    seen = {"observe_with": "preview", "preview": "madebyollin/taesd"}
+    train_offline(data, None, cfg, offline, log=False, actions=TABLE, observer=seen)
+    assert json.loads((offline / "manifest.json").read_text())["observer"] == seen
+    policies = load_offline_policies(offline, "cpu", ["iql"])
+    with pytest.raises(
+        ObserverMismatch,
+        match="policy 'iql' was trained on observations decoded "
+        "by the preview decoder 'madebyollin/taesd', but this dataset's "
+        "observations are decoded by the full VAE",
+    ):
+        evaluate(dataset, policies, _cfg(), RewardConfig(), tmp_path / "out", False)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    params = tmp_path / "params.yaml"
+    params.write_text("eval:\n  device: cpu\n")
+    argv = ["eval", "--dataset", str(dataset), "--offline", str(offline), "--out"]
+    assert main([*argv, str(tmp_path / "o2"), "--params", str(params), "--quiet"]) == 2
+    assert "trained on observations decoded by the preview decoder" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from addiffusion.policy.package import AdaptivePolicy, PolicyConfig, build_polic
 REPO = Path(__file__).resolve().parents[2]
 SHAPES_PIPE = REPO / "assets" / "shapes" / "pipeline"
 SHAPES_CLIP = REPO / "assets" / "shapes" / "clip"
+SHAPES_PREVIEW = REPO / "assets" / "shapes" / "preview"
 SHAPES = SamplerSettings(
     n_max=16, strides=(1, 2, 4, 8), refine_budget=1, guidance_scale=4.0, height=32, width=32
 )
@@ -45,9 +46,11 @@ def random_package(
     seed: int = 0,
     networks: int = 1,
     algo: str = "iql",
+    preview: str = str(SHAPES_PREVIEW),
 ) -> AdaptivePolicy:
     """A package with random weights whose greedy actions vary with the observation (its
-    weights are scaled up, so the features, not the biases, decide)."""
+    weights are scaled up, so the features, not the biases, decide). ``preview``: its
+    observations' decoder when ``settings.observe_with`` is ``preview``."""
     table = table_of(settings)
     layout = ObservationLayout(feature_dim, feature_dim)
     spec = ActorSpec(layout.dim, (32,), table.n)
@@ -67,5 +70,6 @@ def random_package(
         family=family,
         solver=solver,
         sampler=dataclasses.asdict(settings),
+        preview=preview if settings.observe_with == "preview" else "",
     )
     return build_policy(cfg, nets)

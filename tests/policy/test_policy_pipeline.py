@@ -12,11 +12,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
-from policy_packages import SHAPES, SHAPES_CLIP, SHAPES_PIPE, random_package
+from policy_packages import SHAPES, SHAPES_CLIP, SHAPES_PIPE, SHAPES_PREVIEW, random_package
 from tiny_backbones import SD3_DROP, save_sd3, save_sdxl
 
 from addiffusion.cli import main
-from addiffusion.diffusion.backbone import load_pipeline
+from addiffusion.diffusion.backbone import load_pipeline, load_preview
 from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
 from addiffusion.eval.rollout import run_method
 from addiffusion.policy import AdaptiveDiffusionPipeline, AdaptivePolicy, PolicyPackageError
@@ -72,10 +72,15 @@ def _eval_rollout(
 ) -> tuple[object, list[list[str]]]:
     """What `addiffusion eval` runs for this policy (its sampler on the pipeline's modules with
     the policy's solver, one batch), and the actions taken."""
+    settings = policy.config.settings()
+    preview = None
+    if settings.observe_with == "preview":
+        preview = load_preview(policy.config.preview, torch.device("cpu"), torch.float32)
     sampler = StepwiseSampler(
         load_pipeline(str(SHAPES_PIPE), solver, "cpu") if pipe is None else pipe,
         scorer,
-        policy.config.settings(),
+        settings,
+        preview=preview,
     )
     rec = Recorder(policy, len(prompts))
     return run_method(sampler, rec, prompts, seeds, batch_size=len(prompts)), rec.seen
@@ -99,6 +104,30 @@ def test_drop_in_equals_eval_rollout(
     assert len(taken & {"jump-1", "jump-2", "jump-4", "jump-8"}) >= 2, taken
     assert min(ref.stop_step) < SHAPES.n_max - 1
     assert all(t.seconds > 0 and t.seed == s for t, s in zip(out.traces, SEEDS, strict=True))
+
+
+def test_a_policy_trained_on_preview_observations_observes_with_the_preview(
+    shapes_pipe: StableDiffusionPipeline, shapes_clip: ClipScorer, tmp_path: Path
+) -> None:
+    """The package names its observations' decoder; the drop-in loads it and takes eval's actions
+    on eval's images (the final images are the pipeline's VAE decode)."""
+    settings = dataclasses.replace(SHAPES, observe_with="preview")
+    package = random_package(settings, seed=6)
+    package.save_pretrained(tmp_path / "pkg")
+    loaded = AdaptivePolicy.from_pretrained(str(tmp_path / "pkg"))
+    assert loaded.config.preview == str(SHAPES_PREVIEW)
+    assert "the preview decoder" in (tmp_path / "pkg" / "README.md").read_text()
+    adaptive = AdaptiveDiffusionPipeline(shapes_pipe, loaded)
+    assert adaptive.preview is not None
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    out = adaptive(PROMPTS, generator=gens, output_type="np")
+    ref, actions = _eval_rollout(None, shapes_clip, loaded, PROMPTS, SEEDS)
+    np.testing.assert_array_equal((out.images * 255).round().astype(np.uint8), ref.images)
+    assert [list(t.actions) for t in out.traces] == actions
+    plain, plain_actions = _eval_rollout(None, shapes_clip, random_package(seed=6), PROMPTS, SEEDS)
+    assert plain_actions != actions  # the decoder changes what the policy sees
+    with pytest.raises(PolicyPackageError, match="observe_with is 'preview' but preview is ''"):
+        random_package(settings, preview="")
 
 
 def test_generate_cli_equals_eval_rollout(

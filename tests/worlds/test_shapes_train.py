@@ -25,6 +25,8 @@ def _cfg(**kw) -> ShapesConfig:
         unet_steps=2,
         unet_decay_steps=1,
         unet_batch=4,
+        preview_steps=2,
+        preview_batch=4,
         device="cpu",
     )
     return ShapesConfig.from_dict({**base, **kw})
@@ -34,6 +36,7 @@ def test_tiny_run_exports_and_resumes(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     train(_cfg(), tmp_path, sizes=TINY)
     assert (tmp_path / "pipeline" / "model_index.json").exists()
+    assert (tmp_path / "preview" / "config.json").exists()
     load_clip(tmp_path / "clip")
     ck = tmp_path / "checkpoints"
     assert torch.load(ck / "unet.pt", weights_only=True)["step"] == 2

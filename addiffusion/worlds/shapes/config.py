@@ -10,7 +10,8 @@ from addiffusion.config import StageConfig, check
 
 @dataclass(frozen=True)
 class ShapesConfig(StageConfig):
-    """Training of the shapes pipeline (VAE, then CLIP, then UNet + text encoder) and its bench.
+    """Training of the shapes pipeline (VAE, then CLIP, then UNet + text encoder, then the preview
+    decoder) and its bench.
 
     Step counts make a run reproducible; ``max_minutes`` (CLI) can cut the UNet phase short.
     """
@@ -38,17 +39,41 @@ class ShapesConfig(StageConfig):
     cond_dropout: float = 0.1  # caption dropped to "" for classifier-free guidance
     checkpoint_minutes: float = 4.0
     guidance_scale: float = 4.0
+    preview_steps: int = 2000  # the preview decoder (AutoencoderTiny) distilled from the VAE
+    preview_batch: int = 32
+    preview_lr: float = 1e-3
     bench_prompts: int = 192
     bench_steps: tuple[int, ...] = (2, 4, 8, 16, 32, 50)
     device: str = "auto"
 
     def __post_init__(self) -> None:
         check(self.seed >= 0, "shapes.seed", ">= 0", self.seed)
-        for key in ("n_train_scenes", "vae_batch", "clip_batch", "unet_batch", "bench_prompts"):
+        for key in (
+            "n_train_scenes",
+            "vae_batch",
+            "clip_batch",
+            "unet_batch",
+            "preview_batch",
+            "bench_prompts",
+        ):
             check(getattr(self, key) >= 1, f"shapes.{key}", ">= 1", getattr(self, key))
-        for key in ("vae_steps", "decoder_steps", "clip_steps", "unet_steps", "unet_decay_steps"):
+        for key in (
+            "vae_steps",
+            "decoder_steps",
+            "clip_steps",
+            "unet_steps",
+            "unet_decay_steps",
+            "preview_steps",
+        ):
             check(getattr(self, key) >= 0, f"shapes.{key}", ">= 0", getattr(self, key))
-        for key in ("vae_lr", "decoder_lr", "clip_lr", "unet_lr", "checkpoint_minutes"):
+        for key in (
+            "vae_lr",
+            "decoder_lr",
+            "clip_lr",
+            "unet_lr",
+            "preview_lr",
+            "checkpoint_minutes",
+        ):
             check(getattr(self, key) > 0, f"shapes.{key}", "> 0", getattr(self, key))
         check(
             self.unet_decay_steps <= self.unet_steps,

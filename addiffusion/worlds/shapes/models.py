@@ -237,7 +237,7 @@ def load_clip(path: Path | str, device: str | torch.device = "cpu") -> tuple[Any
 
 
 def ship(src: Path | str, dst: Path | str) -> list[Path]:
-    """Copy ``src/{pipeline,clip}`` to ``dst`` with float16 weights (half the size in git).
+    """Copy ``src/{pipeline,clip,preview}`` to ``dst`` with float16 weights (half the size in git).
 
     diffusers' and open_clip's loaders cast the weights back into the float32 models they build,
     so loading code needs no special case. Returns the written weight files.
@@ -248,7 +248,9 @@ def ship(src: Path | str, dst: Path | str) -> list[Path]:
 
     src, dst = Path(src), Path(dst)
     written = []
-    for part in ("pipeline", "clip"):
+    for part in ("pipeline", "clip", "preview"):
+        if part == "preview" and not (src / part).is_dir():
+            continue  # a run from before the preview phase
         if not (src / part).is_dir():
             raise FileNotFoundError(
                 f"{src / part} not found: train first (addiffusion shapes train)"

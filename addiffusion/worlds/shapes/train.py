@@ -9,6 +9,8 @@
    ``n_train_scenes`` train-split scenes; captions dropped to "" with ``cond_dropout`` for
    classifier-free guidance; constant learning rate, then a linear decay over the last
    ``unet_decay_steps``; EMA weights are what gets exported.
+4. Preview decoder: an ``AutoencoderTiny`` distilled from the exported pipeline's VAE, for cheap
+   per-step observations (:mod:`addiffusion.worlds.shapes.preview`).
 
 Every phase checkpoints (model + optimizer + step) every ``checkpoint_minutes`` into
 ``<ckpt_dir>/<phase>.pt`` and resumes from it; batches are a pure function of (seed, phase, step), so
@@ -42,9 +44,10 @@ from addiffusion.worlds.shapes.models import (
     save_clip,
     write_tokenizer,
 )
+from addiffusion.worlds.shapes.preview import save_preview, train_preview
 from addiffusion.worlds.shapes.scenes import render
 
-_PHASE_ID = {"vae": 1, "clip": 2, "unet": 3, "data": 4, "decoder": 5}
+_PHASE_ID = {"vae": 1, "clip": 2, "unet": 3, "data": 4, "decoder": 5, "preview": 6}
 
 
 def scene_batch(seed: int, phase: str, step: int, n: int) -> tuple[np.ndarray, list[str]]:
@@ -314,15 +317,18 @@ def train(
     out_dir: Path,
     max_minutes: float | None = None,
     sizes: ModelSizes | None = None,
+    ckpt_dir: Path | None = None,
 ) -> None:
-    """Train all phases into ``out_dir/{pipeline,clip}``; checkpoints in ``out_dir/checkpoints``.
+    """Train all phases into ``out_dir/{pipeline,clip,preview}``; checkpoints in ``ckpt_dir``
+    (default ``out_dir/checkpoints``).
 
     ``max_minutes`` bounds the whole run: the UNet phase stops (and exports) when it is reached.
     """
     sizes = sizes or ModelSizes()
     deadline = None if max_minutes is None else time.monotonic() + max_minutes * 60.0
     device = resolve_device(cfg.device)
-    out_dir, ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints" if ckpt_dir is None else Path(ckpt_dir)
     tokenizer = write_tokenizer(ckpt_dir / "tokenizer_src")
     pipe = build_pipeline(tokenizer, sizes, cfg.seed).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -332,3 +338,23 @@ def train(
     train_clip(clip, tokenizer, cfg, ckpt_dir, device)
     save_clip(clip, tokenizer, sizes, out_dir / "clip")
     train_unet(pipe, cfg, ckpt_dir, out_dir, device, deadline)
+    exported = StableDiffusionPipeline.from_pretrained(out_dir / "pipeline").to(device)  # EMA
+    save_preview(train_preview(exported, cfg, ckpt_dir, device), out_dir / "preview")
+
+
+def train_preview_only(
+    cfg: ShapesConfig, pipeline: Path, out_dir: Path, ckpt_dir: Path | None = None
+) -> Path:
+    """The preview phase alone, on the trained pipeline folder ``pipeline``: writes
+    ``out_dir/preview`` (checkpoints in ``ckpt_dir``, default ``out_dir/checkpoints``)."""
+    pipeline = Path(pipeline)
+    if not (pipeline / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{pipeline / 'model_index.json'} not found: --pipeline must be a trained shapes "
+            "pipeline folder (assets/shapes/pipeline, or a `shapes train --out`/pipeline)"
+        )
+    device = resolve_device(cfg.device)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    ckpt_dir = Path(out_dir) / "checkpoints" if ckpt_dir is None else Path(ckpt_dir)
+    return save_preview(train_preview(pipe, cfg, ckpt_dir, device), Path(out_dir) / "preview")
