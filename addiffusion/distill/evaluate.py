@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from addiffusion.collect.prompts import PromptRecord, load_prompts
-from addiffusion.config import UserError
+from addiffusion.collect.prompts import PromptRecord
 from addiffusion.diffusion import backbone
 from addiffusion.distill.config import DistillConfig
 from addiffusion.distill.pair import decode, draw_noise, encode, make_pair, sample
+from addiffusion.distill.train import split_prompts
 
 MODELS = ("teacher", "pre", "post")
 """Rows of the report: the teacher, the student before and after distillation."""
@@ -52,13 +52,7 @@ class Generated:
 
 
 def heldout_prompts(cfg: DistillConfig) -> list[PromptRecord]:
-    prompts = [
-        p
-        for p in load_prompts(cfg.prompts, cfg.n_prompts, cfg.heldout_fraction, cfg.seed)
-        if p.split == "heldout"
-    ]
-    if not prompts:
-        raise UserError(f"distill.prompts {cfg.prompts!r} has no held-out prompts")
+    prompts = split_prompts(cfg, "heldout")
     return prompts[: cfg.eval_prompts] if cfg.eval_prompts else prompts
 
 

@@ -95,15 +95,20 @@ def train_config_dict(cfg: DistillConfig) -> dict[str, Any]:
     return json.loads(json.dumps(data))
 
 
-def train_prompts(cfg: DistillConfig) -> list[PromptRecord]:
+def split_prompts(cfg: DistillConfig, split: str) -> list[PromptRecord]:
+    """The ``split`` (``train`` or ``heldout``) prompts of ``distill.prompts``."""
     prompts = [
         p
         for p in load_prompts(cfg.prompts, cfg.n_prompts, cfg.heldout_fraction, cfg.seed)
-        if p.split == "train"
+        if p.split == split
     ]
     if not prompts:
-        raise UserError(f"distill.prompts {cfg.prompts!r} has no train prompts")
+        raise UserError(f"distill.prompts {cfg.prompts!r} has no {split} prompts")
     return prompts
+
+
+def train_prompts(cfg: DistillConfig) -> list[PromptRecord]:
+    return split_prompts(cfg, "train")
 
 
 def _batch(

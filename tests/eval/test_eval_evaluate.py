@@ -341,21 +341,18 @@ def test_collect_build_eval_end_to_end(tiny_models: tuple[Path, Path], tmp_path:
     assert header == "method,kind,nfe,nfe_std,clip_score,quality"
 
 
-def test_cli_evaluates_real_offline_and_online_policies(
-    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Real (2-step) DiscreteIQL + DiscreteBC runs and a 1-iteration PPO fine-tune, loaded by the
-    CLI from their output folders (sha256-checked) and run with masks."""
+def _train_random_offline(
+    out: Path, dim: int, baselines: list[str], observer: dict[str, str] | None = None
+) -> Path:
+    """A real 2-step DiscreteIQL run (and ``baselines``) on random transitions of ``dim``."""
     from d3rlpy.constants import ActionSpace
     from d3rlpy.dataset import MDPDataset
 
     from addiffusion.offline_rl.config import OfflineRLConfig
     from addiffusion.offline_rl.train import train_offline
-    from addiffusion.online_finetune.config import OnlineFinetuneConfig
-    from addiffusion.online_finetune.finetune import finetune
 
     rng = np.random.default_rng(0)
-    n, dim = 32, 85  # tiny CLIP: 32 image + 32 text + 16 time + 5 quality
+    n = 32
     terminals = np.zeros(n)
     terminals[3::4] = 1.0
     data = MDPDataset(
@@ -366,16 +363,28 @@ def test_cli_evaluates_real_offline_and_online_policies(
         action_space=ActionSpace.DISCRETE,
         action_size=TABLE.n,
     )
-    offline = tmp_path / "offline"
-    offline_cfg = OfflineRLConfig(
+    cfg = OfflineRLConfig(
         n_steps=2,
         n_steps_per_epoch=2,
         batch_size=8,
         hidden_units=[8],
-        baselines=["bc"],
+        baselines=baselines,
         device="cpu",
     )
-    train_offline(data, None, offline_cfg, offline, log=False, actions=TABLE)
+    train_offline(data, None, cfg, out, log=False, actions=TABLE, observer=observer)
+    return out
+
+
+def test_cli_evaluates_real_offline_and_online_policies(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real (2-step) DiscreteIQL + DiscreteBC runs and a 1-iteration PPO fine-tune, loaded by the
+    CLI from their output folders (sha256-checked) and run with masks."""
+    from addiffusion.online_finetune.config import OnlineFinetuneConfig
+    from addiffusion.online_finetune.finetune import finetune
+
+    # tiny CLIP: 32 image + 32 text + 16 time + 5 quality
+    offline = _train_random_offline(tmp_path / "offline", 85, ["bc"])
     online = tmp_path / "online"
     online_cfg = OnlineFinetuneConfig(
         n_envs=2, n_steps=2, iterations=1, batch_size=4, n_epochs=1, device="cpu"
@@ -457,34 +466,13 @@ def test_eval_refuses_a_policy_trained_on_another_decoders_observations(
 ) -> None:
     """The dataset's observations are the VAE's; a policy whose manifest says it learned from
     preview-decoded ones is refused, by name, before anything runs (the CLI exits 2)."""
-    from d3rlpy.constants import ActionSpace
-    from d3rlpy.dataset import MDPDataset
-
     from addiffusion.eval.cli import load_offline_policies
-    from addiffusion.offline_rl.config import OfflineRLConfig
-    from addiffusion.offline_rl.train import train_offline
     from addiffusion.task import ObserverMismatch, read_task
 
     task = read_task(dataset)
     assert task.observer == {"observe_with": "vae", "preview": ""}
-    rng = np.random.default_rng(0)
-    n, dim = 16, task.obs_dim
-    terminals = np.zeros(n, np.float32)
-    terminals[3::4] = 1.0
-    data = MDPDataset(
-        rng.standard_normal((n, dim)).astype(np.float32),
-        rng.integers(0, TABLE.n, n),
-        rng.standard_normal(n).astype(np.float32),
-        terminals,
-        action_space=ActionSpace.DISCRETE,
-        action_size=TABLE.n,
-    )
-    offline = tmp_path / "offline"
-    cfg = OfflineRLConfig(
-        n_steps=2, n_steps_per_epoch=2, batch_size=8, hidden_units=[8], baselines=[], device="cpu"
-    )
     seen = {"observe_with": "preview", "preview": "madebyollin/taesd"}
-    train_offline(data, None, cfg, offline, log=False, actions=TABLE, observer=seen)
+    offline = _train_random_offline(tmp_path / "offline", task.obs_dim, [], seen)
     assert json.loads((offline / "manifest.json").read_text())["observer"] == seen
     policies = load_offline_policies(offline, "cpu", ["iql"])
     with pytest.raises(
