@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "alone on an already trained pipeline (minutes on a CPU; dvc.yaml's shapes_preview "
         "stage). Settings: the `shapes` section of --params (CUDA when present). Hours on a CPU.",
     )
-    p.add_argument("--out", required=True, help="output folder (pipeline/, clip/, checkpoints/)")
+    p.add_argument(
+        "--out", required=True, help="output folder (pipeline/, clip/, preview/, checkpoints/)"
+    )
     p.add_argument("--params", default="params.yaml", help="params file with a `shapes` section")
     p.add_argument(
         "--max-minutes",
