@@ -11,8 +11,10 @@ import importlib
 BENCHMARKS = {
     "shapes": "addiffusion.worlds.shapes.bench",
     "collect": "addiffusion.collect.bench",
+    "preview": "addiffusion.collect.preview_bench",
     "relabel": "addiffusion.datasets.bench",
     "policy": "addiffusion.policy.bench",
+    "cost": "addiffusion.bench.cost",
 }
 
 
@@ -22,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="benchmarks (ratios measured side by side in one run)",
         description="Benchmarks that time two ways of doing the same work side by side in one "
         "run, so machine speed cancels out of the ratio they print. `shapes` and `policy` are "
-        "dvc.yaml stages; `collect` and `relabel` are helpers for development.",
+        "dvc.yaml stages; `collect`, `preview`, `relabel` and `cost` (observation vs denoiser "
+        "step at SD 1.5 / SDXL / SD3 size, from public configs) are helpers.",
     )
     bench_sub = parser.add_subparsers(dest="bench", required=True, metavar="<benchmark>")
     for module_name in BENCHMARKS.values():

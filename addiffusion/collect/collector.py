@@ -40,6 +40,7 @@ from addiffusion.collect.prompts import PromptRecord, load_prompts
 from addiffusion.collect.resume import RankLock, check_store_config, episode_config, plan_sha256
 from addiffusion.datasets.store import ShardWriter, completed_shards
 from addiffusion.diffusion.actions import ActionTable
+from addiffusion.diffusion.profile import BlockProfile, BlockProfiler
 from addiffusion.diffusion.sampler import Episode, StepRecord, StepwiseSampler
 from addiffusion.task import make_sampler
 
@@ -169,6 +170,7 @@ class Trace:
     rows: list[tuple[StepRecord, int, int]] = field(default_factory=list)  # record, row, batch size
     actions: list[int] = field(default_factory=list)  # action taken at each row
     probs: list[float] = field(default_factory=list)  # its behaviour probability
+    blocks: list[BlockProfile | None] = field(default_factory=list)  # each row's block profile
 
 
 class Behaviour:
@@ -224,9 +226,12 @@ def _drive(
     choose: list,
     rec: StepRecord,
     on_row: object = None,
+    profiler: BlockProfiler | None = None,
+    prof: BlockProfile | None = None,
 ) -> None:
     """Run B episodes until each reaches the last point, recording every visited point.
-    ``choose[b](legal) -> (action, prob)``; ``on_row(b, legal, action)`` may fork a branch."""
+    ``choose[b](legal) -> (action, prob)``; ``on_row(b, legal, action)`` may fork a branch;
+    ``prof``: the block profile of ``rec`` (``profiler`` profiles the later records)."""
     live = list(range(len(episodes)))
     rows = list(range(len(episodes)))  # row of each live episode in ``rec``
     while live:
@@ -234,6 +239,7 @@ def _drive(
         acts = []
         for pos, b in enumerate(live):
             traces[b].rows.append((rec, rows[pos], len(live)))
+            traces[b].blocks.append(prof)
             a, p = choose[b](legal[pos])
             traces[b].actions.append(a)
             traces[b].probs.append(p)
@@ -247,16 +253,23 @@ def _drive(
         live = [b for b, _ in going]
         out = sampler.apply([episodes[b] for b in live], [a for _, a in going])
         rec, rows = out.record, list(range(len(live)))
+        prof = profiler.take() if profiler is not None else None
 
 
 def run_with_branches(
-    sampler: StepwiseSampler, cfg: CollectConfig, specs: list[EpisodeSpec]
+    sampler: StepwiseSampler,
+    cfg: CollectConfig,
+    specs: list[EpisodeSpec],
+    profiler: BlockProfiler | None = None,
 ) -> list[Trace]:
     """Behaviour policy: every root runs to the last point (stop there); at sampled points a fork
     takes another action and continues at random strides as a branch. Returns the roots followed
-    by their branches."""
+    by their branches. ``profiler`` (hooked on ``sampler.denoiser``): profile every step."""
     table = sampler.table
+    if profiler is not None:
+        profiler.take()  # drop calls made before this batch
     episodes, rec = sampler.start([s.prompt.text for s in specs], [s.seed for s in specs])
+    prof = profiler.take() if profiler is not None else None
     text = torch.stack([ep.text_features for ep in episodes]).cpu().numpy()
     roots = [Trace(s.episode_id, s, None, -1, -1, text[b]) for b, s in enumerate(specs)]
     policies = [Behaviour(cfg, table, s) for s in specs]
@@ -267,7 +280,7 @@ def run_with_branches(
         if alt is not None:
             forks.append((b, episodes[b].step, alt, sampler.fork([episodes[b]])[0]))
 
-    _drive(sampler, episodes, roots, [p.root_action for p in policies], rec, on_row)
+    _drive(sampler, episodes, roots, [p.root_action for p in policies], rec, on_row, profiler, prof)
     branches: list[Trace] = []
     for j in range(0, len(forks), cfg.batch_size):
         chunk = forks[j : j + cfg.batch_size]
@@ -277,6 +290,7 @@ def run_with_branches(
             for b, i, a, _ in chunk
         ]
         out = sampler.apply(eps, [a for _, _, a, _ in chunk])
+        prof = profiler.take() if profiler is not None else None
 
         def random_then_stop(legal: np.ndarray, b: int) -> tuple[int, float]:
             if not legal[list(table.jumps)].any():
@@ -284,7 +298,7 @@ def run_with_branches(
             return policies[b].random_jump()
 
         choose = [(lambda legal, b=b: random_then_stop(legal, b)) for b, *_ in chunk]
-        _drive(sampler, eps, traces, choose, out.record)
+        _drive(sampler, eps, traces, choose, out.record, None, profiler, prof)
         branches.extend(traces)
     return roots + branches
 
@@ -294,7 +308,10 @@ def _write_trace(
 ) -> None:
     steps = []
     n = len(trace.rows)
-    for (r, b, batch), action, prob in zip(trace.rows, trace.actions, trace.probs, strict=True):
+    blocks = trace.blocks or [None] * n
+    for (r, b, batch), action, prob, prof in zip(
+        trace.rows, trace.actions, trace.probs, blocks, strict=True
+    ):
         row = {
             "episode_id": trace.episode_id,
             "step": int(r.step[b]),
@@ -310,6 +327,11 @@ def _write_trace(
             "peak_mem_bytes": r.peak_mem_bytes if timings else 0,
         }
         row.update({k: float(v[b]) for k, v in r.components.items()})
+        if prof is not None:
+            # The hooks reset CUDA's peak statistics per block: fold their peaks back in.
+            row["peak_mem_bytes"] = max(r.peak_mem_bytes, prof.cuda_peak) if timings else 0
+            row["block_time_s"] = (prof.times_s / batch * timings).tolist()
+            row["block_peak_mem_bytes"] = (prof.peak_bytes * timings).tolist()
         steps.append(row)
     spec = trace.spec
     writer.add_episode(
@@ -366,6 +388,9 @@ def collect(
         if todo:
             sampler = build_sampler(cfg)
             info = shard_info(cfg, sampler, config)
+            profiler = BlockProfiler(sampler.denoiser) if cfg.profile_blocks else None
+            if profiler is not None:
+                info["block_profile"] = profiler.layout.to_dict()
             bar = tqdm(
                 total=sum(len(shards[k]) for k in todo),
                 unit="episode",
@@ -376,7 +401,7 @@ def collect(
                 writer = ShardWriter(store_dir, k, info)
                 for j in range(0, len(shards[k]), cfg.batch_size):
                     batch = shards[k][j : j + cfg.batch_size]
-                    for trace in run_with_branches(sampler, cfg, batch):
+                    for trace in run_with_branches(sampler, cfg, batch, profiler):
                         _write_trace(writer, cfg, trace, record_timings)
                         summary["episodes"] += 1
                         summary["steps"] += len(trace.rows)

@@ -95,6 +95,11 @@ class CollectConfig(StageConfig):
     """Also store x̂0 latents (float16) per step."""
     record_thumbnails: bool = True
     """Also store decoded x̂0 thumbnails (uint8) per step."""
+    profile_blocks: bool = False
+    """Also record, per step, the latency of each top-level denoiser block (attention / resnet
+    split) and its peak memory, through forward hooks (:mod:`addiffusion.diffusion.profile`),
+    into the steps table's ``block_time_s`` / ``block_peak_mem_bytes``. On CUDA the hooks
+    synchronise: profiled steps run slower."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

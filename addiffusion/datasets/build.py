@@ -343,7 +343,9 @@ def build_dataset(
             list(EPISODES_SCHEMA)
             + [pa.field("shard", pa.int64()), pa.field("rl_split", pa.string())]
         )
-        st_schema = steps_schema(list(shards[0].info["components"]))
+        st_schema = steps_schema(
+            list(shards[0].info["components"]), "block_profile" in shards[0].info
+        )
         split_of = episodes.select("episode_id", pl.col("split").alias("_split"))
         counts = _write_tables(tmp, "episodes", episodes, split_of, ep_schema, cfg.chunk_rows)
         _write_tables(tmp, "steps", steps, split_of, st_schema, cfg.chunk_rows)

@@ -12,6 +12,7 @@ Shard layout (one writer per shard; written under ``<name>.tmp-<pid>`` and renam
                             settings, sha256 of every file below
         episodes.parquet    EPISODES_SCHEMA
         steps.parquet       STEPS_SCHEMA + one float32 column per raw reward component
+                            (+ BLOCK_PROFILE_FIELDS when shard.json has block_profile)
         features.zarr/      Zarr v3 group: image_features (n_steps, D_img) float32,
                             text_features (n_episodes, D_txt) float32,
                             optional latents (n_steps, C, h, w) float16,
@@ -92,3 +93,14 @@ STEPS_SCHEMA = pa.schema(
 )
 """Plus one float32 column per raw reward component (``clip_score``, ``stability``,
 ``verifier``, ...), listed in ``shard.json["components"]``. Rewards are never stored here."""
+
+BLOCK_PROFILE_FIELDS = [
+    ("block_time_s", pa.list_(pa.float32())),  # per part, aligned with block_profile["parts"]
+    ("block_peak_mem_bytes", pa.list_(pa.int64())),  # per block, block_profile["blocks"]
+]
+"""Optional steps columns, present exactly when ``shard.json`` has ``block_profile`` (collected
+with ``collect.profile_blocks``; see :mod:`addiffusion.diffusion.profile`): the latency of each
+part of the denoiser calls that produced the step (a partition: they sum to the denoiser's time;
+like ``wall_time_s``, a batched step's cost shared evenly by its episodes) and each block's peak
+memory above what was allocated when it started (CUDA, else sampled RSS). Stores without them
+read as before: the columns are an addition, not a change of meaning, so the version stays."""

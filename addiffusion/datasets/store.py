@@ -35,6 +35,7 @@ from PIL import Image
 
 from addiffusion.config import UserError
 from addiffusion.datasets.schema import (
+    BLOCK_PROFILE_FIELDS,
     EPISODES_SCHEMA,
     JSON_ROOT_PARENT,
     SCHEMA_VERSION,
@@ -153,12 +154,14 @@ def _drop_dead_tmp_manifests(store_dir: Path) -> None:
             continue
 
 
-def steps_schema(components: list[str]) -> pa.Schema:
-    """STEPS_SCHEMA plus one float32 column per raw reward component."""
-    clash = sorted(set(components) & set(STEPS_SCHEMA.names))
+def steps_schema(components: list[str], block_profile: bool = False) -> pa.Schema:
+    """STEPS_SCHEMA plus one float32 column per raw reward component, plus
+    BLOCK_PROFILE_FIELDS when the shard has a ``block_profile``."""
+    extra = [pa.field(*f) for f in BLOCK_PROFILE_FIELDS] if block_profile else []
+    clash = sorted(set(components) & set(STEPS_SCHEMA.names + [f.name for f in extra]))
     if clash:
         raise ValueError(f"component name {clash[0]!r} clashes with a steps column")
-    return pa.schema(list(STEPS_SCHEMA) + [pa.field(c, pa.float32()) for c in components])
+    return pa.schema(list(STEPS_SCHEMA) + [pa.field(c, pa.float32()) for c in components] + extra)
 
 
 def write_sharded_array(
@@ -215,7 +218,7 @@ class ShardWriter:
         self.index = int(shard_index)
         self.info = json.loads(json.dumps(info))  # a JSON-able deep copy, or fail now
         self.components = list(info["components"])
-        self.schema = steps_schema(self.components)
+        self.schema = steps_schema(self.components, "block_profile" in info)
         self.image_dim, self.text_dim = int(info["image_dim"]), int(info["text_dim"])
         self._episodes: list[dict[str, Any]] = []
         self._steps: list[dict[str, Any]] = []

@@ -378,7 +378,7 @@ def _check_contents(
     except ValueError as e:
         problems.append(Problem(str(info_path), None, f"no valid action table: {e}"))
     episodes = read_checked(episode_files, episodes_schema, problems)
-    steps = read_checked(step_files, steps_schema(components), problems)
+    steps = read_checked(step_files, steps_schema(components, "block_profile" in info), problems)
     group = _open_group(root / "features.zarr", problems)
     n_img = check_array(
         group,
