@@ -4,6 +4,7 @@ produced the observations, the task reads it back, and a store is never resumed 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,29 +28,23 @@ def preview_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _cfg(models: tuple[Path, Path], **kw: object) -> CollectConfig:
+def _cfg(make: Callable[..., CollectConfig], **kw: object) -> CollectConfig:
     base = dict(
-        model=str(models[0]),
-        scorer=str(models[1]),
-        n_max=4,
-        strides=[1, 2],
         warmup=1,
         refine_budget=0,
         branch_prob=0.0,
         n_prompts=4,
-        seeds_per_prompt=1,
         heldout_fraction=0.5,
         shard_size=4,
         batch_size=4,
-        device="cpu",
     )
-    return CollectConfig.from_dict({**base, **kw})
+    return make(**{**base, **kw})
 
 
 def test_store_and_dataset_record_the_observations_decoder(
-    tmp_path: Path, tiny_models: tuple[Path, Path], preview_dir: Path
+    tmp_path: Path, small_collect: Callable[..., CollectConfig], preview_dir: Path
 ) -> None:
-    cfg = _cfg(tiny_models, observe_with="preview", preview=str(preview_dir))
+    cfg = _cfg(small_collect, observe_with="preview", preview=str(preview_dir))
     collect(cfg, tmp_path / "store", progress=False)
     (shard,) = read_store(tmp_path / "store")
     assert shard.info["sampler"]["observe_with"] == "preview"
@@ -73,9 +68,9 @@ def test_store_and_dataset_record_the_observations_decoder(
 
 
 def test_resuming_with_another_decoder_is_refused(
-    tmp_path: Path, tiny_models: tuple[Path, Path], preview_dir: Path
+    tmp_path: Path, small_collect: Callable[..., CollectConfig], preview_dir: Path
 ) -> None:
-    cfg = _cfg(tiny_models)
+    cfg = _cfg(small_collect)
     collect(cfg, tmp_path / "store", progress=False)
     other = dataclasses.replace(cfg, observe_with="preview", preview=str(preview_dir))
     with pytest.raises(
@@ -84,19 +79,21 @@ def test_resuming_with_another_decoder_is_refused(
         collect(other, tmp_path / "store", progress=False)
 
 
-def test_preview_needs_a_decoder_name(tiny_models: tuple[Path, Path]) -> None:
+def test_preview_needs_a_decoder_name(small_collect: Callable[..., CollectConfig]) -> None:
     with pytest.raises(ConfigError, match="collect.preview must be an AutoencoderTiny folder"):
-        _cfg(tiny_models, observe_with="preview", preview="")
+        _cfg(small_collect, observe_with="preview", preview="")
     with pytest.raises(ConfigError, match="collect.observe_with must be vae or preview"):
-        _cfg(tiny_models, observe_with="taesd")
+        _cfg(small_collect, observe_with="taesd")
 
 
 def test_preview_bench_compares_the_two_decoders_at_every_point(
-    tiny_models: tuple[Path, Path], preview_dir: Path, capsys: pytest.CaptureFixture[str]
+    small_collect: Callable[..., CollectConfig],
+    preview_dir: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from addiffusion.collect.preview_bench import run_preview_bench
 
-    cfg = _cfg(tiny_models, preview=str(preview_dir), n_prompts=8)
+    cfg = _cfg(small_collect, preview=str(preview_dir), n_prompts=8)
     res = run_preview_bench(cfg, n_prompts=3, batch=2)
     assert res["episodes"] == 3 and res["points"] == 3 * cfg.n_max
     assert set(res["components"]) == {"clip_score"}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +22,22 @@ from addiffusion.datasets.validate import validate_dataset, validate_shard
 COLUMNS = [name for name, _ in BLOCK_PROFILE_FIELDS]
 
 
-def _cfg(models: tuple[Path, Path], **kw: object) -> CollectConfig:
+def _cfg(make: Callable[..., CollectConfig], **kw: object) -> CollectConfig:
     base = dict(
-        model=str(models[0]),
-        scorer=str(models[1]),
-        n_max=4,
-        strides=[1, 2],
         refine_k=1,
         branch_prob=1.0,
         n_prompts=2,
-        seeds_per_prompt=1,
         heldout_fraction=0.0,
         shard_size=2,
         batch_size=2,
-        device="cpu",
     )
-    return CollectConfig.from_dict({**base, **kw})
+    return make(**{**base, **kw})
 
 
 def test_profiled_store_has_block_columns_that_survive_build(
-    tmp_path: Path, tiny_models: tuple[Path, Path]
+    tmp_path: Path, small_collect: Callable[..., CollectConfig]
 ) -> None:
-    collect(_cfg(tiny_models, profile_blocks=True), tmp_path / "store", progress=False)
+    collect(_cfg(small_collect, profile_blocks=True), tmp_path / "store", progress=False)
     (shard,) = read_store(tmp_path / "store")
     assert validate_shard(shard.path) == []
     layout = shard.info["block_profile"]
@@ -70,9 +65,9 @@ def test_profiled_store_has_block_columns_that_survive_build(
 
 
 def test_unprofiled_store_has_no_block_columns(
-    tmp_path: Path, tiny_models: tuple[Path, Path]
+    tmp_path: Path, small_collect: Callable[..., CollectConfig]
 ) -> None:
-    collect(_cfg(tiny_models, branch_prob=0.0), tmp_path / "store", progress=False)
+    collect(_cfg(small_collect, branch_prob=0.0), tmp_path / "store", progress=False)
     (shard,) = read_store(tmp_path / "store")
     assert "block_profile" not in shard.info
     assert not set(COLUMNS) & set(shard.steps.columns)
