@@ -1,5 +1,5 @@
-"""``addiffusion offline-rl``: train the offline policy (and baselines); verify, trust or export
-a trained one."""
+"""``addiffusion offline-rl``: train the offline policy (and baselines); verify, trust, export or
+evaluate off-policy (FQE) a trained one."""
 
 from __future__ import annotations
 
@@ -12,27 +12,32 @@ from addiffusion.config import read_params
 from addiffusion.offline_rl.config import OfflineRLConfig
 
 
+def _replay_buffers(dataset: Path, rewards: Path) -> tuple[Any, Any]:
+    """(train, validation) d3rlpy buffers of ``dataset`` with ``rewards``."""
+    from addiffusion.datasets.d3rlpy_convert import to_replay_buffers
+    from addiffusion.task import read_info
+
+    # Validation prompts: the split `datasets build` recorded in meta/info.json (its column
+    # rl_split), so every stage agrees on which prompts the policy never saw.
+    split = read_info(dataset).get("rl_split")
+    if not isinstance(split, dict) or not {"val_fraction", "seed"} <= set(split):
+        raise SystemExit(
+            f"{dataset / 'meta' / 'info.json'} has no rl_split "
+            "{val_fraction, seed}: rebuild the dataset with `addiffusion datasets build`"
+        )
+    return to_replay_buffers(dataset, rewards, float(split["val_fraction"]), int(split["seed"]))
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from addiffusion.datasets.d3rlpy_convert import to_replay_buffers
     from addiffusion.offline_rl.train import train_offline
-    from addiffusion.task import read_info, read_task
+    from addiffusion.task import read_task
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = OfflineRLConfig.from_params(read_params(args.params))
-    # Validation prompts: the split `datasets build` recorded in meta/info.json (its column
-    # rl_split), so every stage agrees on which prompts the policy never saw.
-    split = read_info(Path(args.dataset)).get("rl_split")
-    if not isinstance(split, dict) or not {"val_fraction", "seed"} <= set(split):
-        raise SystemExit(
-            f"{Path(args.dataset) / 'meta' / 'info.json'} has no rl_split "
-            "{val_fraction, seed}: rebuild the dataset with `addiffusion datasets build`"
-        )
-    train, val = to_replay_buffers(
-        Path(args.dataset), Path(args.rewards), float(split["val_fraction"]), int(split["seed"])
-    )
+    train, val = _replay_buffers(Path(args.dataset), Path(args.rewards))
     task = read_task(Path(args.dataset))
     metrics = train_offline(
         train,
@@ -53,6 +58,64 @@ def _train(args: argparse.Namespace) -> int:
             f"(oracle {stop.get('oracle_stop_step', float('nan')):.2f})"
         )
     print(f"offline-rl: wrote {Path(args.out) / 'policy.d3'} and its manifest.json")
+    return 0
+
+
+def _fqe(args: argparse.Namespace) -> int:
+    import torch
+
+    from addiffusion.config import UserError
+    from addiffusion.eval.cli import load_offline_policies
+    from addiffusion.offline_rl.ope import FQESettings, fqe_estimate
+    from addiffusion.task import read_task
+
+    offline, dataset, rewards = Path(args.offline), Path(args.dataset), Path(args.rewards)
+    for path, flag, what in [
+        (offline / "policy.d3", "--offline", "an `offline-rl train` output folder"),
+        (dataset / "meta" / "info.json", "--dataset", "a dataset folder from `datasets build`"),
+        (rewards, "--rewards", "a rewards file from `datasets relabel`"),
+    ]:
+        if not path.is_file():
+            raise UserError(f"{path} not found: {flag} must be {what}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    policies = load_offline_policies(offline, "cpu")
+    train, val = _replay_buffers(dataset, rewards)
+    fit = train if args.fit_on == "train" else val
+    results: dict[str, Any] = {}
+    table = read_task(dataset).actions
+    dim = int(val.episodes[0].observation_signature.shape[0][0]) if val.episodes else None
+    for name, policy in policies.items():
+        # The run's own discount and width (train.py records both in every manifest).
+        config, actor = policy.manifest.get("config", {}), policy.manifest.get("actor", {})
+        try:
+            policy.check_actions(table, f"dataset {dataset}")
+            if dim is not None and dim != policy.observation_dim:
+                raise ValueError(
+                    f"the policy takes observations of dim {policy.observation_dim}, the "
+                    f"dataset's are {dim}"
+                )
+            settings = FQESettings(
+                n_steps=args.n_steps,
+                learning_rate=args.learning_rate,
+                batch_size=args.batch_size,
+                target_update_interval=args.target_update_interval,
+                gamma=float(config.get("gamma", FQESettings.gamma)),
+                hidden_units=list(actor.get("hidden_units", FQESettings().hidden_units)),
+                seed=args.seed,
+            )
+            results[name] = fqe_estimate(policy.algo, fit, settings, evaluate=val)
+        except ValueError as e:
+            raise UserError(f"offline-rl fqe ({name}, {dataset}): {e}") from e
+        print(
+            f"fqe {name}: initial value {results[name]['initial_value']:.4f} "
+            f"(behaviour return {results[name]['behaviour_return']:.4f})"
+        )
+    out = Path(args.out) if args.out else offline / "ope.json"
+    report = {"method": "d3rlpy DiscreteFQE", "fit_on": args.fit_on, "evaluated_on": "val"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**report, "policies": results}, indent=2) + "\n")
+    print(f"offline-rl fqe: wrote {out}")
     return 0
 
 
@@ -127,8 +190,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "offline-rl",
         help="train the jump/stop/refine policy offline (discrete IQL; CQL/BC baselines)",
         description="Offline RL on a built dataset with d3rlpy. `train` (dvc.yaml's offline_rl "
-        "stage) fits discrete IQL and the CQL / BC baselines; `verify`, `trust` and "
-        "`export-onnx` are helpers for a trained policy.d3. A .d3 file is a pickle: it is loaded "
+        "stage) fits discrete IQL and the CQL / BC baselines; `verify`, `trust`, `export-onnx` "
+        "and `fqe` (off-policy evaluation) are helpers for a trained policy.d3. A .d3 file is a pickle: it is loaded "
         "only when the project's dvc.lock records it as a stage output or its sha256 is in the "
         "trust store (which `train` and `trust` write; $ADDIFFUSION_TRUST_STORE, default "
         "$XDG_DATA_HOME/addiffusion/trusted.json).",
@@ -156,6 +219,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
+
+    f = stage.add_parser(
+        "fqe",
+        help="off-policy evaluation of the trained policies with Fitted Q Evaluation",
+        description="Estimate how much return each policy of an `offline-rl train` run (the "
+        "main one and its baselines, loaded only when trusted) would get, without running it: "
+        "d3rlpy's DiscreteFQE fits the Q function of the policy's greedy (unmasked) action on "
+        "the validation prompts (the split `offline-rl train` uses) and reports its value at "
+        "the recorded trajectories' first states, next to the behaviour data's observed "
+        "discounted return. Writes JSON; changes no pipeline output.",
+    )
+    f.add_argument("--dataset", required=True, help="dataset folder (from `datasets build`)")
+    f.add_argument("--rewards", required=True, help="rewards file (from `datasets relabel`)")
+    f.add_argument(
+        "--offline", required=True, help="output folder of `offline-rl train` (policy.d3 ...)"
+    )
+    f.add_argument("--out", default=None, help="JSON file to write (default: <offline>/ope.json)")
+    f.add_argument(
+        "--fit-on",
+        choices=["val", "train"],
+        default="val",
+        help="transitions FQE is fitted on; its estimate is always on the validation "
+        "trajectories (default: %(default)s)",
+    )
+    f.add_argument(
+        "--n-steps", type=int, default=2000, help="FQE gradient steps (default: %(default)s)"
+    )
+    f.add_argument(
+        "--batch-size", type=int, default=256, help="FQE batch size (default: %(default)s)"
+    )
+    f.add_argument(
+        "--learning-rate",
+        type=float,
+        default=1e-3,
+        help="FQE Adam learning rate (default: %(default)s)",
+    )
+    f.add_argument(
+        "--target-update-interval",
+        type=int,
+        default=100,
+        help="FQE steps between target-network syncs (default: %(default)s)",
+    )
+    f.add_argument("--seed", type=int, default=0, help="d3rlpy seed (default: %(default)s)")
+    f.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: %(default)s = torch's choice)",
+    )
+    f.set_defaults(func=_fqe)
 
     v = stage.add_parser(
         "verify",
