@@ -84,12 +84,12 @@ def run_preview_bench(cfg: CollectConfig, n_prompts: int, batch: int) -> dict[st
             while True:
                 x0 = torch.cat([ep.x0 for ep in episodes])
                 for name, vae in (("vae", None), ("preview", preview)):
-                    images = timed(name, x0, vae)
-                    feats = sampler.scorer.encode_images(images)
-                    u8 = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-                    vals["clip_score"][name] += (feats * text).sum(-1).cpu().tolist()
-                    for extra, fn in sampler.extra_scorers.items():
-                        vals[extra][name] += np.asarray(fn(u8, prompts), np.float64).tolist()
+                    _, feats, scores, extra = sampler.score_images(
+                        timed(name, x0, vae), text, prompts
+                    )
+                    vals["clip_score"][name] += scores.tolist()
+                    for k, v in extra.items():
+                        vals[k][name] += v.tolist()
                     if name == "vae":
                         ref = feats
                     else:

@@ -554,18 +554,10 @@ class StepwiseSampler:
     ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Score decoded x̂0 ``images`` (B, 3, H, W) in [0, 1] and store the episodes' per-point
         state (features, CLIP score, stability, components, image)."""
-        now = time.perf_counter()
-        features = self.scorer.encode_images(images)
-        images_u8 = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         text = torch.stack([ep.text_features for ep in episodes])
-        scores = (features * text).sum(-1).cpu().numpy()
-        now = self._tick("clip", now)
-        prompts = [ep.prompt for ep in episodes]
-        extra = {
-            name: np.asarray(fn(images_u8, prompts), np.float32)
-            for name, fn in self.extra_scorers.items()
-        }
-        self._tick("scorers", now)
+        images_u8, features, scores, extra = self.score_images(
+            images, text, [ep.prompt for ep in episodes]
+        )
         stability = np.zeros(len(episodes), np.float32)
         for b, ep in enumerate(episodes):
             if ep.image_features is not None:
@@ -577,6 +569,24 @@ class StepwiseSampler:
             ep.components = {"clip_score": float(scores[b]), "stability": float(stability[b])}
             ep.components.update({k: float(v[b]) for k, v in extra.items()})
         return images_u8, features, scores, stability, extra
+
+    def score_images(
+        self, images: torch.Tensor, text_features: torch.Tensor, prompts: Sequence[str]
+    ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, dict[str, np.ndarray]]:
+        """Score decoded images ``(B, 3, H, W)`` in [0, 1] as an observation does, without touching
+        any episode: ``(images (B, H, W, 3) uint8, CLIP features (B, D), CLIP scores against
+        text_features (B,), {extra scorer: (B,) float32})``."""
+        now = time.perf_counter()
+        features = self.scorer.encode_images(images)
+        images_u8 = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        scores = (features * text_features).sum(-1).cpu().numpy()
+        now = self._tick("clip", now)
+        extra = {
+            name: np.asarray(fn(images_u8, list(prompts)), np.float32)
+            for name, fn in self.extra_scorers.items()
+        }
+        self._tick("scorers", now)
+        return images_u8, features, scores, extra
 
     def _tick(self, name: str, since: float) -> float:
         if self.device.type == "cuda":

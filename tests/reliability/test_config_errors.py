@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -98,10 +99,12 @@ def _fails(
 
 
 def test_sections_are_the_stage_configs() -> None:
-    for module in ("diffusion", "collect", "datasets", "rewards", "offline_rl", "online_finetune"):
-        importlib.import_module(f"addiffusion.{module}.config")
-    importlib.import_module("addiffusion.worlds.shapes.config")
-    importlib.import_module("addiffusion.eval.config")
+    # Every config module of the package, so the check does not depend on what other tests
+    # imported before it.
+    package = Path(importlib.import_module("addiffusion").__file__).parent
+    for path in sorted(package.rglob("config.py")):
+        rel = path.relative_to(package.parent).with_suffix("")
+        importlib.import_module(".".join(rel.parts))
     ours = [c for c in StageConfig.__subclasses__() if c.__module__.startswith("addiffusion.")]
     assert sorted(c.section for c in ours) == sorted(SECTIONS)
 
@@ -263,18 +266,32 @@ def test_prompt_file_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert f"prompt file {prompts}:2: not UTF-8" in line
 
 
-def test_corrupt_parquet_at_relabel(
-    dataset_master: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _relabel_line(
+    dataset_master: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    corrupt: Callable[[Path], None],
+) -> tuple[Path, str]:
+    """Copy the dataset, ``corrupt`` its second steps Parquet file, run relabel on it: (that file,
+    the one error line)."""
     dataset = Path(shutil.copytree(dataset_master, tmp_path / "dataset"))
     bad = sorted((dataset / "data" / "steps").glob("*.parquet"))[1]
-    bad.write_bytes(bad.read_bytes()[:-40])
+    corrupt(bad)
     out = tmp_path / "rewards.parquet"
     line = _fails(
         ["datasets", "relabel", "--dataset", str(dataset), "--out", str(out)]
         + ["--params", str(_params(tmp_path))],
         capsys,
         tmp_path,
+    )
+    return bad, line
+
+
+def test_corrupt_parquet_at_relabel(
+    dataset_master: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad, line = _relabel_line(
+        dataset_master, tmp_path, capsys, lambda f: f.write_bytes(f.read_bytes()[:-40])
     )
     assert f"{bad}: cannot read Parquet" in line
 
@@ -282,22 +299,17 @@ def test_corrupt_parquet_at_relabel(
 def test_nan_component_refused_at_relabel(
     dataset_master: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    dataset = Path(shutil.copytree(dataset_master, tmp_path / "dataset"))
-    bad = sorted((dataset / "data" / "steps").glob("*.parquet"))[1]
-    steps = pl.read_parquet(bad)
-    scores = steps["clip_score"].to_list()
-    scores[3] = float("nan")
-    steps.with_columns(
-        pl.Series("clip_score", scores, dtype=steps["clip_score"].dtype)
-    ).write_parquet(bad)
-    out = tmp_path / "rewards.parquet"
-    line = _fails(
-        ["datasets", "relabel", "--dataset", str(dataset), "--out", str(out)]
-        + ["--params", str(_params(tmp_path))],
-        capsys,
-        tmp_path,
-    )
-    assert f"{bad}: row 3 (episode_id {steps['episode_id'][3]}, step" in line
+    def nan_at_row_3(f: Path) -> None:
+        steps = pl.read_parquet(f)
+        scores = steps["clip_score"].to_list()
+        scores[3] = float("nan")
+        steps.with_columns(
+            pl.Series("clip_score", scores, dtype=steps["clip_score"].dtype)
+        ).write_parquet(f)
+
+    bad, line = _relabel_line(dataset_master, tmp_path, capsys, nan_at_row_3)
+    episode = pl.read_parquet(bad)["episode_id"][3]
+    assert f"{bad}: row 3 (episode_id {episode}, step" in line
     assert "clip_score is nan" in line and "rewards.weights" in line
 
 
