@@ -32,6 +32,8 @@ import numpy as np
 
 ActionKind = Literal["jump", "stop", "refine", "reuse"]
 KINDS: tuple[str, ...] = ("jump", "stop", "refine", "reuse")
+ACTION_SPACES: tuple[str, ...] = ("stop_only", "jumps", "jumps_refine")
+"""Action-space ablations (:meth:`ActionTable.allowed`)."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,26 @@ class ActionTable:
             else:
                 mask[..., a.id] = ~last & ~warm & (used < budget)
         return mask
+
+    def allowed(self, space: str) -> np.ndarray:
+        """``(n,)`` bool: the actions of an action-space ablation (:data:`ACTION_SPACES`).
+
+        ``stop_only``: jump-1 and stop (the base schedule with a learned stop); ``jumps``: every
+        jump and stop; ``jumps_refine``: every action. A policy restricted to a space is trained
+        on transitions of those actions only and never takes another (its mask is ANDed with
+        this)."""
+        kinds = {
+            "stop_only": None,
+            "jumps": ("jump", "stop"),
+            "jumps_refine": KINDS,
+        }
+        if space not in kinds:
+            raise ValueError(
+                f"unknown action space {space!r}; expected one of {', '.join(ACTION_SPACES)}"
+            )
+        if space == "stop_only":
+            return np.array([a.name in ("jump-1", "stop") for a in self.actions])
+        return np.array([a.kind in kinds[space] for a in self.actions])
 
     def to_dict(self) -> dict[str, Any]:
         return {

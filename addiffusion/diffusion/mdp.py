@@ -18,6 +18,7 @@ embedding is sinusoidal of ``t_i / num_train_timesteps`` and of ``i / (n_max - 1
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,6 +59,50 @@ class ObservationLayout:
     @classmethod
     def from_dict(cls, data: dict[str, int]) -> ObservationLayout:
         return cls(data["image_dim"], data["text_dim"], data["time_dim"], data["quality_dim"])
+
+    def columns(self, part: str) -> slice:
+        """The columns of one part of the vector: ``image_features``, ``text_features``,
+        ``time`` or ``quality`` (:data:`OBSERVATION_PARTS`)."""
+        sizes = dict(
+            zip(
+                OBSERVATION_PARTS,
+                (self.image_dim, self.text_dim, self.time_dim, self.quality_dim),
+                strict=True,
+            )
+        )
+        if part not in sizes:
+            raise ValueError(
+                f"unknown observation part {part!r}; expected one of {', '.join(OBSERVATION_PARTS)}"
+            )
+        start = 0
+        for name in OBSERVATION_PARTS:
+            if name == part:
+                return slice(start, start + sizes[name])
+            start += sizes[name]
+        raise AssertionError(part)
+
+    def keep_mask(self, drop: Sequence[str]) -> np.ndarray:
+        """``(dim,)`` bool, False on the columns of the parts in ``drop``: a policy trained
+        without those parts sees them as zeros (:func:`drop_parts`)."""
+        keep = np.ones(self.dim, dtype=bool)
+        for part in drop:
+            keep[self.columns(part)] = False
+        return keep
+
+
+OBSERVATION_PARTS: tuple[str, ...] = ("image_features", "text_features", "time", "quality")
+"""The parts of the observation vector, in order (a state ablation drops some of them)."""
+
+
+def drop_parts(obs: np.ndarray, layout: ObservationLayout, drop: Sequence[str]) -> np.ndarray:
+    """``obs`` (N, dim) with the columns of the parts in ``drop`` set to zero (a copy when any
+    is dropped): the one rule of a state ablation, applied to the training data and, by the
+    policy, to every observation it acts on."""
+    if not drop:
+        return obs
+    out = np.array(obs, dtype=np.float32, copy=True)
+    out[:, ~layout.keep_mask(drop)] = 0.0
+    return out
 
 
 def build_observations(
