@@ -33,6 +33,7 @@ STAGES = (
     "policy",
     "bench",
     "distill",
+    "report",
 )
 """Modules under ``addiffusion`` whose ``cli.register`` adds subcommands (``offline_rl`` is spelt
 ``offline-rl`` on the command line, ``online_finetune`` ``online-finetune``)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,14 +162,33 @@ def _episode(obs: np.ndarray, actions: list[int], rewards: np.ndarray, terminate
 
 
 def build_episodes(
-    dataset_dir: Path, rewards_path: Path, split: str = "train"
+    dataset_dir: Path,
+    rewards_path: Path,
+    split: str = "train",
+    allowed: np.ndarray | None = None,
+    drop: Sequence[str] = (),
 ) -> dict[int, list[EpisodeBase]]:
-    """d3rlpy episodes of ``split`` grouped by prompt_id (see module docstring)."""
+    """d3rlpy episodes of ``split`` grouped by prompt_id (see module docstring).
+
+    Ablations: ``allowed`` ((n,) bool, :meth:`ActionTable.allowed`) keeps only what a policy
+    restricted to those actions could reach: a path is cut at its first other action (the rows
+    before it stay, as a truncated episode), a branch entered by another action is left out, and
+    so are the counterfactual stops of the rows cut. ``drop``: observation parts
+    (:data:`addiffusion.diffusion.mdp.OBSERVATION_PARTS`) set to zero (:func:`mdp.drop_parts`).
+    """
     info = read_info(dataset_dir)
     table = dataset_table(dataset_dir)
     stop = table.stop
+    if allowed is not None and np.asarray(allowed).shape != (table.n,):
+        raise ValueError(f"allowed must be ({table.n},) bool, got shape {np.shape(allowed)}")
+    ok_action = np.ones(table.n, bool) if allowed is None else np.asarray(allowed, bool)
+    if not ok_action[stop] or not ok_action[table.jump(1)]:
+        raise ValueError("an action space must allow stop and jump-1")
     steps = load_steps(dataset_dir, rewards_path, split)
+    layout = mdp.ObservationLayout.from_dict(info["observation"]) if drop else None
     obs = observations(dataset_dir, steps, info)
+    if layout is not None:
+        obs = mdp.drop_parts(obs, layout, drop)
     step_no = steps["step"].to_numpy()
     legal_stop = table.mask(step_no, steps["refines_used"].to_numpy())[:, stop]
     recorded = steps["action"].to_numpy().astype(np.int64)
@@ -200,14 +220,22 @@ def build_episodes(
             maintain_order="left",
         )
     )
+    episodes = list(bounds.iter_rows(named=True))
+    reach = _reachable(episodes, recorded, ok_action, len(steps))
     out: dict[int, list[EpisodeBase]] = {}
-    for ep in bounds.iter_rows(named=True):
+    for ep in episodes:
         lo, hi = int(ep["lo"]), int(ep["hi"])
         eps = out.setdefault(int(ep["prompt_id"]), [])
-        terminated = int(ep["last_action"]) == stop
-        rows = list(range(lo, hi + 1))
-        actions = [*recorded[lo:hi].tolist(), stop if terminated else int(recorded[hi])]
-        rewards = [*np.nan_to_num(r_action[lo:hi]), r_stop[hi] if terminated else 0.0]
+        if not reach[lo]:
+            continue
+        # The reachable prefix: a path cut at its first action outside the space ends there.
+        end = lo + int(reach[lo : hi + 1].sum()) - 1
+        cut = end < hi or not ok_action[recorded[end]]
+        terminated = not cut and int(ep["last_action"]) == stop
+        rows = list(range(lo, end + 1))
+        last = stop if terminated else table.jump(1) if cut else int(recorded[end])
+        actions = [*recorded[lo:end].tolist(), last]
+        rewards = [*np.nan_to_num(r_action[lo:end]), r_stop[end] if terminated else 0.0]
         parent = ep["parent_row"]
         if ep["parent_episode_id"] is not None and parent is not None and not np.isnan(r_enter[lo]):
             rows = [int(parent), *rows]
@@ -215,10 +243,43 @@ def build_episodes(
             rewards = [r_enter[lo], *rewards]
         if len(rows) > 1 or terminated:
             eps.append(_episode(obs[rows], actions, np.asarray(rewards), terminated))
-        for i in range(lo, hi + 1):
-            if (i != hi or not terminated) and legal_stop[i]:
+        for i in range(lo, end + 1):
+            if (i != end or not terminated) and legal_stop[i]:
                 eps.append(_episode(obs[i : i + 1], [stop], np.asarray([r_stop[i]]), True))
     return out
+
+
+def _reachable(
+    episodes: list[dict], recorded: np.ndarray, ok_action: np.ndarray, n_rows: int
+) -> np.ndarray:
+    """(n_rows,) bool: rows a policy taking only ``ok_action`` actions can reach. A root's first
+    row is reachable; a branch's first row when its parent row is and its branch action is
+    allowed; each next row of a path when the row before is and its recorded action is allowed."""
+    reach = np.zeros(n_rows, bool)
+    episode_of_row = np.zeros(n_rows, np.int64)
+    for k, ep in enumerate(episodes):
+        episode_of_row[int(ep["lo"]) : int(ep["hi"]) + 1] = k
+    done = np.zeros(len(episodes), bool)
+    pending = list(range(len(episodes)))
+    while pending:
+        later = []
+        for k in pending:
+            ep = episodes[k]
+            lo, hi, parent = int(ep["lo"]), int(ep["hi"]), ep["parent_row"]
+            if ep["parent_episode_id"] is None or parent is None:
+                start = True
+            elif not done[episode_of_row[int(parent)]]:
+                later.append(k)  # its parent's path is not settled yet
+                continue
+            else:
+                start = bool(reach[int(parent)]) and bool(ok_action[int(ep["branch_action"])])
+            ok = np.concatenate([[start], ok_action[recorded[lo:hi]]])
+            reach[lo : hi + 1] = np.logical_and.accumulate(ok)
+            done[k] = True
+        if len(later) == len(pending):
+            raise ValueError("branch episodes whose parents form a cycle")
+        pending = later
+    return reach
 
 
 def make_buffer(episodes: list[EpisodeBase], obs_dim: int, action_size: int) -> ReplayBuffer:
@@ -237,12 +298,18 @@ def make_buffer(episodes: list[EpisodeBase], obs_dim: int, action_size: int) -> 
 
 
 def to_replay_buffers(
-    dataset_dir: Path, rewards_path: Path, val_fraction: float, seed: int
+    dataset_dir: Path,
+    rewards_path: Path,
+    val_fraction: float,
+    seed: int,
+    allowed: np.ndarray | None = None,
+    drop: Sequence[str] = (),
 ) -> tuple[ReplayBuffer, ReplayBuffer]:
     """(train, validation) buffers from the train split, validation prompts chosen by
     :func:`addiffusion.datasets.build.prompt_val_split`. Observations: (layout.dim,) float32;
-    ``action_size``: the dataset's action table's ``n``."""
-    by_prompt = build_episodes(Path(dataset_dir), Path(rewards_path), "train")
+    ``action_size``: the dataset's action table's ``n``. ``allowed`` / ``drop``: the
+    ablations of :func:`build_episodes`, applied to both buffers."""
+    by_prompt = build_episodes(Path(dataset_dir), Path(rewards_path), "train", allowed, drop)
     if not by_prompt:
         raise ValueError(f"{dataset_dir} has no train-split steps to convert")
     text_of = dict(

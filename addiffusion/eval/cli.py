@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from addiffusion.config import read_params
 from addiffusion.eval.config import EvalConfig
+from addiffusion.eval.learned import SEED_SEP
 from addiffusion.offline_rl.config import OfflineRLConfig
 from addiffusion.rewards.config import RewardConfig
 
@@ -71,6 +74,41 @@ def load_offline_policies(
     return policies
 
 
+def load_checkpoints(
+    offline_dir: Path, names: Sequence[str], device: str
+) -> dict[str, list[tuple[int, Any, float | None]]]:
+    """Per policy of :func:`load_offline_policies` (``names[0]`` the main one, the others its
+    baselines), the points its ``ope.json`` values: ``(step, policy, FQE value)`` in training
+    order, policy None for the final one (the method itself). Each checkpoint is one its run's
+    manifest lists, loaded through the trusted loader. A run without ``ope.json`` has none."""
+    from addiffusion.offline_rl import PolicyLoadError, load_policy
+
+    out: dict[str, list[tuple[int, Any, float | None]]] = {}
+    for name in names:
+        run = Path(offline_dir) if name == names[0] else Path(offline_dir) / "baselines" / name
+        path = run / "ope.json"
+        if not path.is_file():
+            continue
+        listed = set(json.loads((run / "manifest.json").read_text()).get("checkpoints", []))
+        chain = []
+        for point in json.loads(path.read_text()).get("points", []):
+            rel, value = point.get("path"), point.get("initial_value")
+            if rel == ".":
+                chain.append((int(point["step"]), None, value))
+                continue
+            if rel not in listed:
+                raise PolicyLoadError(
+                    f"{path} values {rel!r}, which is not a checkpoint its run's manifest lists "
+                    f"({sorted(listed)})"
+                )
+            policy = load_policy(
+                run / rel / "policy.d3", run / rel / "manifest.json", device=_d3rlpy_device(device)
+            )
+            chain.append((int(point["step"]), policy, value))
+        out[name] = chain
+    return out
+
+
 def load_online_policy(online_dir: Path) -> object:
     """The PPO fine-tuned actor of an online_finetune run (weights checked against the
     manifest's sha256)."""
@@ -90,16 +128,41 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig.from_params(params)
     reward_cfg = RewardConfig.from_params(params)
     policies: dict = {}
+    checkpoints: dict = {}
     if args.offline is not None:
         # The policies the params file names (without an offline_rl section: the ones the run's
         # manifest lists), never whatever lies in the folder.
         names = None
+        seeds: list[int] = []
         if "offline_rl" in params:
             offline_cfg = OfflineRLConfig.from_params(params)
             names = [offline_cfg.algo, *offline_cfg.baselines]
-        policies.update(load_offline_policies(Path(args.offline), cfg.device, names))
+            seeds = offline_cfg.seeds[1:]
+        main = load_offline_policies(Path(args.offline), cfg.device, names)
+        policies.update(main)
+        names = list(main)
+        if cfg.checkpoints:
+            checkpoints = load_checkpoints(Path(args.offline), names, cfg.device)
+        for seed in seeds:
+            more = load_offline_policies(
+                Path(args.offline) / "seeds" / str(seed), cfg.device, names
+            )
+            policies.update({f"{n}{SEED_SEP}{seed}": p for n, p in more.items()})
     if args.online is not None:
-        policies["ppo"] = load_online_policy(Path(args.online))
+        online = Path(args.online)
+        online_seeds: list[int] = []
+        if "online_finetune" in params:
+            from addiffusion.online_finetune.config import OnlineFinetuneConfig
+
+            online_seeds = OnlineFinetuneConfig.from_params(params).seeds[1:]
+        runs = [
+            ("", online),
+            *((f"{SEED_SEP}{s}", online / "seeds" / str(s)) for s in online_seeds),
+        ]
+        for suffix, run in runs:
+            policies[f"ppo{suffix}"] = load_online_policy(run)
+            if (run / "scratch" / "manifest.json").is_file():
+                policies[f"ppo-scratch{suffix}"] = load_online_policy(run / "scratch")
     from addiffusion.eval.evaluate import evaluate  # heavy imports only once params are valid
 
     metrics = evaluate(
@@ -110,8 +173,10 @@ def _eval(args: argparse.Namespace) -> int:
         Path(args.out),
         progress=not args.quiet,
         prompts=args.prompts,
+        checkpoints=checkpoints,
     )
     summary = metrics.pop("frontier")
+    learned = metrics.pop("learned")
     metric = summary["metric"]
     width = max(len(n) for n in metrics)
     for name, m in metrics.items():
@@ -120,6 +185,14 @@ def _eval(args: argparse.Namespace) -> int:
         if "stopped_early" in m:
             vs += f"  stopped early {m['stopped_early']:.0%}"
         print(f"{name:<{width}}  NFE {m['nfe']:6.2f}  {metric} {m[metric]:.4f}{vs}")
+    ck = learned.get("checkpoints")
+    if ck:
+        print(
+            f"fqe: spearman={ck['spearman']:.3f} over {ck['n_points']} (policy, checkpoint) points"
+        )
+    for pair, values in learned.get("pairs", {}).items():
+        r = values[metric]
+        print(f"pair {pair}: {metric} {r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]")
     print(f"eval: wrote metrics.json, pareto.csv, pareto.png, samples.png, report.md to {args.out}")
     # The headline, last: the best learned policy against the all-solver fixed frontier.
     print(summary.get("line", "frontier: no learned policy evaluated"))

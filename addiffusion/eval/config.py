@@ -53,6 +53,13 @@ class EvalConfig(StageConfig):
     denoiser output (0 NFE) while the third-order latent difference is <= x times the first."""
     adaptive_diffusion_max_skips: int = 4
     """Cap on consecutive reuses of the AdaptiveDiffusion baselines."""
+    checkpoints: bool = True
+    """Also roll out every offline checkpoint that has an FQE value (``ope.json`` of the
+    offline_rl run) and report FQE against rollout: Spearman rank correlation, and checkpoint
+    selection by FQE against selection by validation rollout."""
+    pairs: list[str] = field(default_factory=lambda: ["ppo:iql", "ppo:ppo-scratch"])
+    """Paired comparisons ``a:b`` of two learned methods (a - b with prompt-cluster bootstrap
+    intervals); a pair whose methods were not evaluated is skipped."""
     seeds_per_prompt: int = 2
     """Seeds per held-out prompt; seed s of prompt p is ``seed * 1_000_003 + p * seeds_per_prompt
     + s`` (the collector's formula, so eval.seed = collect.seed reuses the held-out episodes')."""
@@ -118,9 +125,16 @@ class EvalConfig(StageConfig):
         check(self.n_prompts >= 0, f"{s}.n_prompts", ">= 0 (0 = all held-out)", self.n_prompts)
         check(0.0 < self.confidence < 1.0, f"{s}.confidence", "in (0, 1)", self.confidence)
         check(self.seed >= 0, f"{s}.seed", ">= 0", self.seed)
+        for i, pair in enumerate(self.pairs):
+            a, _, b = pair.partition(":")
+            check(bool(a) and bool(b) and a != b, f"{s}.pairs[{i}]", "'a:b' of two methods", pair)
         check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             f"{s}.device",
             "auto, cpu, cuda or cuda:N",
             self.device,
         )
+
+    def pair_list(self) -> list[tuple[str, str]]:
+        """``pairs`` as (a, b) tuples."""
+        return [(p.partition(":")[0], p.partition(":")[2]) for p in self.pairs]

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,15 @@ from addiffusion.diffusion.sampler import StepwiseSampler
 from addiffusion.eval import frontier, report
 from addiffusion.eval.config import EvalConfig
 from addiffusion.eval.heldout import HeldoutSet, load_heldout
+from addiffusion.eval.learned import (
+    SEED_SEP,
+    CheckpointRun,
+    checkpoint_report,
+    episode_return,
+    mean_ci,
+    pair_comparisons,
+    seed_summary,
+)
 from addiffusion.eval.metrics import closest_baseline, compare, summarize
 from addiffusion.eval.policies import (
     AdaptiveDiffusionSkip,
@@ -46,6 +55,10 @@ from addiffusion.eval.rollout import MethodRun, run_method
 from addiffusion.rewards.config import RewardConfig
 from addiffusion.rewards.reward import quality
 from addiffusion.task import Task, check_observer, task_sampler
+
+Checkpoint = tuple[int, "Policy | None", "float | None"]
+"""(step, policy, FQE value) of one point along a learned method's training; policy None: the
+method's own (final) policy."""
 
 OUTPUTS = (
     "metrics.json",
@@ -242,11 +255,16 @@ def evaluate(
     out_dir: Path,
     progress: bool = True,
     prompts: str | None = None,
+    checkpoints: Mapping[str, Sequence[Checkpoint]] | None = None,
 ) -> dict[str, Any]:
     """Run every method on the held-out pairs and write the outputs into ``out_dir``.
 
     ``prompts``: a prompt source the user brings (see :func:`addiffusion.eval.heldout.
     load_heldout`) evaluated instead of the dataset's held-out prompts, on the dataset's task.
+    ``checkpoints``: per learned method of ``policies``, its (step, policy, FQE value) points
+    along training (policy None: the method itself, its final point), for ``eval.checkpoints``.
+    Methods named ``<name>@seed<s>`` are further training seeds of ``<name>``: evaluated and
+    summarised over seeds (``"seeds"``), never the headline.
 
     Returns the metrics written to ``metrics.json``: ``{method: {"kind", "nfe", "nfe_std",
     "clip_score", "quality", ["verifier", "verifier_acc"], "refines", "masked_actions",
@@ -302,6 +320,19 @@ def evaluate(
             kind,
             run_method(on, policy, prompts, seeds, cfg.batch_size, name, bar.update),
         )
+    points = {m: list(c) for m, c in (checkpoints or {}).items() if m in policies}
+    ckpt_runs: dict[tuple[str, int], MethodRun] = {}
+    if cfg.checkpoints and points:
+        bar.total += sum(p is not None for c in points.values() for _, p, _ in c) * len(prompts)
+        for method, chain in points.items():
+            for step, policy, _ in chain:
+                if policy is None:
+                    ckpt_runs[method, step] = runs[method][1]
+                    continue
+                bar.set_postfix_str(f"{method}@{step}")
+                ckpt_runs[method, step] = run_method(
+                    sampler, policy, prompts, seeds, cfg.batch_size, method, bar.update
+                )
     bar.close()
 
     # Summaries, then paired comparisons against the fixed schedule of closest mean NFE.
@@ -320,6 +351,17 @@ def evaluate(
             # Images decoded from x̂0 before the grid's last point (a stop mid-schedule) rather
             # than at its end: the way a stop-and-jump policy can lose to a short schedule.
             m["stopped_early"] = float((run.stop_step < settings.n_max - 1).mean())
+        for key, values in {"nfe": run.nfe, **scores[name]}.items():
+            m[f"{key}_ci"] = mean_ci(
+                values, groups, cfg.bootstrap_samples, cfg.confidence, cfg.seed
+            )
+        if kind == "policy":
+            # The MDP's return (up to a constant shared by all methods), beside FQE's estimate.
+            ret = episode_return(scores[name]["quality"], run.nfe, reward_cfg)
+            m["return"] = float(ret.mean())
+            m["return_ci"] = mean_ci(ret, groups, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+            final = [f for step, p, f in points.get(name, []) if p is None]
+            m["fqe"] = final[0] if final else None
         metrics[name] = m
     base_nfe = {n: m["nfe"] for n, m in metrics.items() if m["kind"] == "baseline"}
     fruns = [frontier.FixedRun(n, solver, k, scores[n][metric]) for n, solver, k in fixed]
@@ -367,7 +409,7 @@ def evaluate(
                 )
                 for cat in sorted(set(categories))
             }
-        if m["kind"] == "policy":
+        if m["kind"] == "policy" and SEED_SEP not in name:
             comparisons.append(c)
     oracle_nfe, oracle_score = frontier.oracle_items(fruns)
     summary: dict[str, Any] = {
@@ -403,9 +445,42 @@ def evaluate(
         best = frontier.best_learned(comparisons)
         summary.update(_comparison_dict(best))
         summary["line"] = best.line()
+    learned: dict[str, Any] = {"seeds": seed_summary(metrics, metric)}
+    per_item = {
+        name: {
+            metric: scores[name][metric],
+            "quality": scores[name]["quality"],
+            "nfe": run.nfe.astype(np.float64),
+            "return": episode_return(scores[name]["quality"], run.nfe, reward_cfg),
+        }
+        for name, (kind, run) in runs.items()
+        if kind == "policy"
+    }
+    learned["pairs"] = pair_comparisons(
+        cfg.pair_list(), per_item, groups, cfg.bootstrap_samples, cfg.confidence, cfg.seed
+    )
+    if ckpt_runs:
+        learned["checkpoints"] = checkpoint_report(
+            [
+                CheckpointRun(
+                    method,
+                    step,
+                    episode_return(_scores(r, reward_cfg, held)["quality"], r.nfe, reward_cfg),
+                    float(r.nfe.mean()),
+                    float(_scores(r, reward_cfg, held)[metric].mean()),
+                    fqe,
+                )
+                for method, chain in points.items()
+                for step, _, fqe in chain
+                for r in [ckpt_runs[method, step]]
+            ],
+            groups,
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.write_metrics({**metrics, "frontier": summary}, out_dir / "metrics.json")
+    report.write_metrics(
+        {**metrics, "learned": learned, "frontier": summary}, out_dir / "metrics.json"
+    )
     report.write_pareto_csv(metrics, out_dir / "pareto.csv")
     report.write_items(
         {name: run for name, (_, run) in runs.items()},
@@ -439,8 +514,8 @@ def evaluate(
         "device": str(sampler.device),
         "frontier": summary.get("line", "no learned policy evaluated"),
     }
-    report.write_report(metrics, context, out_dir / "report.md")
-    return {**metrics, "frontier": summary}
+    report.write_report(metrics, context, out_dir / "report.md", learned)
+    return {**metrics, "learned": learned, "frontier": summary}
 
 
 def _seed_index(prompt_ids: np.ndarray) -> np.ndarray:

@@ -162,9 +162,14 @@ def _fmt(x: Any) -> str:
 
 
 def write_report(
-    metrics: Mapping[str, Mapping[str, Any]], context: Mapping[str, Any], path: Path
+    metrics: Mapping[str, Mapping[str, Any]],
+    context: Mapping[str, Any],
+    path: Path,
+    learned: Mapping[str, Any] | None = None,
 ) -> None:
-    """A short markdown report: setup, the main table, paired comparisons, per-category table."""
+    """A short markdown report: setup, the main table, paired comparisons, per-category table,
+    and the learned policies' analyses (``learned``: FQE against rollout over checkpoints,
+    pairs of learned methods, seeds)."""
     scores = [
         s
         for s in ("clip_score", "quality", "verifier", "verifier_acc")
@@ -231,5 +236,66 @@ def write_report(
                 f"{bc[c]['nfe']:.2f} / {bc[c]['clip_score']:.4f}" if c in bc else "" for c in cats
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _learned_lines(learned or {})
     lines += ["", "![pareto](pareto.png)", "", "![samples](samples.png)", ""]
     path.write_text("\n".join(lines))
+
+
+def _learned_lines(learned: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    ck = learned.get("checkpoints")
+    if ck:
+        lines += ["", "## Off-policy evaluation (FQE) against rollout, over checkpoints", ""]
+        lines += [
+            f"Spearman rank correlation of FQE and held-out rollout return over {ck['n_points']} "
+            f"(policy, checkpoint) points: {_fmt(ck['spearman'])} (per method: "
+            + ", ".join(f"{m} {_fmt(v)}" for m, v in ck["spearman_by_method"].items())
+            + "). Return = (1 + terminal_bonus)·Q − c_nfe·NFE (up to a constant shared by all).",
+            "",
+            "| method | step | FQE | return | NFE | score |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in ck["points"]:
+            lines.append(
+                f"| {p['method']} | {p['step']} | {_fmt(p['fqe'])} | {_fmt(p['return'])} "
+                f"| {p['nfe']:.2f} | {_fmt(p['score'])} |"
+            )
+        lines += [
+            "",
+            "Checkpoint selection (cross-fitted over two halves of the held-out prompts: picked "
+            "on one, scored on the other): by FQE vs by validation rollout.",
+            "",
+            "| method | FQE picks | rollout picks | return (FQE pick) | return (rollout pick) "
+            "| return (last) | regret of FQE |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m, sel in ck["selection"].items():
+            lines.append(
+                f"| {m} | {sel['fqe_pick']} | {', '.join(map(str, sel['rollout_picks']))} "
+                f"| {_fmt(sel['fqe_return'])} | {_fmt(sel['rollout_return'])} "
+                f"| {_fmt(sel['final_return'])} | {_fmt(sel['regret'])} |"
+            )
+    pairs = learned.get("pairs")
+    if pairs:
+        lines += ["", "## Learned methods against each other (paired, prompt-cluster CI)", ""]
+        lines += ["| pair | value | diff [CI] (p) |", "|---|---|---|"]
+        for pair, values in pairs.items():
+            for key, r in values.items():
+                lines.append(
+                    f"| {pair} | {key} | {r['diff']:+.4f} [{r['ci_low']:+.4f}, "
+                    f"{r['ci_high']:+.4f}] (p={r['p']:.3f}) |"
+                )
+    seeds = learned.get("seeds")
+    if seeds:
+        lines += ["", "## Over training seeds (mean ± std)", ""]
+        lines += ["| method | seeds | NFE | score | gain |", "|---|---|---|---|---|"]
+        for m, row in seeds.items():
+            score = next(
+                k[:-5] for k in row if k.endswith("_mean") and k not in ("nfe_mean", "gain_mean")
+            )
+            lines.append(
+                f"| {m} | {row['n_seeds']} | {row['nfe_mean']:.2f} ± {row['nfe_std']:.2f} "
+                f"| {row[score + '_mean']:.4f} ± {row[score + '_std']:.4f} "
+                f"| {row['gain_mean']:+.4f} ± {row['gain_std']:.4f} |"
+            )
+    return lines

@@ -12,9 +12,12 @@ from addiffusion.config import read_params
 from addiffusion.offline_rl.config import OfflineRLConfig
 
 
-def _replay_buffers(dataset: Path, rewards: Path) -> tuple[Any, Any]:
-    """(train, validation) d3rlpy buffers of ``dataset`` with ``rewards``."""
-    from addiffusion.datasets.d3rlpy_convert import to_replay_buffers
+def _replay_buffers(
+    dataset: Path, rewards: Path, cfg: OfflineRLConfig | None = None
+) -> tuple[Any, Any]:
+    """(train, validation) d3rlpy buffers of ``dataset`` with ``rewards``, with the ablations
+    of ``cfg`` (``action_space``, ``drop_observations``) when given."""
+    from addiffusion.datasets.d3rlpy_convert import dataset_table, to_replay_buffers
     from addiffusion.task import read_info
 
     # Validation prompts: the split `datasets build` recorded in meta/info.json (its column
@@ -25,7 +28,11 @@ def _replay_buffers(dataset: Path, rewards: Path) -> tuple[Any, Any]:
             f"{dataset / 'meta' / 'info.json'} has no rl_split "
             "{val_fraction, seed}: rebuild the dataset with `addiffusion datasets build`"
         )
-    return to_replay_buffers(dataset, rewards, float(split["val_fraction"]), int(split["seed"]))
+    allowed = dataset_table(dataset).allowed(cfg.action_space) if cfg is not None else None
+    drop = cfg.drop_observations if cfg is not None else ()
+    return to_replay_buffers(
+        dataset, rewards, float(split["val_fraction"]), int(split["seed"]), allowed, drop
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -37,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = OfflineRLConfig.from_params(read_params(args.params))
-    train, val = _replay_buffers(Path(args.dataset), Path(args.rewards))
+    train, val = _replay_buffers(Path(args.dataset), Path(args.rewards), cfg)
     task = read_task(Path(args.dataset))
     metrics = train_offline(
         train,
@@ -46,17 +53,20 @@ def _train(args: argparse.Namespace) -> int:
         Path(args.out),
         actions=task.actions,
         observer=task.observer,
+        layout=task.observation,
         show_progress=not args.quiet,
     )
-    rows = [(cfg.algo, metrics), *metrics.get("baselines", {}).items()]
-    for name, m in rows:
-        stop = (m.get("val") or {}).get("stop") or {}
-        print(
-            f"offline-rl {name}: {m['n_steps']} steps, val stop regret "
-            f"{stop.get('regret', float('nan')):.4f}, mean stop step "
-            f"{stop.get('mean_stop_step', float('nan')):.2f} "
-            f"(oracle {stop.get('oracle_stop_step', float('nan')):.2f})"
-        )
+    runs = [metrics, *metrics.get("seeds", {}).values()]
+    for run in runs:
+        for name, m in [(cfg.algo, run), *run.get("baselines", {}).items()]:
+            stop = (m.get("val") or {}).get("stop") or {}
+            fqe = (m.get("fqe") or {}).get("initial_value", float("nan"))
+            print(
+                f"offline-rl {name} (seed {m['seed']}): {m['n_steps']} steps, val stop regret "
+                f"{stop.get('regret', float('nan')):.4f}, mean stop step "
+                f"{stop.get('mean_stop_step', float('nan')):.2f} "
+                f"(oracle {stop.get('oracle_stop_step', float('nan')):.2f}), FQE value {fqe:.4f}"
+            )
     print(f"offline-rl: wrote {Path(args.out) / 'policy.d3'} and its manifest.json")
     return 0
 
@@ -80,7 +90,7 @@ def _fqe(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     policies = load_offline_policies(offline, "cpu")
-    train, val = _replay_buffers(dataset, rewards)
+    train, val = _replay_buffers(dataset, rewards, _run_config(policies))
     fit = train if args.fit_on == "train" else val
     results: dict[str, Any] = {}
     table = read_task(dataset).actions
@@ -100,7 +110,7 @@ def _fqe(args: argparse.Namespace) -> int:
                 learning_rate=args.learning_rate,
                 batch_size=args.batch_size,
                 target_update_interval=args.target_update_interval,
-                gamma=float(config.get("gamma", FQESettings.gamma)),
+                gamma=float(config.get(policy.algo_name, {}).get("gamma", FQESettings.gamma)),
                 hidden_units=list(actor.get("hidden_units", FQESettings().hidden_units)),
                 seed=args.seed,
             )
@@ -117,6 +127,20 @@ def _fqe(args: argparse.Namespace) -> int:
     out.write_text(json.dumps({**report, "policies": results}, indent=2) + "\n")
     print(f"offline-rl fqe: wrote {out}")
     return 0
+
+
+def _run_config(policies: dict[str, Any]) -> OfflineRLConfig:
+    """The ablations the policies were trained with (their manifests' ``config``): FQE must
+    see the data they saw. The policies of one run share them."""
+    configs = {
+        (
+            tuple(p.manifest["config"].get("drop_observations", [])),
+            p.manifest["config"].get("action_space", "jumps_refine"),
+        )
+        for p in policies.values()
+    }
+    drop, space = sorted(configs)[0]
+    return OfflineRLConfig(drop_observations=list(drop), action_space=space)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Export a trained offline policy (IQL, CQL, BC) as an ONNX graph that acts with action masks.
+"""Export a trained offline policy (IQL, CQL, BC, BCQ) as an ONNX graph that acts with action masks.
 
 d3rlpy's own ``algo.save_policy("policy.onnx")`` fails under our torch (>= 2.9): it hands
 ``torch.onnx.export`` the ``torch.jit.trace`` of a function, and the default (dynamo) exporter no
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from addiffusion.offline_rl.policy import OfflinePolicy, scores_module
+from addiffusion.policy.combine import restrict_mask
 
 OPSET = 17
 """ONNX opset of the exported graph (onnxruntime >= 1.14 runs it)."""
@@ -26,14 +27,21 @@ class MaskedGreedy(nn.Module):
     """obs (B, D) float32, mask (B, n) bool -> action (B,) int64, scores (B, n) float32.
 
     ``scores`` are the policy's preferences with illegal actions at -inf; ``action`` is their
-    argmax (the first one on ties), as :meth:`OfflinePolicy.act`. A row with no legal action gives
-    action 0: check masks before you call the graph (:meth:`OfflinePolicy.act` raises)."""
+    argmax (the first one on ties), as :meth:`OfflinePolicy.act`. ``allowed`` (n,) bool (None:
+    every action) is ANDed with each mask row, unless that leaves the row empty
+    (:meth:`OfflinePolicy.restrict`). A row with no legal action gives action 0: check masks
+    before you call the graph (:meth:`OfflinePolicy.act` raises)."""
 
-    def __init__(self, scores: nn.Module):
+    allowed: torch.Tensor | None
+
+    def __init__(self, scores: nn.Module, allowed: torch.Tensor | None = None):
         super().__init__()
         self.scores = scores
+        self.register_buffer("allowed", None if allowed is None else allowed.to(torch.bool))
 
     def forward(self, obs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.allowed is not None:
+            mask = restrict_mask(mask, self.allowed)
         scores = self.scores(obs).masked_fill(~mask, float("-inf"))
         return scores.argmax(dim=1), scores
 
@@ -43,9 +51,13 @@ def export_onnx(policy: OfflinePolicy, path: Path) -> Path:
 
     Inputs ``obs`` (B, D) float32 (raw observations: the standardisation is inside the graph) and
     ``mask`` (B, n) bool; outputs ``action`` (B,) int64, the greedy legal action, and ``scores``
-    (B, n) float32 (logits for iql / bc, mean Q for cql; -inf where illegal). B is dynamic. The
-    model's metadata_props hold ``algo``, ``observation_dim``, ``actions`` (the action table as
-    JSON: ``action`` indexes it) and ``source_sha256`` (the ``.d3`` file's, from its manifest).
+    (B, n) float32 (logits for iql / bc, mean Q for cql, BCQ's scores for bcq: see
+    :meth:`OfflinePolicy.scores`; -inf where illegal). The manifest's ``allowed_actions`` is
+    inside the graph (ANDed with ``mask``), and so is its ``observation_drop`` (those columns are
+    ignored). B is dynamic. The model's metadata_props hold ``algo``, ``observation_dim``,
+    ``actions`` (the action table as JSON: ``action`` indexes it), ``allowed_actions`` and
+    ``observation_drop`` (JSON lists; ``null`` for every action) and ``source_sha256`` (the
+    ``.d3`` file's, from its manifest).
 
     Run it with onnxruntime (``InferenceSession(path).run(None, {"obs": obs, "mask": mask})``) or
     ``onnx.reference.ReferenceEvaluator``. Use this instead of d3rlpy's ``save_policy(".onnx")``,
@@ -59,7 +71,8 @@ def export_onnx(policy: OfflinePolicy, path: Path) -> Path:
         ) from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = MaskedGreedy(scores_module(policy)).eval()
+    allowed = None if policy.allowed.all() else torch.as_tensor(policy.allowed)
+    module = MaskedGreedy(scores_module(policy), allowed).eval()
     example = (
         torch.zeros(2, policy.observation_dim),
         torch.ones(2, policy.action_size, dtype=torch.bool),
@@ -88,6 +101,10 @@ def export_onnx(policy: OfflinePolicy, path: Path) -> Path:
             "algo": policy.algo_name,
             "observation_dim": str(policy.observation_dim),
             "actions": json.dumps(policy.actions.to_dict()),
+            "allowed_actions": json.dumps(
+                None if policy.allowed_actions is None else list(policy.allowed_actions)
+            ),
+            "observation_drop": json.dumps(list(policy.observation_drop)),
             "source_sha256": str(policy.manifest["sha256"]),
         },
     )

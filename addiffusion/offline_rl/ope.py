@@ -11,13 +11,16 @@ mask needs the step counters, not the observation. States where the mask binds (
 point, warm-up) are where the behaviour data has only the legal actions, so an unmasked policy
 that picks an illegal one there is valued by extrapolation.
 
-Used by ``addiffusion offline-rl fqe``; nothing in dvc.yaml depends on it.
+The offline_rl stage runs :func:`fqe_points` on every run it trains (``ope.json`` beside each
+policy); ``addiffusion offline-rl fqe`` re-runs it with other settings.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import d3rlpy
@@ -137,4 +140,33 @@ def fqe_estimate(
         "n_fit_transitions": int(fit.transition_count),
         "final_loss": float(history[-1][1].get("loss", math.nan)),
         "settings": asdict(settings),
+    }
+
+
+def fqe_points(run_dir: Path, evaluate: ReplayBuffer, settings: FQESettings) -> dict[str, Any]:
+    """FQE of every checkpoint of an ``offline-rl train`` run folder and of its final policy,
+    each fitted and valued on ``evaluate`` (the validation split), in training order.
+
+    Each policy is loaded through the trusted loader (:func:`load_policy`). Returns
+    ``{"method", "fit_on", "settings", "behaviour_return", "points": [{"step", "path",
+    "initial_value", "average_value", ...}, ...]}``, the final policy last (``path`` ".").
+    """
+    from addiffusion.offline_rl.policy import load_policy
+
+    run_dir = Path(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    folders = [*manifest.get("checkpoints", []), "."]
+    points = []
+    for rel in folders:
+        folder = run_dir / rel
+        policy = load_policy(folder / "policy.d3", folder / "manifest.json")
+        estimate = fqe_estimate(policy.algo, evaluate, settings, evaluate=evaluate)
+        points.append({"step": int(policy.manifest["step"]), "path": rel, **estimate})
+    return {
+        "method": "d3rlpy DiscreteFQE",
+        "fit_on": "val",
+        "algo": manifest["algo"],
+        "seed": manifest.get("seed"),
+        "behaviour_return": points[-1]["behaviour_return"],
+        "points": points,
     }

@@ -11,8 +11,9 @@ Public API (imported lazily, so ``addiffusion --help`` does not import SB3 or di
 (``.finetune``), ``load_offline_networks``, ``load_offline_actor``, ``check_action_table``
 (``.offline_init``), ``load_finetuned_policy``, ``FinetunedPolicy``, ``build_maskable_ppo``
 (``.ppo``), ``MlpActor``, ``ActorSpec``, ``mlp_actor_from_module`` (``.actor``),
-``train_prompts``, ``load_dataset_mdp`` (``.dataset_mdp``). The dataset's task and its sampler
-are :mod:`addiffusion.task`'s (``read_task``, ``task_sampler``).
+``train_prompts``, ``load_dataset_mdp`` (``.dataset_mdp``), ``Ablation`` (``.ablation``: the
+allowed actions and dropped observation parts a policy carries from offline RL into PPO). The
+dataset's task and its sampler are :mod:`addiffusion.task`'s (``read_task``, ``task_sampler``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ _EXPORTS = {
     "check_action_table": "offline_init",
     "train_prompts": "dataset_mdp",
     "load_dataset_mdp": "dataset_mdp",
+    "Ablation": "ablation",
 }
 __all__ = ["ENV_ID", *_EXPORTS]
 

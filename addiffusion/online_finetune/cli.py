@@ -24,7 +24,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    metrics = finetune(
+    runs = finetune(
         Path(args.dataset),
         Path(args.offline),
         cfg,
@@ -32,11 +32,15 @@ def _finetune(args: argparse.Namespace) -> int:
         rewards=rewards,
         log=None if args.quiet else print,
     )
-    print(
-        f"online-finetune: {metrics['iterations']} iterations, {metrics['global_step']} steps in "
-        f"{metrics['seconds']:.1f}s; episodic return {_fmt(metrics['charts/episodic_return_first'])}"
-        f" -> {_fmt(metrics['charts/episodic_return_last'])}; actor written to {args.out}"
-    )
+    for where, m in runs.items():
+        print(
+            f"online-finetune (seed {m['seed']}, {m['init']} init): {m['iterations']} iterations, "
+            f"{m['global_step']} steps in {m['seconds']:.1f}s; episodic return "
+            f"{_fmt(m['charts/episodic_return_first'])} -> "
+            f"{_fmt(m['charts/episodic_return_last'])}; hacking share "
+            f"{_fmt(m['charts/hacking_share_overall'])}; actor written to "
+            f"{Path(args.out) / where}"
+        )
     return 0
 
 
@@ -54,13 +58,25 @@ def register(sub: argparse._SubParsersAction) -> None:
             "section.\n\nThe PPO policy starts as the actor in <offline>/policy.d3 (loaded only if "
             "its sha256 matches <offline>/manifest.json, whose action table must be the dataset's); "
             "its value network starts as the offline "
-            "run's V (init_critic: true) or fresh.\n\nHyperparameters come from the "
+            "run's V (init_critic: true) or fresh. With from_scratch: true (the default) the "
+            "same command also trains the same PPO (architecture, hyperparameters, seed, "
+            "environment steps, the offline run's observation standardisation) from a fresh "
+            "random init into <out>/scratch/, the baseline that shows what the offline init adds. "
+            "An offline run restricted to some actions (manifest allowed_actions) or blind to "
+            "some observation parts (observation_drop) keeps those restrictions in both runs and "
+            "in the saved actor.\n\nHyperparameters come from the "
             "`online_finetune` params section (n_envs, n_steps, iterations, learning_rate, "
-            "batch_size, n_epochs, gamma, gae_lambda, clip_range, ent_coef, init_critic, seed, "
-            "device).\n\nWrites <out>/actor.safetensors + manifest.json (sha256, "
-            "architecture, obs dim, action table; no pickle), <out>/metrics.json (per iteration: "
-            "charts/episodic_return, charts/episodic_nfe, losses/approx_kl, losses/entropy, ...) "
-            "and <out>/training.csv."
+            "batch_size, n_epochs, gamma, gae_lambda, clip_range, ent_coef, init_critic, seeds, "
+            "from_scratch, device). seeds[0] writes <out>/, each further seed s writes "
+            "<out>/seeds/<s>/ (and its scratch/), starting from <offline>/seeds/<s>/ when that "
+            "folder exists, else from <offline>/.\n\nEach run folder holds actor.safetensors + "
+            "manifest.json (sha256, architecture, obs dim, action table, init, seed, ablation; "
+            "no pickle), metrics.json (per iteration: charts/episodic_return, "
+            "charts/episodic_nfe, charts/hacking_share, losses/approx_kl, losses/entropy, ...) "
+            "and training.csv (the same rows, for dvc plots). charts/hacking_share is the share "
+            "of the iteration's finished episodes whose final CLIP score rose while the verifier "
+            "fell (vs their first x0-hat); null without a verifier component (only the shapes "
+            "world has one)."
         ),
     )
     p.add_argument("--dataset", required=True, help="built dataset folder (with meta/info.json)")

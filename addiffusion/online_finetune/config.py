@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from addiffusion.config import StageConfig, check
+from addiffusion.config import ConfigError, StageConfig, check
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,8 @@ class OnlineFinetuneConfig(StageConfig):
     """PPO fine-tuning on the sampler MDP the dataset was collected on.
 
     One iteration = ``n_envs * n_steps`` environment steps (one denoising decision each) followed
-    by ``n_epochs`` passes of minibatch PPO updates (sb3-contrib ``MaskablePPO``).
+    by ``n_epochs`` passes of minibatch PPO updates (sb3-contrib ``MaskablePPO``). Each seed of
+    ``seeds`` is one such run from the offline actor, plus one from scratch (``from_scratch``).
     """
 
     section: ClassVar[str] = "online_finetune"
@@ -43,13 +44,20 @@ class OnlineFinetuneConfig(StageConfig):
     """Start the PPO value network from the offline run's state-value network V (IQL has one,
     same MLP shape) instead of a fresh init; advantages are then informative from iteration 1.
     IQL's V is an upper expectile over the data's actions, so it starts optimistic."""
-    seed: int = 0
-    """Seeds torch, numpy, the prompt order and the episodes' noise seeds."""
+    seeds: tuple[int, ...] = (0,)
+    """One run per seed (each seeds torch, numpy, the prompt order and the episodes' noise
+    seeds). ``seeds[0]`` writes ``<out>/``, each further seed ``s`` writes ``<out>/seeds/<s>/``;
+    seed ``s`` starts from ``<offline>/seeds/<s>/`` when that folder exists, else ``<offline>/``."""
+    from_scratch: bool = True
+    """Also train, per seed, a PPO with the same architecture, hyperparameters, seed and number of
+    environment steps but a fresh random init (actor and critic; the offline run's observation
+    standardisation) into ``<run>/scratch/``: does the offline init add anything?"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the sampler (diffusion backbone, scorer) and the PPO networks run."""
 
     def __post_init__(self) -> None:
         p = self.section
+        object.__setattr__(self, "seeds", tuple(self.seeds))  # a list given in code: hashable
         check(self.n_envs >= 1, f"{p}.n_envs", ">= 1", self.n_envs)
         # SB3 needs >= 2 samples per rollout to normalise advantages.
         check(
@@ -71,7 +79,24 @@ class OnlineFinetuneConfig(StageConfig):
         check(0.0 <= self.gae_lambda <= 1.0, f"{p}.gae_lambda", "in [0, 1]", self.gae_lambda)
         check(0.0 < self.clip_range < 1.0, f"{p}.clip_range", "in (0, 1)", self.clip_range)
         check(self.ent_coef >= 0.0, f"{p}.ent_coef", ">= 0", self.ent_coef)
-        check(self.seed >= 0, f"{p}.seed", ">= 0", self.seed)
+        check(len(self.seeds) >= 1, f"{p}.seeds", "a non-empty list", list(self.seeds))
+        check(
+            len(set(self.seeds)) == len(self.seeds),
+            f"{p}.seeds",
+            "a list without repeats",
+            list(self.seeds),
+        )
+        for i, seed in enumerate(self.seeds):
+            check(seed >= 0, f"{p}.seeds[{i}]", ">= 0", seed)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> OnlineFinetuneConfig:
+        if data and "seed" in data:  # renamed: say to what, not just "unknown key"
+            raise ConfigError(
+                f"unknown key {cls.section}.seed: it became {cls.section}.seeds, a list "
+                f"(seeds: [{data['seed']}] is the old seed: {data['seed']})"
+            )
+        return super().from_dict(data)
 
     @property
     def steps_per_iteration(self) -> int:

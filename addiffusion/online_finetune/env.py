@@ -12,8 +12,16 @@ the terminal observation with ``terminations[i]`` set; the next ``step`` ignores
 its next episode (reward 0, no termination) and returns the new episode's first observation.
 ``reset(options={"reset_mask": mask})`` starts the masked sub-envs' next episodes at once (the SB3
 adapter does so to get SB3's same-step autoreset). The finished episode's own statistics are in
-``infos["final_episode"]`` (``r`` return, ``l`` length, ``nfe``; masked by
+``infos["final_episode"]`` (``r`` return, ``l`` length, ``nfe``, and the reward-hacking watch's
+``clip_score_delta`` and ``verifier_delta``: the final image's raw ``clip_score`` / ``verifier``
+minus those of the episode's first decision point, its first x̂0; ``verifier_delta`` is NaN when
+the sampler has no ``verifier`` component, as only the shapes world has; masked by
 ``infos["_final_episode"]``), a key no gymnasium wrapper writes.
+
+Ablations (:mod:`addiffusion.online_finetune.ablation`): ``allowed`` ANDs every mask with a
+subset of the actions (``restrict_mask_np``, as the offline policy does), and
+``observation_drop`` zeroes parts of every observation returned
+(:func:`addiffusion.diffusion.mdp.drop_parts`), so a policy restricted offline stays restricted.
 
 Rewards come from :mod:`addiffusion.rewards.reward` (the one reward definition), with the
 dataset's normalisation stats, so online returns are on the scale the offline critic learned: an
@@ -31,6 +39,7 @@ import numpy as np
 
 from addiffusion.diffusion import mdp
 from addiffusion.diffusion.sampler import Episode, StepwiseSampler
+from addiffusion.policy.combine import restrict_mask_np
 from addiffusion.rewards.config import RewardConfig
 from addiffusion.rewards.reward import quality, step_reward, stop_reward
 
@@ -41,9 +50,18 @@ RESET_OPTIONS = ("reset_mask", "prompts", "seeds")
 """Keys ``SamplerVectorEnv.reset`` reads from ``options``."""
 
 
+WATCHED = ("clip_score", "verifier")
+"""Raw components of the reward-hacking watch (``final_episode``'s ``*_delta``)."""
+
+
+def observation_layout(sampler: StepwiseSampler) -> mdp.ObservationLayout:
+    """Where the parts of ``sampler``'s observation vector live."""
+    return mdp.ObservationLayout(image_dim=sampler.scorer.dim, text_dim=sampler.scorer.dim)
+
+
 def observation_dim(sampler: StepwiseSampler) -> int:
     """Length of the MDP observation vector of ``sampler`` (:class:`mdp.ObservationLayout`)."""
-    return mdp.ObservationLayout(image_dim=sampler.scorer.dim, text_dim=sampler.scorer.dim).dim
+    return observation_layout(sampler).dim
 
 
 class SamplerVectorEnv(gym.vector.VectorEnv):
@@ -54,7 +72,8 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
     an action the mask forbids raises ``ValueError`` (use :meth:`action_masks`). Rewards:
     ``(num_envs,)`` float32. Episodes always end by stop (the mask allows only stop at the last
     grid point): ``terminations`` is set, ``truncations`` never is. Autoreset: next-step (see the
-    module docstring).
+    module docstring). ``allowed`` ``(table.n,)`` bool and ``observation_drop`` (observation
+    parts) restrict the masks and zero parts of the observations (module docstring).
     """
 
     metadata: dict[str, Any] = {"autoreset_mode": NEXT_STEP}
@@ -67,6 +86,8 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         rewards: RewardConfig,
         stats: Mapping[str, Mapping[str, float]] | None,
         seed: int = 0,
+        allowed: np.ndarray | None = None,
+        observation_drop: Sequence[str] = (),
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -84,7 +105,16 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         self.num_envs = num_envs
         self.rewards = rewards
         self.stats = stats
-        dim = observation_dim(sampler)
+        self.layout = observation_layout(sampler)
+        self.observation_drop = tuple(observation_drop)
+        self.layout.keep_mask(self.observation_drop)  # raises on an unknown part
+        self.allowed = None if allowed is None else np.asarray(allowed, dtype=bool).copy()
+        if self.allowed is not None and self.allowed.shape != (self.table.n,):
+            raise ValueError(
+                f"allowed must be a ({self.table.n},) bool array (one per action of "
+                f"{list(self.table.names)}), got shape {self.allowed.shape}"
+            )
+        dim = self.layout.dim
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float32)
         self.single_action_space = gym.spaces.Discrete(self.table.n)
         self.observation_space = gym.vector.utils.batch_space(
@@ -99,6 +129,8 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         self._ret = np.zeros(num_envs, np.float64)
         self._len = np.zeros(num_envs, np.int64)
         self._autoreset = np.zeros(num_envs, bool)  # ended last step: restarts in the next one
+        # raw components of each sub-env's first decision point, for the reward-hacking watch
+        self._first = np.full((num_envs, len(WATCHED)), np.nan)
         self.total_nfe = 0  # denoiser evaluations spent by this env since construction
 
     # -- tasks: the next (prompt, seed), deterministic given the env's seed
@@ -126,7 +158,18 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         self._ret[list(slots)] = 0.0
         self._len[list(slots)] = 0
         self._autoreset[list(slots)] = False
+        self._first[list(slots)] = self._watched(new)
         self.total_nfe += sum(ep.nfe for ep in new)
+
+    @staticmethod
+    def _watched(episodes: Sequence[Episode]) -> np.ndarray:
+        """``(B, len(WATCHED))`` raw components (NaN for one the sampler does not produce)."""
+        return np.array([[ep.components.get(k, np.nan) for k in WATCHED] for ep in episodes])
+
+    def _observe(self) -> np.ndarray:
+        """The sub-envs' observations, with the dropped parts zeroed."""
+        obs = self.sampler.observations(self.episodes)
+        return mdp.drop_parts(obs, self.layout, self.observation_drop)
 
     def _reset_slots(self, options: Mapping[str, Any]) -> list[int]:
         """The sub-envs ``reset`` restarts: all, or those of ``options["reset_mask"]``."""
@@ -186,7 +229,7 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
             self.episodes = [None] * self.num_envs  # type: ignore[list-item]
         if slots:
             self._start(slots, tasks)
-        obs = self.sampler.observations(self.episodes)
+        obs = self._observe()
         if obs.shape[1:] != self.single_observation_space.shape:
             raise RuntimeError(
                 f"the sampler's observations have shape {obs.shape[1:]}, but mdp.ObservationLayout "
@@ -195,9 +238,11 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         return obs, {}
 
     def action_masks(self) -> np.ndarray:
-        """``(num_envs, table.n)`` bool: the legal actions of each sub-env now. A sub-env whose
-        episode ended in the last step allows every action (the next step ignores it)."""
-        masks = self.sampler.action_masks(self.episodes)
+        """``(num_envs, table.n)`` bool: the legal actions of each sub-env now, ANDed with
+        ``allowed`` (a row left with none keeps its legal actions, the offline policy's rule). A
+        sub-env whose episode ended in the last step allows every action (the next step ignores
+        it)."""
+        masks = restrict_mask_np(self.sampler.action_masks(self.episodes), self.allowed)
         masks[self._autoreset] = True
         return masks
 
@@ -251,10 +296,16 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
             self._len[live] += 1
         infos: dict[str, Any] = {}
         if done.any():
+            # the final image's raw components (stop scored it) against the first x̂0's
+            delta = self._watched(self.episodes) - self._first
             infos["final_episode"] = {
                 "r": np.where(done, self._ret, 0.0).astype(np.float32),
                 "l": np.where(done, self._len, 0).astype(np.int64),
                 "nfe": np.where(done, [ep.nfe for ep in self.episodes], 0).astype(np.int64),
+                **{
+                    f"{k}_delta": np.where(done, delta[:, j], 0.0).astype(np.float32)
+                    for j, k in enumerate(WATCHED)
+                },
             }
             infos["_final_episode"] = done.copy()
 
@@ -262,7 +313,7 @@ class SamplerVectorEnv(gym.vector.VectorEnv):
         if restart.any():
             self._start([int(i) for i in np.flatnonzero(restart)])
         self._autoreset = done
-        obs = self.sampler.observations(self.episodes)
+        obs = self._observe()
         return obs, rewards, done, np.zeros(n, bool), infos
 
     def close_extras(self, **kwargs: Any) -> None:

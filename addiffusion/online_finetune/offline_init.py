@@ -10,6 +10,13 @@ the loaded d3rlpy modules before use.
 The offline run must have been trained on the dataset's action table: its manifest's
 ``actions`` (``ActionTable.to_dict()``) must equal the table given, and the actor's head must have
 ``table.n`` outputs (:func:`check_action_table`).
+
+A run restricted by an ablation (manifest ``allowed_actions`` / ``observation_drop``:
+:mod:`addiffusion.online_finetune.ablation`) is read into :attr:`OfflineNetworks.ablation`. The
+copies take full observations (the actor's first layer ignores the dropped columns, as
+``actor_logits_module`` makes it; the V copy does not): whoever feeds them zeroes the dropped
+columns (the env does, for PPO), as the offline policy does to its own inputs, and the copies are
+checked on such zeroed probes.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import torch
 from torch import nn
 
 from addiffusion.diffusion.actions import ActionTable
+from addiffusion.diffusion.mdp import drop_parts
+from addiffusion.online_finetune.ablation import Ablation
 from addiffusion.online_finetune.actor import MlpActor, mlp_actor_from_module
 
 
@@ -35,6 +44,8 @@ class OfflineNetworks:
     """obs (B, D) -> V(s) (B, 1): IQL's state-value network; None for BC (it has none)."""
     manifest: dict[str, Any] = field(default_factory=dict)
     """The offline run's manifest.json (checked: its sha256 matched the policy)."""
+    ablation: Ablation = field(default_factory=Ablation)
+    """The run's allowed actions and dropped observation parts (none by default)."""
 
 
 def _unfold_first_layer(mlp: nn.Sequential, mean: torch.Tensor, scale: torch.Tensor) -> None:
@@ -84,7 +95,8 @@ def load_offline_networks(offline_dir: Path, table: ActionTable | None = None) -
     actor and V network.
 
     ``table``: the dataset's action table; the run's recorded table and the actor's head width
-    must match it (:func:`check_action_table`). ``None`` skips the check.
+    must match it (:func:`check_action_table`). ``None`` skips the check (and then the run's own
+    recorded table checks its ``allowed_actions``).
     """
     from addiffusion.offline_rl.policy import actor_logits_module, load_policy
 
@@ -93,6 +105,8 @@ def load_offline_networks(offline_dir: Path, table: ActionTable | None = None) -
     policy = load_policy(offline_dir / "policy.d3", manifest_path, device="cpu:0")
     if table is not None:
         check_action_table(policy.manifest, table, manifest_path)
+    own_table = table or ActionTable.from_dict(policy.manifest["actions"], str(manifest_path))
+    ablation = Ablation.from_manifest(policy.manifest, own_table, str(manifest_path))
     scaler = policy.algo.observation_scaler
     dim = policy.observation_dim
     if scaler is None:
@@ -104,6 +118,8 @@ def load_offline_networks(offline_dir: Path, table: ActionTable | None = None) -
         scale = scale + float(scaler.eps)  # d3rlpy: (x - mean) / (std + eps)
         # probe observations near the data, where the copies must agree
         probe = mean.numpy() + np.random.default_rng(0).standard_normal((8, dim)) * scale.numpy()
+    if ablation.observation is not None:  # what the policy sees of them
+        probe = drop_parts(probe, ablation.observation, ablation.observation_drop)
     probe_t = torch.as_tensor(probe, dtype=torch.float32)
 
     mlp = actor_logits_module(policy)
@@ -136,7 +152,7 @@ def load_offline_networks(offline_dir: Path, table: ActionTable | None = None) -
             theirs = value_func(scaler.transform(x) if scaler is not None else x).cpu()
             _check("state-value network", critic(probe_t), theirs, offline_dir)
     return OfflineNetworks(
-        actor.eval(), critic.eval() if critic is not None else None, policy.manifest
+        actor.eval(), critic.eval() if critic is not None else None, policy.manifest, ablation
     )
 
 

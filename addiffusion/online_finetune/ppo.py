@@ -4,7 +4,13 @@ Saved actor (no pickle anywhere)::
 
     <out>/actor.safetensors   MlpActor state dict (float32)
     <out>/manifest.json       format, version, ActorSpec, the action table
-                              (``ActionTable.to_dict()``), sha256 of actor.safetensors
+                              (``ActionTable.to_dict()``), sha256 of actor.safetensors, the
+                              ablation (``allowed_actions``, ``observation_drop``) and the
+                              observation layout (``observation``), the offline manifest's keys
+
+:class:`FinetunedPolicy` applies the ablation whenever it acts: its masks are ANDed with the
+allowed actions and the dropped observation parts are zeroed before the actor sees them, as in
+training (:mod:`addiffusion.online_finetune.ablation`).
 """
 
 from __future__ import annotations
@@ -25,12 +31,17 @@ from torch import nn
 
 from addiffusion.datasets.store import sha256_file
 from addiffusion.diffusion.actions import ActionTable
+from addiffusion.online_finetune.ablation import Ablation
 from addiffusion.online_finetune.actor import ACTIVATIONS, ActorSpec, MlpActor, Standardize
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
+from addiffusion.policy.combine import restrict_mask_np
 
 MANIFEST_FORMAT = "addiffusion-mlp-actor"
-MANIFEST_VERSION = 2
-"""2: the manifest records the action table (``actions``); 1 had a fixed 3-action map."""
+MANIFEST_VERSION = 3
+"""3: the manifest records the ablation (``allowed_actions``, ``observation_drop``) and the
+observation layout (``observation``); 2 recorded the action table (``actions``) only and still
+loads (as unrestricted); 1 had a fixed 3-action map."""
+READABLE_VERSIONS = (2, 3)
 WEIGHTS_FILE = "actor.safetensors"
 
 
@@ -76,12 +87,20 @@ def build_maskable_ppo(
     cfg: OnlineFinetuneConfig,
     device: str | torch.device,
     critic: MlpActor | None = None,
+    *,
+    seed: int | None = None,
+    fresh: bool = False,
 ) -> MaskablePPO:
     """MaskablePPO whose policy (``mlp_extractor.policy_net`` + ``action_net``) is ``actor``:
     same hidden sizes, activation, observation standardisation (the shared features extractor)
     and weights. The value network (``mlp_extractor.value_net`` + ``value_net``) is ``critic``
     (obs -> (B, 1), e.g. IQL's V) when given, else has the actor's hidden sizes and a fresh
     orthogonal init.
+
+    ``fresh``: the same architecture and observation standardisation, but SB3's own random
+    (orthogonal) init for both networks: the from-scratch baseline. ``seed``: SB3's seed
+    (default ``cfg.seeds[0]``); it seeds torch, numpy and ``random`` before the networks are
+    built, so the fresh init is the seed's.
     """
     spec = actor.spec
     n_actions = int(getattr(venv.action_space, "n", -1))
@@ -125,7 +144,7 @@ def build_maskable_ppo(
         gae_lambda=cfg.gae_lambda,
         clip_range=cfg.clip_range,
         ent_coef=cfg.ent_coef,
-        seed=cfg.seed,
+        seed=cfg.seeds[0] if seed is None else seed,
         device=device,
         verbose=0,
         policy_kwargs={
@@ -138,6 +157,8 @@ def build_maskable_ppo(
             },
         },
     )
+    if fresh:
+        return model
     _copy_linears(_linears(actor), _policy_linears(model))
     if critic is not None:
         policy = model.policy
@@ -168,10 +189,22 @@ def actor_from_ppo(model: MaskablePPO, spec: ActorSpec) -> MlpActor:
 
 
 def save_actor(
-    actor: MlpActor, table: ActionTable, out_dir: Path, extra: dict[str, Any] | None = None
+    actor: MlpActor,
+    table: ActionTable,
+    out_dir: Path,
+    extra: dict[str, Any] | None = None,
+    *,
+    ablation: Ablation | None = None,
 ) -> Path:
     """Write ``actor.safetensors`` + ``manifest.json`` (with ``table``, the actions the actor's
-    logits are over); returns the manifest path."""
+    logits are over, and ``ablation``, the restrictions it acts under); returns the manifest
+    path."""
+    ablation = ablation or Ablation()
+    layout = ablation.observation
+    if layout is not None and layout.dim != actor.spec.obs_dim:
+        raise ValueError(
+            f"the observation layout has dim {layout.dim}, the actor takes {actor.spec.obs_dim}"
+        )
     if actor.spec.n_actions != table.n:
         raise ValueError(
             f"the actor has {actor.spec.n_actions} logits but the action table {table.n} actions "
@@ -190,6 +223,7 @@ def save_actor(
         "actions": table.to_dict(),
         "weights": WEIGHTS_FILE,
         "sha256": sha256_file(weights),
+        **ablation.to_manifest(),
         **(extra or {}),
     }
     path = out_dir / "manifest.json"
@@ -199,34 +233,56 @@ def save_actor(
 
 class FinetunedPolicy:
     """The fine-tuned actor for evaluation: greedy (or sampled) masked actions over
-    :attr:`table` (the action table it was trained on; ``action_size == table.n``)."""
+    :attr:`table` (the action table it was trained on; ``action_size == table.n``).
 
-    def __init__(self, actor: MlpActor, manifest: dict[str, Any], table: ActionTable) -> None:
+    ``allowed`` ``(table.n,)`` bool: the actions it may take (None: all); ``keep`` ``(D,)`` bool:
+    the observation columns it sees (None: all; the others are zeroed): its ablation, applied to
+    the full observations and the sampler's masks it is given."""
+
+    def __init__(
+        self,
+        actor: MlpActor,
+        manifest: dict[str, Any],
+        table: ActionTable,
+        allowed: np.ndarray | None = None,
+        keep: np.ndarray | None = None,
+    ) -> None:
         if actor.spec.n_actions != table.n:
             raise ValueError(
                 f"the actor has {actor.spec.n_actions} logits but its action table {table.n}"
             )
+        if allowed is not None and np.shape(allowed) != (table.n,):
+            raise ValueError(f"allowed must have shape ({table.n},), got {np.shape(allowed)}")
+        if keep is not None and np.shape(keep) != (actor.spec.obs_dim,):
+            raise ValueError(f"keep must have shape ({actor.spec.obs_dim},), got {np.shape(keep)}")
         self.actor = actor.eval()
         self.manifest = manifest
         self.table = table
         self.action_size = table.n
         self.obs_dim = actor.spec.obs_dim
+        self.allowed = None if allowed is None else np.asarray(allowed, dtype=bool)
+        self.keep = None if keep is None else np.asarray(keep, dtype=bool)
 
     @torch.no_grad()
     def logits(self, obs: np.ndarray) -> np.ndarray:
-        """``obs (B, D) float32 -> (B, table.n)`` float32 unmasked logits."""
+        """``obs (B, D) float32 -> (B, table.n)`` float32 unmasked logits (of the observations
+        with the dropped columns zeroed)."""
         obs = np.asarray(obs, dtype=np.float32)
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
             raise ValueError(f"expected observations of shape (B, {self.obs_dim}), got {obs.shape}")
+        if self.keep is not None:
+            obs = np.where(self.keep, obs, np.float32(0.0))
         return self.actor(torch.from_numpy(obs)).numpy()
 
     def act(
         self, obs: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
     ) -> np.ndarray:
         """``obs (B, D) float32, mask (B, table.n) bool -> (B,) int64`` action ids, never a
-        masked one.
+        masked one (nor, where the mask allows one, an action outside :attr:`allowed`).
 
-        Greedy (argmax of the masked logits) unless ``rng`` is given, then sampled.
+        Greedy (argmax of the masked logits) unless ``rng`` is given, then sampled. The mask is
+        ANDed with :attr:`allowed` (a row left with no action keeps its own mask, as the offline
+        policy's ``restrict`` does).
         """
         mask = np.asarray(mask, dtype=bool)
         logits = self.logits(obs)
@@ -234,6 +290,7 @@ class FinetunedPolicy:
             raise ValueError(f"mask must have shape {logits.shape}, got {mask.shape}")
         if not mask.any(axis=1).all():
             raise ValueError(f"rows {np.flatnonzero(~mask.any(axis=1)).tolist()} allow no action")
+        mask = restrict_mask_np(mask, self.allowed)
         masked = np.where(mask, logits, -np.inf)
         if rng is None:
             return masked.argmax(axis=1)
@@ -250,10 +307,14 @@ def load_finetuned_policy(out_dir: Path) -> FinetunedPolicy:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not an online_finetune output folder")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+    if (
+        manifest.get("format") != MANIFEST_FORMAT
+        or manifest.get("version") not in READABLE_VERSIONS
+    ):
         raise ValueError(
-            f"{path}: expected format {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}, got "
-            f"{manifest.get('format')!r} version {manifest.get('version')!r}"
+            f"{path}: expected format {MANIFEST_FORMAT!r} version "
+            f"{' or '.join(map(str, READABLE_VERSIONS))}, got {manifest.get('format')!r} version "
+            f"{manifest.get('version')!r}"
         )
     weights = out_dir / manifest["weights"]
     digest = sha256_file(weights)
@@ -265,4 +326,10 @@ def load_finetuned_policy(out_dir: Path) -> FinetunedPolicy:
     table = ActionTable.from_dict(manifest.get("actions"), f"{path} 'actions'")
     actor = MlpActor(ActorSpec.from_dict(manifest["architecture"]))
     actor.load_state_dict(load_file(weights))
-    return FinetunedPolicy(actor, manifest, table)
+    ablation = Ablation.from_manifest(manifest, table, str(path))
+    if ablation.observation is not None and ablation.observation.dim != actor.spec.obs_dim:
+        raise ValueError(
+            f"{path}: 'observation' has dim {ablation.observation.dim}, the actor takes "
+            f"{actor.spec.obs_dim}"
+        )
+    return FinetunedPolicy(actor, manifest, table, ablation.allowed(table), ablation.keep())

@@ -2,10 +2,12 @@
 
 SB3 drives its own ``VecEnv`` interface: ``reset() -> obs``, ``step() -> (obs, rewards, dones,
 list of info dicts)`` with the terminal observation in ``info["terminal_observation"]`` and
-episode statistics in ``info["episode"]`` (read by ``ep_info_buffer``). SB3 autoresets in the same
-step, the vector env in the next one: after a step that ends episodes, the adapter restarts those
-sub-envs at once with ``reset(options={"reset_mask": dones})`` (the step's observation of them is
-the terminal one), and reshapes the infos. MaskablePPO fetches masks with
+episode statistics in ``info["episode"]`` (read by ``ep_info_buffer``; here every key of the
+vector env's ``final_episode``: ``r``, ``l``, ``nfe``, ``clip_score_delta``, ``verifier_delta``).
+SB3 autoresets in the same step, the vector env in the next one: after a step that ends
+episodes, the adapter restarts those sub-envs at once with
+``reset(options={"reset_mask": dones})`` (the step's observation of them is the terminal one),
+and reshapes the infos. MaskablePPO fetches masks with
 ``env_method("action_masks")`` (``sb3_contrib.common.maskable.utils.get_action_masks``), which
 expects one ``(table.n,)`` mask per sub-env.
 """
@@ -56,14 +58,9 @@ class Sb3VecEnv(VecEnv):
             for i in np.flatnonzero(dones):
                 out[i]["terminal_observation"] = obs[i].copy()
                 out[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
-                if ended[i]:
-                    ep = infos["final_episode"]
-                    out[i]["episode"] = {
-                        "r": float(ep["r"][i]),
-                        "l": int(ep["l"][i]),
-                        "nfe": int(ep["nfe"][i]),
-                        "t": round(time.perf_counter() - self._tic, 6),
-                    }
+                if ended[i]:  # r, l, nfe and the hacking watch's deltas, as Python numbers
+                    ep = {k: v[i].item() for k, v in infos["final_episode"].items()}
+                    out[i]["episode"] = {**ep, "t": round(time.perf_counter() - self._tic, 6)}
             # SB3's same-step autoreset: the finished sub-envs' next episodes start now
             obs, _ = self.env.reset(options={"reset_mask": dones})
         return obs, rewards.astype(np.float32), dones, out

@@ -14,6 +14,7 @@ ALGO_NAMES = {
     "iql": "discrete Implicit Q-Learning (d3rlpy, offline)",
     "cql": "discrete Conservative Q-Learning (d3rlpy, offline)",
     "bc": "behaviour cloning (d3rlpy, offline)",
+    "bcq": "discrete Batch-Constrained Q-learning (d3rlpy, offline)",
     "ppo": "MaskablePPO fine-tuning from the IQL actor (sb3-contrib, online)",
 }
 
@@ -52,6 +53,36 @@ def _evaluation(ev: dict[str, Any]) -> str:
     return out
 
 
+def _restrictions(cfg: PolicyConfig) -> str:
+    """The card's sentences on an ablation policy's action space and observation (may be empty)."""
+    out = []
+    if cfg.combine == "bcq":
+        out.append(
+            f"It takes the action of highest mean Q among those its imitator finds more than "
+            f"{_fmt(cfg.action_flexibility)} times as likely as its most likely one "
+            f"({len(cfg.networks) - 1} Q function(s))."
+        )
+    if cfg.allowed_actions is not None:
+        out.append(
+            "Its action space is restricted: it only takes "
+            + ", ".join(f"`{n}`" for n in cfg.allowed_actions)
+            + " (the others stay in the table but are masked out)."
+        )
+    if cfg.observation_drop:
+        out.append(
+            "It was trained without the observation part(s) "
+            + ", ".join(f"`{p}`" for p in cfg.observation_drop)
+            + " (their columns were zero in its data; it ignores them)."
+        )
+    return ("\n\n" + " ".join(out)) if out else ""
+
+
+def _networks(cfg: PolicyConfig) -> str:
+    if cfg.combine == "bcq":
+        return f"an imitator and {len(cfg.networks) - 1} Q function(s)"
+    return f"{len(cfg.networks)} network(s)"
+
+
 def model_card(cfg: PolicyConfig) -> ModelCard:
     settings = cfg.settings()
     data = ModelCardData(
@@ -73,7 +104,7 @@ def model_card(cfg: PolicyConfig) -> ModelCard:
 A small policy that steers a frozen diffusion model's denoising loop: at every point of a
 {settings.n_max}-point {settings.grid} grid of the **{cfg.solver}** solver it picks one of
 {", ".join(f"`{n}`" for n in cfg.actions.names)} (jumps cost 1 NFE, refine {settings.refine_k + 1},
-stop 0). Trained with {ALGO_NAMES.get(cfg.algo, cfg.algo)}.
+stop 0). Trained with {ALGO_NAMES.get(cfg.algo, cfg.algo)}.{_restrictions(cfg)}
 
 ## Intended backbone
 
@@ -113,6 +144,6 @@ Dataset `{t.get("dataset", "?")}` ({counts or "counts not recorded"}); reward co
 ## Files
 
 `config.json` (the action table, observation layout, sampler settings, normalisation stats),
-`model.safetensors` ({len(cfg.networks)} network(s), float32; no pickle).
+`model.safetensors` ({_networks(cfg)}, float32; no pickle).
 """
     return ModelCard(text)

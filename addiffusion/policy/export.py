@@ -1,9 +1,11 @@
-"""Turn a trained policy (offline-rl's IQL / CQL / BC, online-finetune's PPO) into a package.
+"""Turn a trained policy (offline-rl's IQL / CQL / BC / BCQ, online-finetune's PPO) into a package.
 
 The ``.d3`` files are unpickled only through :func:`addiffusion.offline_rl.load_policy`, which
 checks their sha256 against the manifest their training run wrote. The package's networks are
 checked against the loaded policy on observations near the training data before anything is
-written: a package that would act differently from the policy it came from is never saved.
+written: a package that would act differently from the policy it came from is never saved. An
+offline run's ``allowed_actions`` and ``observation_drop`` (its manifest's) go into the package's
+config, and its networks are exported ignoring the dropped observation columns.
 """
 
 from __future__ import annotations
@@ -36,8 +38,14 @@ def task_config(
     networks: list[MlpActor],
     training: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
+    *,
+    combine: str = "mean",
+    action_flexibility: float | None = None,
+    allowed_actions: tuple[str, ...] | None = None,
+    observation_drop: tuple[str, ...] = (),
 ) -> PolicyConfig:
-    """The package config of a policy trained on ``task`` (a dataset's MDP)."""
+    """The package config of a policy trained on ``task`` (a dataset's MDP); the keyword
+    arguments are :class:`PolicyConfig`'s fields of the same names."""
     family = task.info.get("family")
     if task.observation is None or family is None:
         raise PolicyPackageError(
@@ -68,20 +76,46 @@ def task_config(
             **(training or {}),
         },
         evaluation=dict(evaluation or {}),
+        combine=combine,
+        action_flexibility=action_flexibility,
+        allowed_actions=allowed_actions,
+        observation_drop=observation_drop,
     )
     cfg.check("the exported config")
     return cfg
 
 
 def _copy_mlp(
-    modules: list[nn.Module], mean: torch.Tensor | None, scale: torch.Tensor | None
+    modules: list[nn.Module],
+    mean: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    keep: np.ndarray | None = None,
 ) -> MlpActor:
-    return mlp_actor_from_module(nn.Sequential(*copy.deepcopy(modules)).cpu().float(), mean, scale)
+    net = mlp_actor_from_module(nn.Sequential(*copy.deepcopy(modules)).cpu().float(), mean, scale)
+    if keep is not None and not keep.all():
+        _ignore_columns(net, ~keep)
+    return net
+
+
+def _ignore_columns(net: MlpActor, drop: np.ndarray) -> None:
+    """Make ``net`` compute, for any input, what it computes with the ``drop`` (D,) columns at
+    zero: their standardised value ``-mean / std`` goes into the first Linear's bias, and their
+    weights become zero."""
+    first = net.hidden[0] if len(net.hidden) else net.head
+    assert isinstance(first, nn.Linear)
+    cols = torch.as_tensor(drop)
+    with torch.no_grad():
+        if net.spec.standardize:
+            zero = -net.standardize.mean[cols] / net.standardize.std[cols]
+            first.bias.add_(first.weight[:, cols] @ zero)
+        first.weight[:, cols] = 0.0
 
 
 def offline_networks(policy: Any) -> list[MlpActor]:
     """The networks of an ``OfflinePolicy`` (IQL / BC: the categorical policy; CQL: every Q
-    function), each with d3rlpy's observation standardisation ``(x - mean) / (std + eps)``."""
+    function; BCQ: the imitator, then every Q function), each with d3rlpy's observation
+    standardisation ``(x - mean) / (std + eps)``, and ignoring the policy's dropped observation
+    columns (its ``observation_drop``)."""
     from addiffusion.offline_rl.policy import _categorical_policy
 
     impl = policy.algo.impl
@@ -95,31 +129,77 @@ def offline_networks(policy: Any) -> list[MlpActor]:
         scale = scale + float(scaler.eps)
     if policy.algo_name == "cql":
         heads = list(impl.modules.q_funcs)
+    elif policy.algo_name == "bcq":
+        heads = [_categorical_policy(policy), *impl.modules.q_funcs]
     else:
         heads = [_categorical_policy(policy)]
-    return [_copy_mlp([*h._encoder._layers, h._fc], mean, scale) for h in heads]
+    keep = np.asarray(policy.keep_columns, dtype=bool)
+    return [_copy_mlp([*h._encoder._layers, h._fc], mean, scale, keep) for h in heads]
 
 
-def _probe(dim: int, mean: np.ndarray | None, scale: np.ndarray | None) -> np.ndarray:
+def _probe(
+    dim: int, mean: np.ndarray | None, scale: np.ndarray | None, drop: np.ndarray | None = None
+) -> np.ndarray:
+    """256 observations near the training data (``mean + N(0, 1) scale``); the ``drop`` (D,)
+    columns, which the policy ignores, get arbitrary values (N(0, 5)) to check that it does."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, dim)).astype(np.float32)
-    return x if mean is None or scale is None else (mean + x * scale).astype(np.float32)
+    out = x if mean is None or scale is None else (mean + x * scale).astype(np.float32)
+    if drop is not None and drop.any():
+        out[:, drop] = 5.0 * rng.standard_normal((256, int(drop.sum()))).astype(np.float32)
+    return out
 
 
-def _check_same(theirs: np.ndarray, ours: np.ndarray, where: str) -> None:
-    # Preferences may differ by a constant per row (d3rlpy's Categorical normalises logits).
-    a = theirs - theirs.mean(axis=1, keepdims=True)
-    b = ours - ours.mean(axis=1, keepdims=True)
+def _check_same(
+    theirs: np.ndarray, ours: np.ndarray, where: str, what: str = "", shift: bool = True
+) -> None:
+    """Raise unless ``ours`` equals ``theirs`` (B, n) within float tolerance; ``shift``: up to a
+    constant per row (d3rlpy's Categorical normalises logits). ``what`` names the part compared."""
+    a, b = theirs, ours
+    if shift:
+        a = theirs - theirs.mean(axis=1, keepdims=True)
+        b = ours - ours.mean(axis=1, keepdims=True)
     err = float(np.abs(a - b).max())
     if not err <= 1e-4 * max(1.0, float(np.abs(a).max())):
-        raise PolicyPackageError(f"the package built from {where} differs from it by {err:.3g}")
+        raise PolicyPackageError(
+            f"the package built from {where} differs from it{what} by {err:.3g}"
+        )
+
+
+def _check_bcq(policy: Any, package: AdaptivePolicy, probe: np.ndarray, where: str) -> None:
+    """A BCQ package against its policy: the imitator's log-probabilities and the mean Q within
+    float tolerance, and the greedy actions (every action legal) equal except on rows where a
+    rounding error may decide (an imitator ratio at the threshold, or a near tie in Q)."""
+    log_probs, q = policy.bcq_parts(probe)
+    x = torch.from_numpy(policy.drop(probe))
+    with torch.no_grad():
+        ours_lp = torch.log_softmax(package.networks[0](x), dim=1).numpy()
+        ours_q = torch.stack([net(x) for net in package.networks[1:]]).mean(dim=0).numpy()
+    _check_same(log_probs, ours_lp, where, " (imitator)")
+    _check_same(q, ours_q, where, " (mean Q)", shift=False)
+    theirs = policy.scores(probe)
+    theirs_a, ours_a = theirs.argmax(axis=1), package.scores(probe).argmax(axis=1)
+    ratio = log_probs - log_probs.max(axis=1, keepdims=True)
+    edge = (np.abs(ratio - np.log(policy.action_flexibility)) < 1e-3).any(axis=1)
+    top = np.sort(theirs, axis=1)[:, -2:]
+    tie = top[:, 1] - top[:, 0] < 1e-3 * max(1.0, float(np.abs(q).max()))
+    bad = np.flatnonzero((theirs_a != ours_a) & ~edge & ~tie)
+    if bad.size:
+        raise PolicyPackageError(
+            f"the package built from {where} acts differently from it on {bad.size} of "
+            f"{len(probe)} probe observations"
+        )
 
 
 def package_offline(
     offline_dir: Path, task: Task, algo: str | None = None, **info: Any
 ) -> AdaptivePolicy:
     """Package ``offline_dir``'s main policy (``algo`` None or its own) or its baseline
-    ``baselines/<algo>``; ``info``: ``training`` / ``evaluation`` extras for the card."""
+    ``baselines/<algo>``; ``info``: ``training`` / ``evaluation`` extras for the card.
+
+    The run's manifest's ``allowed_actions`` (None when it allows every action) and
+    ``observation_drop`` go into the config; its ``observation`` layout, when recorded, must be
+    the dataset's."""
     from addiffusion.offline_rl.policy import load_policy
     from addiffusion.online_finetune.offline_init import check_action_table
 
@@ -128,15 +208,49 @@ def package_offline(
     run = offline_dir if algo in (None, manifest.get("algo")) else offline_dir / "baselines" / algo
     policy = load_policy(run / "policy.d3", run / "manifest.json", device="cpu:0")
     check_action_table(policy.manifest, task.actions, run / "manifest.json")
+    if policy.observation is not None and policy.observation != task.observation:
+        raise PolicyPackageError(
+            f"{run / 'manifest.json'} records the observation layout {policy.observation}, but "
+            f"the dataset's is {task.observation}: package it with the dataset it was trained on"
+        )
     networks = offline_networks(policy)
-    package = build_policy(task_config(task, policy.algo_name, networks, **info), networks)
+    allowed = policy.allowed_actions
+    bcq = policy.algo_name == "bcq"
+    cfg = task_config(
+        task,
+        policy.algo_name,
+        networks,
+        **info,
+        combine="bcq" if bcq else "mean",
+        action_flexibility=policy.action_flexibility if bcq else None,
+        allowed_actions=None if allowed is None or len(allowed) == task.actions.n else allowed,
+        observation_drop=policy.observation_drop,
+    )
+    package = build_policy(cfg, networks)
     std = networks[0].standardize
     probe = _probe(
         package.obs_dim,
         std.mean.numpy() if networks[0].spec.standardize else None,
         std.std.numpy() if networks[0].spec.standardize else None,
+        ~policy.keep_columns,
     )
-    _check_same(policy.scores(probe), package.scores(probe), str(run / "policy.d3"))
+    where = str(run / "policy.d3")
+    if bcq:
+        _check_bcq(policy, package, probe, where)
+    else:
+        _check_same(policy.scores(probe), package.scores(probe), where)
+    # The networks alone ignore the dropped columns (not only the package's scores).
+    if policy.observation_drop:
+        x = torch.from_numpy(probe)
+        with torch.no_grad():
+            for k, net in enumerate(package.networks):
+                theirs = net(torch.from_numpy(policy.drop(probe))).numpy()
+                _check_same(theirs, net(x).numpy(), where, f" (network {k}, dropped columns)")
+    if not np.array_equal(package.allowed, policy.allowed):
+        raise PolicyPackageError(
+            f"the package built from {where} allows {package.config.allowed_actions}, the policy "
+            f"{policy.allowed_actions}"
+        )
     return package
 
 
@@ -202,7 +316,7 @@ def export_policy(
         if method is None:
             raise PolicyPackageError(
                 "no method given and the eval metrics name no best learned policy "
-                "(pass --method iql|cql|bc|ppo, or --eval with an eval that ran policies)"
+                "(pass --method iql|cql|bc|bcq|ppo, or --eval with an eval that ran policies)"
             )
     info: dict[str, Any] = {"training": {"dataset": str(dataset_dir)}}
     if metrics:

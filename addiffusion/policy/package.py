@@ -9,18 +9,40 @@ Hub repo id, through ``huggingface_hub``'s :class:`~huggingface_hub.ModelHubMixi
     model.safetensors  the networks' weights (float32; no pickle anywhere)
     README.md          the model card (training data, eval numbers, intended backbone, usage)
 
-Every algorithm becomes the same thing: ``networks`` MLPs (:class:`~addiffusion.online_finetune.
-actor.MlpActor`, each with its own observation standardisation) whose outputs are averaged into
-one preference per action, and the greedy legal action is taken. IQL and BC export their
-categorical policy (1 network: logits), PPO its actor (1 network: logits), CQL its Q ensemble
-(``n_critics`` networks: the mean Q, as d3rlpy's greedy action takes it). The weights are copied
-layer for layer (no folding), so the package computes what the trained policy computes.
+Every algorithm becomes ``networks`` MLPs (:class:`~addiffusion.online_finetune.actor.MlpActor`,
+each with its own observation standardisation) combined into one preference per action
+(``combine``, :mod:`addiffusion.policy.combine`), and the greedy legal action is taken:
+
+* ``combine: "mean"`` (the default; config.json files without the key): the networks' outputs
+  are averaged. IQL and BC export their categorical policy (1 network: logits), PPO its actor
+  (1 network: logits), CQL its Q ensemble (``n_critics`` networks: the mean Q, as d3rlpy's
+  greedy action takes it).
+* ``combine: "bcq"`` with ``action_flexibility`` (d3rlpy's ``DiscreteBCQConfig`` field): discrete
+  BCQ, networks ``[imitator, q_1, ..., q_k]``; the greedy action is the kept action of highest
+  mean Q, an action being kept when its imitator probability is more than
+  ``action_flexibility`` times the most likely action's (:func:`~addiffusion.policy.combine.
+  bcq_scores`).
+
+The weights are copied layer for layer (no folding), so the package computes what the trained
+policy computes. Two optional restrictions come from ablation runs:
+
+* ``allowed_actions``: the action names the policy may take (null or absent: every action);
+  :meth:`AdaptivePolicy.act` ANDs every mask with them (a row left with no action keeps its own
+  mask).
+* ``observation_drop``: the observation parts (:data:`~addiffusion.diffusion.mdp.
+  OBSERVATION_PARTS`) the policy was trained without; :meth:`AdaptivePolicy.scores` zeroes those
+  columns, and packages exported from a trained run also have their first layers ignore them.
+
+config.json holds these four keys only when they differ from the defaults, so that a package
+without them reads as before (and an older reader refuses exactly the packages it would run
+wrongly, naming the unknown key).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +55,9 @@ from torch import nn
 
 from addiffusion.config import UserError
 from addiffusion.diffusion.actions import ActionTable
-from addiffusion.diffusion.mdp import ObservationLayout
+from addiffusion.diffusion.mdp import OBSERVATION_PARTS, ObservationLayout, drop_parts
 from addiffusion.online_finetune.actor import ActorSpec, MlpActor
+from addiffusion.policy.combine import COMBINES, bcq_scores, restrict_mask_np
 
 if TYPE_CHECKING:  # importing the sampler pulls in diffusers
     from addiffusion.diffusion.sampler import SamplerSettings
@@ -42,7 +65,7 @@ if TYPE_CHECKING:  # importing the sampler pulls in diffusers
 FORMAT = "addiffusion.policy"
 VERSION = 1
 WEIGHTS = "model.safetensors"
-ALGOS = ("iql", "cql", "bc", "ppo")
+ALGOS = ("iql", "cql", "bc", "bcq", "ppo")
 FAMILIES = ("sd", "sdxl", "sd3")
 
 
@@ -79,11 +102,23 @@ class PolicyConfig:
     """Where the policy came from (dataset, episode counts, behaviour policy), for the card."""
     evaluation: dict[str, Any] = field(default_factory=dict)
     """Its held-out eval numbers (NFE, scores, gain against the fixed-schedule frontier)."""
+    combine: str = "mean"
+    """How the networks' outputs become scores: ``mean`` or ``bcq`` (see the module docstring)."""
+    action_flexibility: float | None = None
+    """BCQ's imitator threshold (``combine == "bcq"`` only; None otherwise)."""
+    allowed_actions: tuple[str, ...] | None = None
+    """The action names the policy may take (exported packages list them in table order); None:
+    every action."""
+    observation_drop: tuple[str, ...] = ()
+    """Observation parts the policy was trained without (zeroed before the networks)."""
 
     def __post_init__(self) -> None:
         # As config.json holds them (lists, not tuples), so that a loaded config equals its source.
         for name in ("sampler", "component_stats", "training", "evaluation"):
             object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
+        if self.allowed_actions is not None:
+            object.__setattr__(self, "allowed_actions", tuple(self.allowed_actions))
+        object.__setattr__(self, "observation_drop", tuple(self.observation_drop))
 
     def settings(self) -> SamplerSettings:
         from addiffusion.task import sampler_settings
@@ -108,7 +143,20 @@ class PolicyConfig:
             "component_stats": self.component_stats,
             "training": self.training,
             "evaluation": self.evaluation,
+            **self._optional(),
         }
+
+    def _optional(self) -> dict[str, Any]:
+        """The keys that old packages lack, only where they are not the defaults."""
+        out: dict[str, Any] = {}
+        if self.combine != "mean" or self.action_flexibility is not None:
+            out["combine"] = self.combine
+            out["action_flexibility"] = self.action_flexibility
+        if self.allowed_actions is not None:
+            out["allowed_actions"] = list(self.allowed_actions)
+        if self.observation_drop:
+            out["observation_drop"] = list(self.observation_drop)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "config.json") -> PolicyConfig:
@@ -135,6 +183,16 @@ class PolicyConfig:
             table = ActionTable.from_dict(data["actions"], f"{where} 'actions'")
         except (KeyError, TypeError, ValueError) as e:
             raise PolicyPackageError(f"{where}: {e}") from e
+        combine = data.get("combine", "mean")
+        if not isinstance(combine, str):
+            raise PolicyPackageError(f"{where}: combine must be a string, got {combine!r}")
+        flex = data.get("action_flexibility")
+        if flex is not None and (isinstance(flex, bool) or not isinstance(flex, int | float)):
+            raise PolicyPackageError(
+                f"{where}: action_flexibility must be a number or null, got {flex!r}"
+            )
+        allowed = _names(data.get("allowed_actions"), "allowed_actions", where, none_ok=True)
+        dropped = _names(data.get("observation_drop", []), "observation_drop", where)
         cfg = cls(
             algo=str(data["algo"]),
             networks=nets,
@@ -150,9 +208,20 @@ class PolicyConfig:
             component_stats=dict(data.get("component_stats", {})),
             training=dict(data.get("training", {})),
             evaluation=dict(data.get("evaluation", {})),
+            combine=combine,
+            action_flexibility=None if flex is None else float(flex),
+            allowed_actions=allowed,
+            observation_drop=dropped or (),
         )
         cfg.check(where)
         return cfg
+
+    @property
+    def allowed(self) -> np.ndarray:
+        """``(n,)`` bool: the actions the policy may take (all True when unrestricted)."""
+        if self.allowed_actions is None:
+            return np.ones(self.actions.n, dtype=bool)
+        return np.array([n in self.allowed_actions for n in self.actions.names])
 
     def check(self, where: str = "config.json") -> None:
         """Raise :class:`PolicyPackageError` on an inconsistent config."""
@@ -167,6 +236,8 @@ class PolicyConfig:
             problems.append(f"solver must be one of {', '.join(SCHEDULERS)}, got {self.solver!r}")
         if not self.networks:
             problems.append("networks is empty")
+        problems += self._combine_problems()
+        problems += self._restriction_problems()
         for k, net in enumerate(self.networks):
             if net.obs_dim != self.observation.dim:
                 problems.append(
@@ -194,6 +265,66 @@ class PolicyConfig:
                 )
         if problems:
             raise PolicyPackageError(f"{where}: " + "; ".join(problems))
+
+    def _combine_problems(self) -> list[str]:
+        if self.combine not in COMBINES:
+            return [f"combine must be one of {', '.join(COMBINES)}, got {self.combine!r}"]
+        problems = []
+        if (self.algo == "bcq") != (self.combine == "bcq"):
+            problems.append(
+                f"algo {self.algo!r} needs combine "
+                f"{'bcq' if self.algo == 'bcq' else 'mean'!r}, got {self.combine!r}"
+            )
+        flex = self.action_flexibility
+        if self.combine == "bcq":
+            if flex is None or not math.isfinite(flex) or flex <= 0:
+                problems.append(
+                    f"combine 'bcq' needs action_flexibility, a number > 0, got {flex!r}"
+                )
+            if len(self.networks) < 2:
+                problems.append(
+                    f"combine 'bcq' needs networks [imitator, q_1, ...] (at least 2), got "
+                    f"{len(self.networks)}"
+                )
+        elif flex is not None:
+            problems.append(f"action_flexibility is BCQ's (combine 'bcq'), got {flex!r}")
+        return problems
+
+    def _restriction_problems(self) -> list[str]:
+        problems = []
+        if self.allowed_actions is not None:
+            names = list(self.allowed_actions)
+            unknown = [n for n in names if n not in self.actions.names]
+            if unknown:
+                problems.append(
+                    f"allowed_actions: unknown action {unknown[0]!r} (the action table has "
+                    f"{list(self.actions.names)})"
+                )
+            elif not names or len(set(names)) != len(names):
+                problems.append(
+                    f"allowed_actions must be distinct action names (null for every action), "
+                    f"got {names}"
+                )
+        drop = list(self.observation_drop)
+        unknown = [p for p in drop if p not in OBSERVATION_PARTS]
+        if unknown:
+            problems.append(
+                f"observation_drop: unknown observation part {unknown[0]!r} (expected some of "
+                f"{', '.join(OBSERVATION_PARTS)})"
+            )
+        elif len(set(drop)) != len(drop):
+            problems.append(f"observation_drop names a part twice: {drop}")
+        return problems
+
+
+def _names(value: Any, key: str, where: str, none_ok: bool = False) -> tuple[str, ...] | None:
+    """A config list of strings as a tuple (None stays None when ``none_ok``)."""
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        null = " (or null)" if none_ok else ""
+        raise PolicyPackageError(f"{where}: {key} must be a list of names{null}, got {value!r}")
+    return tuple(value)
 
 
 class AdaptivePolicy(
@@ -224,21 +355,42 @@ class AdaptivePolicy(
     def obs_dim(self) -> int:
         return self.config.observation.dim
 
+    @property
+    def allowed(self) -> np.ndarray:
+        """``(n,)`` bool: the actions the policy may take (config ``allowed_actions``)."""
+        return self.config.allowed
+
     @torch.no_grad()
     def scores(self, obs: np.ndarray) -> np.ndarray:
-        """``(B, D) -> (B, n)`` float32 preference per action (mean over the networks)."""
+        """``(B, D) -> (B, n)`` float32 preference per action: the mean over the networks
+        (``combine: mean``) or BCQ's scores (``combine: bcq``: mean Q where the imitator keeps
+        the action, below every kept action where it does not). The columns of
+        ``observation_drop`` are zeroed first. Ignores ``allowed_actions`` (:meth:`act`
+        applies it)."""
         x = np.asarray(obs, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.obs_dim:
             raise ValueError(
                 f"obs must have shape (B, {self.obs_dim}) (the policy's observation dim), got "
                 f"{x.shape}"
             )
+        cfg = self.config
+        x = drop_parts(x, cfg.observation, cfg.observation_drop)
         t = torch.from_numpy(x).to(next(self.parameters()).device)
-        out = torch.stack([net(t) for net in self.networks]).mean(dim=0)
+        if cfg.combine == "bcq":
+            assert cfg.action_flexibility is not None
+            log_probs = torch.log_softmax(self.networks[0](t), dim=1)
+            q = torch.stack([net(t) for net in self.networks[1:]]).mean(dim=0)
+            out = bcq_scores(log_probs, q, cfg.action_flexibility)
+        else:
+            out = torch.stack([net(t) for net in self.networks]).mean(dim=0)
         return out.cpu().numpy().astype(np.float32)
 
     def act(self, obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Greedy legal action: ``obs (B, D) float32, mask (B, n) bool -> (B,) int64``."""
+        """Greedy legal action: ``obs (B, D) float32, mask (B, n) bool -> (B,) int64``.
+
+        Only actions in ``mask`` AND :attr:`allowed` are taken; a row that leaves empty keeps its
+        own mask (the ablations' action spaces all hold jump-1 and stop, so it does not happen
+        with masks from the action table)."""
         mask = np.asarray(mask)
         scores = self.scores(obs)
         if mask.dtype != np.bool_ or mask.shape != scores.shape:
@@ -248,6 +400,8 @@ class AdaptivePolicy(
         empty = np.flatnonzero(~mask.any(axis=1))
         if empty.size:
             raise ValueError(f"mask rows {empty[:10].tolist()} allow no action at all")
+        if self.config.allowed_actions is not None:
+            mask = restrict_mask_np(mask, self.allowed)
         return np.where(mask, scores, -np.inf).argmax(axis=1).astype(np.int64)
 
     # --- Hub mixin: safetensors only, loaded strictly -------------------------------------------

@@ -1,4 +1,5 @@
-"""export_onnx / ``offline-rl export-onnx``: the ONNX graph acts like the IQL, CQL and BC policy."""
+"""export_onnx / ``offline-rl export-onnx``: the ONNX graph acts like the IQL, CQL, BC and BCQ
+policy."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from offline_rl_stop_mdp import TABLE, make_buffer
 
 from addiffusion.cli import run
 from addiffusion.offline_rl.cli import register
-from addiffusion.offline_rl.config import OfflineRLConfig
+from addiffusion.offline_rl.config import ALGORITHMS, FQEParams, OfflineRLConfig
 from addiffusion.offline_rl.onnx_export import export_onnx
 from addiffusion.offline_rl.policy import OfflinePolicy, load_policy
 from addiffusion.offline_rl.train import train_offline
@@ -22,22 +23,24 @@ from addiffusion.offline_rl.train import train_offline
 onnx = pytest.importorskip("onnx", reason="export_onnx needs the onnx package")
 
 torch.set_num_threads(1)
-ALGO_DIRS = {"iql": ".", "cql": "baselines/cql", "bc": "baselines/bc"}
+ALGO_DIRS = {"iql": ".", "cql": "baselines/cql", "bc": "baselines/bc", "bcq": "baselines/bcq"}
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Barely trained: the export must reproduce whatever the networks compute.
     out = tmp_path_factory.mktemp("offline_rl_onnx")
+    base = OfflineRLConfig()
     cfg = OfflineRLConfig(
         algo="iql",
-        baselines=["cql", "bc"],
+        baselines=["cql", "bc", "bcq"],
         n_steps=20,
         n_steps_per_epoch=20,
-        batch_size=16,
         hidden_units=[16, 16],
         device="cpu",
-        seed=0,
+        seeds=[0],
+        fqe=FQEParams(n_steps=0),
+        **{name: {**base.settings(name), "batch_size": 16} for name in ALGORITHMS},
     )
     train_offline(make_buffer(10, seed=0), make_buffer(4, seed=1), cfg, out, actions=TABLE)
     return out

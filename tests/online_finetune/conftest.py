@@ -1,10 +1,12 @@
 """Shared tiny fixtures: the tiny SD pipeline + tiny CLIP (built once per session), a sampler over
-them (DDIM, strides 1/2/4, so its action table has jumps of several strides), and a minimal
-built-dataset folder (meta/info.json with that action table + episodes table) pointing at them."""
+them (DDIM, strides 1/2/4, so its action table has jumps of several strides), a minimal
+built-dataset folder (meta/info.json with that action table + episodes table) pointing at them
+(``tiny_dataset``; ``verified_dataset`` adds the shapes verifier component)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
@@ -37,11 +39,8 @@ def sampler(tiny_models: tuple[Path, Path]) -> StepwiseSampler:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Path, Path]) -> Path:
-    """The parts of a built dataset that online fine-tuning reads."""
+def _write_dataset(root: Path, tiny_models: tuple[Path, Path], components: Sequence[str]) -> Path:
     pipe_dir, clip_dir = tiny_models
-    root = tmp_path_factory.mktemp("dataset")
     (root / "meta").mkdir()
     settings = SamplerSettings(n_max=N_MAX, warmup=WARMUP, strides=STRIDES, height=32)
     table = ActionTable.build(
@@ -51,7 +50,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Pa
         "backbone": str(pipe_dir),
         "scheduler": "ddim",
         "scorer": str(clip_dir),
-        "components": ["clip_score", "stability"],
+        "components": list(components),
         "sampler": {
             "n_max": N_MAX,
             "warmup": WARMUP,
@@ -83,3 +82,19 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Pa
         }
     ).write_parquet(root / "data" / "episodes" / "train-00000.parquet")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Path, Path]) -> Path:
+    """The parts of a built dataset that online fine-tuning reads."""
+    root = tmp_path_factory.mktemp("dataset")
+    return _write_dataset(root, tiny_models, ["clip_score", "stability"])
+
+
+@pytest.fixture(scope="session")
+def verified_dataset(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Path, Path]
+) -> Path:
+    """``tiny_dataset`` whose components include the shapes world's exact ``verifier``."""
+    root = tmp_path_factory.mktemp("verified_dataset")
+    return _write_dataset(root, tiny_models, ["clip_score", "stability", "verifier"])

@@ -270,3 +270,96 @@ def test_refine_charges_its_nfe(tiny_models) -> None:
     np.testing.assert_allclose(r, q_of(env) - q1 - REWARDS.c_nfe * np.array([delta, 1]), atol=1e-5)
     assert not env.action_masks()[0, t.refine]  # budget spent
     assert env.action_masks()[1, t.refine]
+
+
+def test_allowed_actions_and_dropped_observation_parts(sampler) -> None:
+    """An ablated env: masks ANDed with the allowed actions (the env refuses the others), the
+    dropped observation parts zero in every observation returned, the rest unchanged."""
+    t = sampler.table
+    allowed = t.allowed("stop_only")  # jump-1 + stop
+    drop = ["quality", "time"]
+    env = SamplerVectorEnv(
+        sampler, PROMPTS, 2, REWARDS, STATS, seed=0, allowed=allowed, observation_drop=drop
+    )
+    keep = env.layout.keep_mask(drop)
+    obs, _ = env.reset(seed=0)
+    for _ in range(N_MAX):
+        full = sampler.observations(env.episodes)
+        np.testing.assert_array_equal(obs[:, keep], full[:, keep])
+        assert (obs[:, ~keep] == 0).all() and (full[:, ~keep] != 0).any()
+        masks = env.action_masks()
+        np.testing.assert_array_equal(masks, sampler.action_masks(env.episodes) & allowed)
+        if sampler.action_masks(env.episodes)[0, t.jump(2)]:  # legal, not allowed
+            with pytest.raises(ValueError, match="jump-2 is not allowed.*legal: jump-1"):
+                env.step(np.array([t.jump(2), t.jump(1)]))
+        obs, _, done, _, _ = env.step(np.where(masks[:, t.jump(1)], t.jump(1), t.stop))
+        if done.all():
+            break
+    assert done.all()  # jump-1 to the last point, which allows stop
+
+
+def test_allowed_actions_keep_the_legal_mask_where_none_is_left(sampler) -> None:
+    """The offline policy's rule (``restrict_mask_np``): a row the allowed set would empty keeps
+    its legal actions; a bad shape or an unknown observation part is refused."""
+    t = sampler.table
+    only_refine = np.array([a == t.refine for a in range(t.n)])
+    env = SamplerVectorEnv(sampler, PROMPTS, 2, REWARDS, STATS, allowed=only_refine)
+    env.reset(seed=0)
+    np.testing.assert_array_equal(env.action_masks(), sampler.action_masks(env.episodes))
+    with pytest.raises(ValueError, match=r"allowed must be a \(5,\) bool array"):
+        SamplerVectorEnv(sampler, PROMPTS, 2, REWARDS, STATS, allowed=np.ones(3, bool))
+    with pytest.raises(ValueError, match="unknown observation part 'colour'"):
+        SamplerVectorEnv(sampler, PROMPTS, 2, REWARDS, STATS, observation_drop=["colour"])
+
+
+def _fake_verifier(images: np.ndarray, prompts) -> np.ndarray:
+    """A stand-in verifier in [0, 1] that moves as the image does (the shapes verifier scores
+    the tiny model's images 0 throughout)."""
+    return (images.astype(np.float32).mean(axis=(1, 2, 3)) / 255.0).astype(np.float32)
+
+
+def test_final_episode_reports_the_hacking_watch_deltas(tiny_models, sampler) -> None:
+    """``final_episode`` holds the final image's raw clip_score and verifier minus the first
+    decision point's; without a verifier component its delta is NaN. The SB3 adapter passes
+    both on in ``info["episode"]``."""
+    from addiffusion.diffusion.backbone import load_pipeline
+    from addiffusion.diffusion.sampler import SamplerSettings, StepwiseSampler
+    from addiffusion.rewards.clip import ClipScorer
+
+    pipe_dir, clip_dir = tiny_models
+    verified = StepwiseSampler(
+        load_pipeline(str(pipe_dir), "ddim", "cpu"),
+        ClipScorer(str(clip_dir)),
+        SamplerSettings(n_max=N_MAX, warmup=WARMUP, strides=STRIDES),
+        extra_scorers={"verifier": _fake_verifier},
+    )
+    env = SamplerVectorEnv(verified, PROMPTS, 2, REWARDS, STATS, seed=0)
+    t = env.table
+    env.reset(seed=0)
+    first = [dict(ep.components) for ep in env.episodes]
+    env.step(np.array([t.jump(2), t.jump(1)]))
+    _, _, done, _, infos = env.step(np.array([t.stop, t.stop]))
+    assert done.all()
+    final = infos["final_episode"]
+    for i, ep in enumerate(env.episodes):  # the finished episodes (autoreset is next-step)
+        for k in ("clip_score", "verifier"):
+            want = ep.components[k] - first[i][k]
+            assert final[f"{k}_delta"][i] == pytest.approx(want, abs=1e-6)
+    assert np.abs(final["verifier_delta"]).max() > 0  # the fake verifier moved
+
+    plain = make_env(sampler)
+    plain.reset(seed=0)
+    plain.step(np.array([t.jump(1), t.jump(1)]))
+    _, _, _, _, infos = plain.step(np.array([t.stop, t.jump(1)]))
+    assert np.isnan(infos["final_episode"]["verifier_delta"][0])
+    assert np.isfinite(infos["final_episode"]["clip_score_delta"][0])
+
+    venv = Sb3VecEnv(SamplerVectorEnv(verified, PROMPTS, 2, REWARDS, STATS, seed=0))
+    venv.seed(0)
+    venv.reset()
+    venv.step(np.array([t.jump(1), t.jump(1)]))
+    _, _, _, sb3_infos = venv.step(np.array([t.stop, t.stop]))
+    assert {"r", "l", "nfe", "t", "clip_score_delta", "verifier_delta"} <= set(
+        sb3_infos[0]["episode"]
+    )
+    assert isinstance(sb3_infos[0]["episode"]["verifier_delta"], float)

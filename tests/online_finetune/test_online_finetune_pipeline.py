@@ -32,8 +32,9 @@ def test_cli_chain_on_a_collected_dataset(tmp_path: Path) -> None:
         "offline_rl": {
             "n_steps": 10,
             "n_steps_per_epoch": 10,
-            "batch_size": 8,
             "hidden_units": [16, 16],
+            "fqe": {"n_steps": 0},
+            "iql": {"batch_size": 8},
             "device": "cpu",
         },
         "online_finetune": {
@@ -91,7 +92,11 @@ def test_cli_chain_on_a_collected_dataset(tmp_path: Path) -> None:
     task = read_task(ds)
     assert task.settings.n_max == 5 and set(task.component_stats) >= {"clip_score", "stability"}
     metrics = json.loads((ft / "metrics.json").read_text())
-    assert metrics["iterations"] == 2
+    assert metrics["iterations"] == 2 and metrics["init"] == "offline"
+    assert json.loads((ft / "scratch" / "metrics.json").read_text())["init"] == "scratch"
+    # the reward-hacking watch is on exactly when the task has a verifier component
+    shares = [r["charts/hacking_share"] for r in metrics["history"] if r["charts/episodes"]]
+    assert all((s is not None) == ("verifier" in task.components) for s in shares)
     policy = load_finetuned_policy(ft)
     assert policy.obs_dim == task.obs_dim and policy.table == task.actions
     t = task.actions

@@ -10,6 +10,8 @@ import torch
 from online_finetune_consts import PROMPTS, STATS
 from torch import nn
 
+from addiffusion.offline_rl.policy import PolicyLoadError
+from addiffusion.online_finetune.ablation import Ablation
 from addiffusion.online_finetune.actor import mlp_actor_from_module
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
 from addiffusion.online_finetune.env import SamplerVectorEnv
@@ -23,7 +25,7 @@ from addiffusion.online_finetune.ppo import (
 from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
 from addiffusion.rewards.config import RewardConfig
 
-CFG = OnlineFinetuneConfig(n_envs=2, n_steps=4, batch_size=4, n_epochs=2, iterations=1, seed=0)
+CFG = OnlineFinetuneConfig(n_envs=2, n_steps=4, batch_size=4, n_epochs=2, iterations=1, seeds=(0,))
 
 
 def tiny_actor(dim: int, n: int, activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
@@ -153,3 +155,91 @@ def test_maskable_ppo_runs_a_few_iterations(venv: Sb3VecEnv) -> None:
     assert len(taken) == model.num_timesteps and set(taken) <= set(range(t.n))
     after = list(model.policy.action_net.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_saved_actor_applies_its_ablation(tmp_path, venv: Sb3VecEnv) -> None:
+    """An actor saved with an ablation records it; loaded, it zeroes the dropped observation
+    parts before the actor sees them and never takes an action outside the allowed ones."""
+    env = venv.env
+    dim, t = env.single_observation_space.shape[0], env.table
+    actor = mlp_actor_from_module(tiny_actor(dim, t.n, nn.ReLU))
+    ablation = Ablation(("jump-1", "stop"), ("quality",), env.layout)
+    save_actor(actor, t, tmp_path, ablation=ablation)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["version"] == 3 and manifest["allowed_actions"] == ["jump-1", "stop"]
+    assert manifest["observation_drop"] == ["quality"]
+    assert manifest["observation"] == env.layout.to_dict()
+    policy = load_finetuned_policy(tmp_path)
+    keep = env.layout.keep_mask(["quality"])
+    np.testing.assert_array_equal(policy.keep, keep)
+    np.testing.assert_array_equal(policy.allowed, t.allowed("stop_only"))
+
+    obs = np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
+    other = obs.copy()
+    other[:, ~keep] += 5.0  # the dropped part: no effect
+    np.testing.assert_array_equal(policy.logits(obs), policy.logits(other))
+    with torch.no_grad():
+        zeroed = np.where(keep, obs, 0).astype(np.float32)
+        np.testing.assert_allclose(policy.logits(obs), actor(torch.from_numpy(zeroed)), atol=1e-6)
+    full = np.ones((64, t.n), bool)
+    assert set(policy.act(obs, full).tolist()) <= {t.jump(1), t.stop}
+    sampled = policy.act(obs, full, rng=np.random.default_rng(0))
+    assert set(sampled.tolist()) <= {t.jump(1), t.stop}
+    # a row the allowed set would empty keeps its own mask (the offline policy's rule)
+    only_refine = np.zeros((64, t.n), bool)
+    only_refine[:, t.refine] = True
+    assert (policy.act(obs, only_refine) == t.refine).all()
+
+
+def test_manifest_ablation_errors_and_version_2(tmp_path, venv: Sb3VecEnv) -> None:
+    env = venv.env
+    dim, t = env.single_observation_space.shape[0], env.table
+    actor = mlp_actor_from_module(tiny_actor(dim, t.n))
+    save_actor(actor, t, tmp_path)
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["allowed_actions"] is None and manifest["observation_drop"] == []
+    policy = load_finetuned_policy(tmp_path)
+    assert policy.allowed is None and policy.keep is None
+    # version 2 (before ablations): loads, unrestricted
+    old = {k: v for k, v in manifest.items() if k not in Ablation().to_manifest()}
+    path.write_text(json.dumps({**old, "version": 2}))
+    assert load_finetuned_policy(tmp_path).allowed is None
+    for bad, message in [
+        ({"allowed_actions": ["jump-3"]}, "unknown action 'jump-3'"),
+        ({"observation_drop": ["colour"]}, "unknown observation part 'colour'"),
+        ({"observation_drop": ["quality"], "observation": None}, "no 'observation' entry"),
+        ({"version": 1}, "version 2 or 3"),
+    ]:
+        path.write_text(json.dumps({**manifest, **bad}))
+        with pytest.raises((ValueError, PolicyLoadError), match=message):
+            load_finetuned_policy(tmp_path)
+    with pytest.raises(ValueError, match="needs the observation layout"):
+        Ablation(observation_drop=("quality",))
+
+
+def test_fresh_ppo_keeps_architecture_and_standardisation(venv: Sb3VecEnv) -> None:
+    """``fresh=True`` (the from-scratch baseline): the actor's and critic's architecture and the
+    observation standardisation, SB3's own init, reproducible per seed."""
+    dim, t = venv.observation_space.shape[0], venv.env.table
+    mean, std = torch.randn(dim), torch.rand(dim) + 0.5
+    actor = mlp_actor_from_module(tiny_actor(dim, t.n), mean, std)
+    torch.manual_seed(2)
+    critic = mlp_actor_from_module(
+        nn.Sequential(nn.Linear(dim, 12), nn.Tanh(), nn.Linear(12, 1)), mean, std
+    )
+    model = build_maskable_ppo(venv, actor, CFG, "cpu", critic=critic, seed=3, fresh=True)
+    assert model.policy.net_arch == {"pi": [16, 8], "vf": [12]}
+    assert model.policy.activation_fn is nn.Tanh
+    back = actor_from_ppo(model, actor.spec)
+    assert torch.equal(back.standardize.mean, mean) and torch.equal(back.standardize.std, std)
+    assert not torch.equal(back.head.weight, actor.head.weight)
+    again = actor_from_ppo(
+        build_maskable_ppo(venv, actor, CFG, "cpu", critic=critic, seed=3, fresh=True), actor.spec
+    )
+    other = actor_from_ppo(
+        build_maskable_ppo(venv, actor, CFG, "cpu", critic=critic, seed=4, fresh=True), actor.spec
+    )
+    for a, b in zip(back.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(back.head.weight, other.head.weight)

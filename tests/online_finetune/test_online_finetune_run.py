@@ -10,14 +10,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from d3rlpy.constants import ActionSpace
-from d3rlpy.dataset import MDPDataset
-from online_finetune_consts import PROMPTS, STATS
+from online_finetune_consts import OBS_DIM, PROMPTS, STATS
+from online_finetune_offline import train_tiny_offline
 
 from addiffusion.cli import main
-from addiffusion.offline_rl.config import OfflineRLConfig
 from addiffusion.offline_rl.policy import load_policy
-from addiffusion.offline_rl.train import train_offline
 from addiffusion.online_finetune.config import OnlineFinetuneConfig
 from addiffusion.online_finetune.env import SamplerVectorEnv
 from addiffusion.online_finetune.finetune import finetune
@@ -30,7 +27,6 @@ from addiffusion.online_finetune.ppo import build_maskable_ppo, load_finetuned_p
 from addiffusion.online_finetune.sb3_adapter import Sb3VecEnv
 from addiffusion.rewards.config import RewardConfig
 
-OBS_DIM = 85  # tiny CLIP: 32 image + 32 text + 16 time + 5 quality
 CFG_SMALL = OnlineFinetuneConfig(n_envs=2, n_steps=4, batch_size=4, device="cpu")
 CFG = {
     "n_envs": 2,
@@ -39,7 +35,7 @@ CFG = {
     "batch_size": 4,
     "n_epochs": 2,
     "device": "cpu",
-    "seed": 1,
+    "seeds": [1],
 }
 
 
@@ -47,25 +43,7 @@ CFG = {
 def offline_dir(tmp_path_factory: pytest.TempPathFactory, sampler) -> Path:
     """A real DiscreteIQL run (2 gradient steps) on random transitions of the env's obs dim,
     over the test MDP's action table."""
-    table = sampler.table
-    rng = np.random.default_rng(0)
-    n = 32
-    terminals = np.zeros(n)
-    terminals[3::4] = 1.0
-    data = MDPDataset(
-        rng.standard_normal((n, OBS_DIM)).astype(np.float32) * 0.3 + 0.1,
-        rng.choice([*table.jumps, table.stop], n),
-        rng.standard_normal(n).astype(np.float32),
-        terminals,
-        action_space=ActionSpace.DISCRETE,
-        action_size=table.n,
-    )
-    out = tmp_path_factory.mktemp("offline")
-    cfg = OfflineRLConfig(
-        n_steps=2, n_steps_per_epoch=2, batch_size=8, hidden_units=[16, 16], device="cpu"
-    )
-    train_offline(data, None, cfg, out, log=False, actions=table)
-    return out
+    return train_tiny_offline(tmp_path_factory.mktemp("offline"), sampler.table)
 
 
 def test_ppo_starts_as_the_iql_actor_and_value(offline_dir: Path, sampler) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,10 +48,12 @@ def random_package(
     networks: int = 1,
     algo: str = "iql",
     preview: str = str(SHAPES_PREVIEW),
+    **config: Any,
 ) -> AdaptivePolicy:
     """A package with random weights whose greedy actions vary with the observation (its
     weights are scaled up, so the features, not the biases, decide). ``preview``: its
-    observations' decoder when ``settings.observe_with`` is ``preview``."""
+    observations' decoder when ``settings.observe_with`` is ``preview``; ``config``: more
+    :class:`PolicyConfig` fields (``combine``, ``allowed_actions``, ...)."""
     table = table_of(settings)
     layout = ObservationLayout(feature_dim, feature_dim)
     spec = ActorSpec(layout.dim, (32,), table.n)
@@ -71,5 +74,6 @@ def random_package(
         solver=solver,
         sampler=dataclasses.asdict(settings),
         preview=preview if settings.observe_with == "preview" else "",
+        **config,
     )
     return build_policy(cfg, nets)

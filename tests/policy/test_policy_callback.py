@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,9 +52,11 @@ def stop_policy(
     family: str = "sd",
     feature_weight: float = 3.0,
     stop_bias: float = -6.0,
+    **config: Any,
 ) -> AdaptivePolicy:
     """A linear package whose stop logit grows with the NFE used and moves with a random
-    direction of the image features, so that images stop at different points."""
+    direction of the image features, so that images stop at different points. ``config``: more
+    :class:`PolicyConfig` fields (``allowed_actions``, ``observation_drop``)."""
     table = table_of(settings)
     dim = 64
     layout = ObservationLayout(dim, dim)
@@ -77,6 +80,7 @@ def stop_policy(
         family,
         solver,
         dataclasses.asdict(settings),
+        **config,
     )
     return build_policy(cfg, [net])
 
@@ -158,6 +162,17 @@ def test_callback_matches_the_adaptive_pipeline(solver: str, scorer: ClipScorer)
     # stock step lands off the grid and the callback's re-aiming is exercised.
     stops = assert_same_run(shapes_pipe(solver), stop_policy(solver), scorer)
     assert min(stops) < STOP_ONLY.n_max - 1 and len(set(stops)) > 1, stops
+
+
+def test_callback_runs_an_ablation_package(scorer: ClipScorer) -> None:
+    """A package restricted to jump-1 / stop and trained without the text features decides in
+    the callback as in the drop-in sampler (the callback's own jump-1 / stop subset and the
+    package's restriction combine)."""
+    policy = stop_policy(
+        "ddim", allowed_actions=("jump-1", "stop"), observation_drop=("text_features",)
+    )
+    stops = assert_same_run(shapes_pipe("ddim"), policy, scorer)
+    assert min(stops) < STOP_ONLY.n_max - 1, stops
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])

@@ -1,5 +1,6 @@
 """Policy packages: save / load round trips, the Hub mixin, export from trained IQL / CQL / BC /
-PPO runs with identical actions, the model card, and d3rlpy registration on `import addiffusion`."""
+BCQ / PPO runs with identical actions, the model card, and d3rlpy registration on `import
+addiffusion`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from policy_packages import SHAPES, random_package, table_of
 import addiffusion.policy.package as package_module
 from addiffusion.cli import main
 from addiffusion.diffusion.sampler import SamplerSettings
-from addiffusion.offline_rl.config import OfflineRLConfig
+from addiffusion.offline_rl.config import ALGORITHMS, FQEParams, OfflineRLConfig
 from addiffusion.offline_rl.policy import load_policy
 from addiffusion.offline_rl.train import train_offline
 from addiffusion.online_finetune.actor import ActorSpec, MlpActor
@@ -77,14 +78,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         action_space=ActionSpace.DISCRETE,
         action_size=TABLE.n,
     )
+    base = OfflineRLConfig()
     cfg = OfflineRLConfig(
         algo="iql",
-        baselines=["cql", "bc"],
+        baselines=["cql", "bc", "bcq"],
         n_steps=20,
         n_steps_per_epoch=20,
-        batch_size=32,
         hidden_units=[16, 16],
         device="cpu",
+        fqe=FQEParams(n_steps=0),
+        **{name: {**base.settings(name), "batch_size": 32} for name in ALGORITHMS},
     )
     train_offline(buffer, None, cfg, root / "offline", actions=TABLE, log=False)
     torch.manual_seed(0)
@@ -178,7 +181,7 @@ def test_push_to_hub_and_load_by_repo_id(tmp_path: Path, monkeypatch: pytest.Mon
     np.testing.assert_array_equal(loaded.scores(obs), policy.scores(obs))
 
 
-@pytest.mark.parametrize("algo", ["iql", "cql", "bc", "ppo"])
+@pytest.mark.parametrize("algo", ["iql", "cql", "bc", "bcq", "ppo"])
 def test_export_acts_like_the_trained_policy(runs: Path, dataset: Path, algo: str) -> None:
     task = read_task(dataset)
     obs, mask = _obs(500, 2) * 3 + 1, _masks(500, 3)
@@ -194,7 +197,9 @@ def test_export_acts_like_the_trained_policy(runs: Path, dataset: Path, algo: st
 
         package = package_offline(runs / "offline", task, algo)
     assert package.config.algo == algo
-    assert len(package.networks) == (2 if algo == "cql" else 1)  # CQL: the twin Q functions
+    # CQL: the twin Q functions; BCQ: its imitator and twin Q functions.
+    assert len(package.networks) == {"cql": 2, "bcq": 3}.get(algo, 1)
+    assert package.config.combine == ("bcq" if algo == "bcq" else "mean")
     np.testing.assert_array_equal(package.act(obs, mask), theirs.act(obs, mask))
     assert package.config.solver == "ddim" and package.config.family == "sd"
     assert package.config.training["episodes"] == 120

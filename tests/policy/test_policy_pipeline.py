@@ -106,6 +106,23 @@ def test_drop_in_equals_eval_rollout(
     assert all(t.seconds > 0 and t.seed == s for t, s in zip(out.traces, SEEDS, strict=True))
 
 
+def test_a_restricted_package_takes_only_its_actions(
+    shapes_pipe: StableDiffusionPipeline, shapes_clip: ClipScorer, package: AdaptivePolicy
+) -> None:
+    """An ablation package (restricted action space, a dropped observation part) runs in the
+    drop-in as in eval, and never takes an action outside its set."""
+    allowed = ("jump-1", "jump-4", "stop")
+    restricted = random_package(seed=6, allowed_actions=allowed, observation_drop=("quality",))
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    out = AdaptiveDiffusionPipeline(shapes_pipe, restricted)(PROMPTS, generator=gens)
+    taken = {a for t in out.traces for a in t.actions}
+    assert taken <= set(allowed) and "stop" in taken, taken
+    _, actions = _eval_rollout(None, shapes_clip, restricted, PROMPTS, SEEDS)
+    assert [list(t.actions) for t in out.traces] == actions
+    _, free = _eval_rollout(None, shapes_clip, package, PROMPTS, SEEDS)
+    assert {a for seen in free for a in seen} - set(allowed)  # unrestricted, it takes others
+
+
 def test_a_policy_trained_on_preview_observations_observes_with_the_preview(
     shapes_pipe: StableDiffusionPipeline, shapes_clip: ClipScorer, tmp_path: Path
 ) -> None:

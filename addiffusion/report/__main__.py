@@ -1,0 +1,5 @@
+import sys
+
+from addiffusion.cli import main
+
+sys.exit(main(["report", *sys.argv[1:]]))
