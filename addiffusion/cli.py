@@ -48,6 +48,7 @@ PIPELINE = (
     "datasets stats",
     "offline-rl train",
     "online-finetune",
+    "eval baselines",
     "eval",
     "policy export",
     "bench policy",

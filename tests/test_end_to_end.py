@@ -15,6 +15,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+EVAL = {"eval_baselines", "eval"} & set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+"""The eval stages: eval, and eval_baselines where dvc.yaml runs the fixed baselines apart (they
+depend on no policy and no reward weight, so only a first repro runs them)."""
 TINY = {
     "collect": {
         "n_prompts": 8,
@@ -26,10 +29,12 @@ TINY = {
     },
     "offline_rl": {
         "n_steps": 40,
-        "n_steps_per_epoch": 20,
-        "batch_size": 32,
+        "n_steps_per_epoch": 20,  # one checkpoint (step 20), valued by FQE and rolled out by eval
         "baselines": ["cql"],
         "hidden_units": [16, 16],
+        "fqe": {"n_steps": 20, "batch_size": 32},
+        "iql": {"batch_size": 32},
+        "cql": {"batch_size": 32},
     },
     "online_finetune": {"n_envs": 2, "n_steps": 4, "iterations": 1, "batch_size": 8, "n_epochs": 1},
     "eval": {
@@ -40,6 +45,18 @@ TINY = {
         "clip_delta_thresholds": [0.01],
     },
 }
+
+
+def _merge(base: dict, values: dict) -> dict:
+    """``base`` with ``values`` merged in key by key, nested mappings too (``offline_rl.iql``
+    keeps the params.yaml settings it does not override)."""
+    out = dict(base)
+    for key, value in values.items():
+        old = out.get(key)
+        out[key] = (
+            _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        )
+    return out
 
 
 def _run(args: list[str], cwd: Path, stdout_only: bool = False) -> str:
@@ -77,9 +94,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root / "assets" / "shapes",
         ignore=shutil.ignore_patterns("checkpoints"),
     )
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
+    params = _merge(yaml.safe_load((root / "params.yaml").read_text()), TINY)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     return root
@@ -94,7 +109,7 @@ def test_dvc_repro_end_to_end_and_incremental(project: Path) -> None:
         "relabel",
         "offline_rl",
         "online_finetune",
-        "eval",
+        *EVAL,
         "export_policy",
     }
     metrics = json.loads((project / "results/eval/metrics.json").read_text())
@@ -180,9 +195,10 @@ def test_dvc_exp_run_keeps_every_stage_metric(project: Path) -> None:
     _run(["dvc", "repro", "export_policy"], project)
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "baseline"], project)
-    log = _run(["dvc", "exp", "run", "-n", "beta3", "-S", "offline_rl.beta=3.0", "eval"], project)
+    setting = "offline_rl.iql.weight_temp=3.0"
+    log = _run(["dvc", "exp", "run", "-n", "temp3", "-S", setting, "eval"], project)
     assert _stages_run(log) == {"offline_rl", "online_finetune", "eval"}
-    exp = _experiment(json.loads(_run(["dvc", "exp", "show", "--json"], project, True)), "beta3")
+    exp = _experiment(json.loads(_run(["dvc", "exp", "show", "--json"], project, True)), "temp3")
     metrics = exp["data"]["metrics"]
     for path in (
         "models/offline_rl/metrics.json",
@@ -191,4 +207,4 @@ def test_dvc_exp_run_keeps_every_stage_metric(project: Path) -> None:
     ):
         assert metrics.get(path, {}).get("data"), f"{path} missing from the experiment: {metrics}"
     assert metrics["models/offline_rl/metrics.json"]["data"]["algo"] == "iql"
-    assert exp["data"]["params"]["params.yaml"]["data"]["offline_rl"]["beta"] == 3.0
+    assert exp["data"]["params"]["params.yaml"]["data"]["offline_rl"]["iql"]["weight_temp"] == 3.0

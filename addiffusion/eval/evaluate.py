@@ -3,16 +3,27 @@
 1. read the held-out (prompt, seed) pairs and the dataset's task (:func:`addiffusion.task.read_task`);
 2. build the dataset's sampler (:func:`addiffusion.task.task_sampler`: backbone, CLIP scorer and
    every extra scorer it recorded, so Q is defined the same way);
-3. run every method on every pair: fixed schedules ``<solver>-<k>`` for every solver of
-   ``eval.solvers`` and k of ``eval.baseline_steps`` (a k-point grid run to the end, NFE = k;
-   ``<solver>-ays-<k>`` on the Align-Your-Steps-style grid when ``eval.grids`` has ``ays``),
-   best-of-N seeds picked by CLIP score, a random-stride policy, stop heuristics and the learned
-   policies on the dataset's grid with its action table and masks;
+3. run every method on every pair. The baselines (:func:`run_baselines`): fixed schedules
+   ``<solver>-<k>`` for every solver of ``eval.solvers`` and k of ``eval.baseline_steps`` (a
+   k-point grid run to the end, NFE = k; ``<solver>-ays-<k>`` on the Align-Your-Steps-style grid
+   when ``eval.grids`` has ``ays``), best-of-N seeds picked by CLIP score, a random-stride policy
+   and stop heuristics on the dataset's grid with its action table and masks, AdaptiveDiffusion
+   on the dataset's grid plus a reuse action; then the learned policies (and their checkpoints)
+   on the dataset's grid;
 4. score the final images (CLIP score, verifier, reward-defined quality Q), summarise per method
    and per category, compare each method with the fixed schedule of closest NFE and with the
    all-solver fixed-schedule frontier (:mod:`addiffusion.eval.frontier`);
-5. write metrics.json, pareto.csv, pareto.png, samples.png and report.md into ``out_dir``; the
-   last line printed by the CLI is the ``frontier:`` line of the best learned policy.
+5. write metrics.json, pareto.csv, items.parquet, pareto.png, samples.png and report.md into
+   ``out_dir``; the last line printed by the CLI is the ``frontier:`` line of the best learned
+   policy.
+
+The baselines do not depend on the learned policies, the rewards or the bootstrap, so they can be
+computed once: ``addiffusion eval baselines`` (the ``eval_baselines`` stage) runs
+:func:`run_baselines` and stores the runs (:mod:`addiffusion.eval.baselines`), and ``addiffusion
+eval --baselines <dir>`` (:func:`evaluate` with ``baselines``) uses them instead of running step
+3's baselines again, after checking that they were computed for this dataset, these held-out pairs
+and these ``eval`` keys (:data:`addiffusion.eval.baselines.BASELINE_KEYS`). Both ways run the same
+code, from the same seeds: the outputs are the same.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from tqdm.auto import tqdm
 from addiffusion.diffusion.mdp import ObservationLayout
 from addiffusion.diffusion.sampler import StepwiseSampler
 from addiffusion.eval import frontier, report
+from addiffusion.eval.baselines import BaselineRun, BaselineRuns, fingerprint
 from addiffusion.eval.config import EvalConfig
 from addiffusion.eval.heldout import HeldoutSet, load_heldout
 from addiffusion.eval.learned import (
@@ -98,29 +110,27 @@ def _scores(run: MethodRun, reward_cfg: RewardConfig, held: HeldoutSet) -> dict[
     return out
 
 
-def _methods(
-    cfg: EvalConfig, policies: Mapping[str, Policy], task: Task
-) -> list[tuple[str, str, Policy | EpisodicPolicy]]:
-    """(name, kind, policy) of the methods on the dataset's grid."""
+def _heuristics(cfg: EvalConfig, task: Task) -> list[tuple[str, Policy | EpisodicPolicy]]:
+    """(name, policy) of the heuristics on the dataset's grid."""
     t = task.actions
-    methods: list[tuple[str, str, Policy | EpisodicPolicy]] = []
+    methods: list[tuple[str, Policy | EpisodicPolicy]] = []
     if cfg.random_stride and len(t.jumps) > 1:
-        methods.append(("random-stride", "heuristic", RandomStride(t, cfg.seed)))
-    methods += [
-        (f"stability>={x:g}", "heuristic", StabilityStop(x, t)) for x in cfg.stability_thresholds
-    ]
-    methods += [
-        (f"clip-delta<{x:g}", "heuristic", ClipDeltaStop(x, t)) for x in cfg.clip_delta_thresholds
-    ]
-    methods += [
-        (f"patience-{n}", "heuristic", PatienceStop(cfg.patience_min_gain, n, t))
-        for n in cfg.patience
-    ]
+        methods.append(("random-stride", RandomStride(t, cfg.seed)))
+    methods += [(f"stability>={x:g}", StabilityStop(x, t)) for x in cfg.stability_thresholds]
+    methods += [(f"clip-delta<{x:g}", ClipDeltaStop(x, t)) for x in cfg.clip_delta_thresholds]
+    methods += [(f"patience-{n}", PatienceStop(cfg.patience_min_gain, n, t)) for n in cfg.patience]
     if len(t.jumps) > 1:
-        methods += [
-            (f"progress<={x:g}", "heuristic", ProgressStride(x, t)) for x in cfg.progress_tolerances
-        ]
+        methods += [(f"progress<={x:g}", ProgressStride(x, t)) for x in cfg.progress_tolerances]
+    return methods
+
+
+def _check_policies(policies: Mapping[str, Policy], task: Task) -> None:
+    """Every learned policy acts on the dataset's action table and observations."""
+    t = task.actions
     for name, policy in policies.items():
+        manifest = getattr(policy, "manifest", None)
+        if isinstance(manifest, dict):
+            check_observer(task, manifest.get("observer"), f"policy {name!r}")
         if not callable(getattr(policy, "act", None)):
             raise TypeError(f"policy {name!r} has no act(obs, mask) method")
         n = getattr(policy, "action_size", None)
@@ -129,12 +139,12 @@ def _methods(
                 f"policy {name!r} has {n} actions but the dataset's action table has {t.n} "
                 f"({list(t.names)}): it was trained on another MDP"
             )
-        methods.append((name, "policy", policy))
-    names = [m[0] for m in methods]
-    dup = sorted({n for n in names if names.count(n) > 1})
+
+
+def _check_unique(names: Sequence[str]) -> None:
+    dup = sorted({n for n in names if list(names).count(n) > 1})
     if dup:
         raise ValueError(f"method names must be unique, got {dup[0]!r} twice")
-    return methods
 
 
 def _fixed(
@@ -247,6 +257,78 @@ def _best_of(draws: list[MethodRun]) -> MethodRun:
     )
 
 
+def run_baselines(
+    dataset_dir: Path, cfg: EvalConfig, progress: bool = True, prompts: str | None = None
+) -> BaselineRuns:
+    """Run every method of :func:`evaluate` that is not a learned policy on the held-out pairs
+    (``prompts`` as in :func:`evaluate`): the fixed schedules, best-of-N, the heuristics on the
+    dataset's grid and the AdaptiveDiffusion baselines, exactly as :func:`evaluate` runs them
+    when it is given none. :func:`addiffusion.eval.baselines.save_baselines` stores them for
+    ``evaluate(..., baselines=...)`` (``addiffusion eval baselines``)."""
+    held = load_heldout(Path(dataset_dir), cfg, prompts)
+    sampler = task_sampler(held.task, cfg.device)
+    _check_observation_layout(held.task, sampler)
+    return _run_baselines(
+        sampler, cfg, held, _fingerprint(dataset_dir, cfg, held, prompts), progress
+    )
+
+
+def _fingerprint(
+    dataset_dir: Path, cfg: EvalConfig, held: HeldoutSet, prompts: str | None
+) -> dict[str, Any]:
+    from addiffusion.datasets.relabel import info_sha256
+
+    return fingerprint(info_sha256(Path(dataset_dir)), cfg, held.items, prompts)
+
+
+def _run_baselines(
+    sampler: StepwiseSampler,
+    cfg: EvalConfig,
+    held: HeldoutSet,
+    fp: dict[str, Any],
+    progress: bool,
+) -> BaselineRuns:
+    torch.manual_seed(cfg.seed)
+    task = held.task
+    prompts = [it.prompt for it in held.items]
+    seeds = [it.seed for it in held.items]
+    runnable = [(name, "dataset", policy, sampler) for name, policy in _heuristics(cfg, task)]
+    if cfg.adaptive_diffusion_thresholds:
+        # Its own sampler over the same pipeline: the dataset's grid plus the reuse action
+        # (0 NFE); the rule reads latents, so no per-point observation is computed.
+        skip = task_sampler(task, cfg.device, observe=False, share=sampler, reuse=True)
+        runnable += [
+            (
+                f"adaptive-diffusion<={x:g}",
+                "reuse",
+                AdaptiveDiffusionSkip(x, cfg.adaptive_diffusion_max_skips, skip.table),
+                skip,
+            )
+            for x in cfg.adaptive_diffusion_thresholds
+        ]
+    n_fixed = len(fixed_families(sampler, cfg)) * len(cfg.baseline_steps)
+    n_fixed += sum(cfg.best_of) * len(cfg.best_of_steps)
+    bar = tqdm(
+        total=(n_fixed + len(runnable)) * len(prompts),
+        unit="image",
+        disable=not progress,
+        desc="eval baselines",
+    )
+    fixed_runs, fixed = _fixed(sampler, task, cfg, held, bar)
+    fixed_names = {name for name, _, _ in fixed}
+    runs = [
+        BaselineRun(name, "baseline" if name in fixed_names else "heuristic", "k-point", run)
+        for name, run in fixed_runs.items()
+    ]
+    for name, where, policy, on in runnable:
+        bar.set_postfix_str(name)
+        run = run_method(on, policy, prompts, seeds, cfg.batch_size, name, bar.update)
+        runs.append(BaselineRun(name, "heuristic", where, run))
+    bar.close()
+    _check_unique([b.name for b in runs])
+    return BaselineRuns(runs, fixed, fp)
+
+
 def evaluate(
     dataset_dir: Path,
     policies: Mapping[str, Policy],
@@ -256,6 +338,7 @@ def evaluate(
     progress: bool = True,
     prompts: str | None = None,
     checkpoints: Mapping[str, Sequence[Checkpoint]] | None = None,
+    baselines: BaselineRuns | None = None,
 ) -> dict[str, Any]:
     """Run every method on the held-out pairs and write the outputs into ``out_dir``.
 
@@ -265,6 +348,11 @@ def evaluate(
     along training (policy None: the method itself, its final point), for ``eval.checkpoints``.
     Methods named ``<name>@seed<s>`` are further training seeds of ``<name>``: evaluated and
     summarised over seeds (``"seeds"``), never the headline.
+    ``baselines``: the non-policy runs, computed before by :func:`run_baselines` (e.g. loaded by
+    :func:`addiffusion.eval.baselines.load_baselines`) instead of run here; their fingerprint
+    must match this evaluation's (dataset, prompts, pairs, :data:`addiffusion.eval.baselines.
+    BASELINE_KEYS`), else a :class:`addiffusion.config.UserError` names what differs. The
+    outputs are the same either way.
 
     Returns the metrics written to ``metrics.json``: ``{method: {"kind", "nfe", "nfe_std",
     "clip_score", "quality", ["verifier", "verifier_acc"], "refines", "masked_actions",
@@ -278,52 +366,49 @@ def evaluate(
     held = load_heldout(Path(dataset_dir), cfg, prompts)
     task = held.task
     settings = task.settings
-    for name, policy in policies.items():
-        manifest = getattr(policy, "manifest", None)
-        if isinstance(manifest, dict):
-            check_observer(task, manifest.get("observer"), f"policy {name!r}")
-    methods = _methods(cfg, policies, task)
-    prompts = [it.prompt for it in held.items]
+    _check_policies(policies, task)
+    current = _fingerprint(dataset_dir, cfg, held, prompts)
+    if baselines is not None:
+        baselines.check(current)  # before anything is loaded or run
+    prompt_list = [it.prompt for it in held.items]
     seeds = [it.seed for it in held.items]
     sampler = task_sampler(task, cfg.device)
     _check_observation_layout(task, sampler)
-    runnable = [(name, kind, policy, sampler) for name, kind, policy in methods]
-    if cfg.adaptive_diffusion_thresholds:
-        # Its own sampler over the same pipeline: the dataset's grid plus the reuse action
-        # (0 NFE); the rule reads latents, so no per-point observation is computed.
-        skip = task_sampler(task, cfg.device, observe=False, share=sampler, reuse=True)
-        runnable += [
-            (
-                f"adaptive-diffusion<={x:g}",
-                "heuristic",
-                AdaptiveDiffusionSkip(x, cfg.adaptive_diffusion_max_skips, skip.table),
-                skip,
-            )
-            for x in cfg.adaptive_diffusion_thresholds
-        ]
-    n_fixed = len(fixed_families(sampler, cfg)) * len(cfg.baseline_steps)
-    n_fixed += sum(cfg.best_of) * len(cfg.best_of_steps)
+    if baselines is None:
+        _check_unique([*(n for n, _ in _heuristics(cfg, task)), *policies])
+        baselines = _run_baselines(sampler, cfg, held, current, progress)
+    # Run order, hence the order of every output: fixed schedules and best-of-N, heuristics on
+    # the dataset's grid, learned policies, AdaptiveDiffusion.
+    order = {"k-point": 0, "dataset": 1, "reuse": 3}
+    _check_unique([*(b.name for b in baselines.runs), *policies])
+    fixed = baselines.fixed
+    fixed_runs = {b.name for b in baselines.runs if b.sampler == "k-point"}
+    entries: list[tuple[int, str, str, MethodRun | None]] = [
+        (order[b.sampler], b.name, b.kind, b.run) for b in baselines.runs
+    ]
+    entries += [(2, name, "policy", None) for name in policies]
+    entries.sort(key=lambda e: e[0])  # stable: each group keeps its own order
+
+    # The learned policies, from the same RNG state whether the baselines ran here or not.
+    torch.manual_seed(cfg.seed)
+    points = {m: list(c) for m, c in (checkpoints or {}).items() if m in policies}
+    n_ckpt = sum(p is not None for c in points.values() for _, p, _ in c) if cfg.checkpoints else 0
     bar = tqdm(
-        total=(n_fixed + len(runnable)) * len(prompts),
+        total=(len(policies) + n_ckpt) * len(prompt_list),
         unit="image",
         disable=not progress,
         desc="eval",
     )
     runs: dict[str, tuple[str, MethodRun]] = {}
-    fixed_runs, fixed = _fixed(sampler, task, cfg, held, bar)
-    fixed_names = {name for name, _, _ in fixed}
-    for name, run in fixed_runs.items():
-        runs[name] = ("baseline" if name in fixed_names else "heuristic", run)
-    for name, kind, policy, on in runnable:
-        bar.set_postfix_str(name)
-        runs[name] = (
-            kind,
-            run_method(on, policy, prompts, seeds, cfg.batch_size, name, bar.update),
-        )
-    points = {m: list(c) for m, c in (checkpoints or {}).items() if m in policies}
+    for _, name, kind, run in entries:
+        if run is None:
+            bar.set_postfix_str(name)
+            run = run_method(
+                sampler, policies[name], prompt_list, seeds, cfg.batch_size, name, bar.update
+            )
+        runs[name] = (kind, run)
     ckpt_runs: dict[tuple[str, int], MethodRun] = {}
     if cfg.checkpoints and points:
-        bar.total += sum(p is not None for c in points.values() for _, p, _ in c) * len(prompts)
         for method, chain in points.items():
             for step, policy, _ in chain:
                 if policy is None:
@@ -331,7 +416,7 @@ def evaluate(
                     continue
                 bar.set_postfix_str(f"{method}@{step}")
                 ckpt_runs[method, step] = run_method(
-                    sampler, policy, prompts, seeds, cfg.batch_size, method, bar.update
+                    sampler, policy, prompt_list, seeds, cfg.batch_size, method, bar.update
                 )
     bar.close()
 
@@ -498,7 +583,7 @@ def evaluate(
         {name.replace("_", " "): c for name, c in curves.items() if name != "item"},
     )
     shown = [n for n in runs if runs[n][0] != "baseline" or n.startswith(task.scheduler)]
-    report.plot_samples({n: runs[n][1].images for n in shown}, prompts, out_dir / "samples.png")
+    report.plot_samples({n: runs[n][1].images for n in shown}, prompt_list, out_dir / "samples.png")
     context = {
         "dataset": str(dataset_dir),
         "backbone": task.backbone,
@@ -509,7 +594,7 @@ def evaluate(
         "warmup": settings.warmup,
         "held-out prompts": len(set(groups.tolist())),
         "seeds per prompt": cfg.seeds_per_prompt,
-        "images per method": len(prompts),
+        "images per method": len(prompt_list),
         "reward": f"weights {dict(reward_cfg.weights)}, normalize {reward_cfg.normalize}",
         "device": str(sampler.device),
         "frontier": summary.get("line", "no learned policy evaluated"),

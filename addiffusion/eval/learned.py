@@ -54,12 +54,12 @@ def episode_return(quality: np.ndarray, nfe: np.ndarray, cfg: RewardConfig) -> n
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN below 3 points or without
-    spread."""
+    """Spearman's rank correlation (average ranks for ties); NaN below 3 points, without
+    spread, or with a value that is not finite (as ``scipy.stats.spearmanr`` propagates NaN)."""
     a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(a) != len(b):
         raise ValueError(f"spearman needs paired values, got {len(a)} and {len(b)}")
-    if len(a) < 3:
+    if len(a) < 3 or not (np.isfinite(a).all() and np.isfinite(b).all()):
         return float("nan")
     ra, rb = _ranks(a), _ranks(b)
     if ra.std() == 0 or rb.std() == 0:
@@ -91,22 +91,24 @@ class CheckpointRun:
     score: float
     """Mean of the evaluation metric (the verifier in the shapes world)."""
     fqe: float | None
-    """FQE's value of the policy at the validation trajectories' first states (None: none)."""
+    """FQE's value of the policy at the validation trajectories' first states (None: none; a
+    value that is not finite, a diverged fit, counts as none)."""
 
 
 def checkpoint_report(runs: Sequence[CheckpointRun], groups: np.ndarray) -> dict[str, Any]:
-    """FQE against rollout over every (policy, checkpoint) with an FQE value.
+    """FQE against rollout over every (policy, checkpoint) with a (finite) FQE value.
 
     ``points``: one row per run (method, step, FQE, mean return, NFE, score). ``spearman``: rank
     correlation of FQE and mean rollout return over all points (``n_points``), and per method.
     ``selection``: per method, the checkpoint FQE picks (highest value) against the one a
     validation rollout picks (highest mean return on one half of the held-out prompts), each
-    scored on the other half, both halves in turn (prompts split by id parity): ``fqe_return``
+    scored on the other half, both halves in turn (:func:`halves`): ``fqe_return``
     and ``rollout_return`` are the mean held-out returns of the two choices, ``regret`` their
     difference (rollout − FQE; 0 when FQE picks as well as a rollout), ``final_return`` that
-    of simply taking the last checkpoint.
+    of simply taking the last checkpoint. With a single held-out prompt there are no halves:
+    the returns of the selection are None.
     """
-    with_fqe = [r for r in runs if r.fqe is not None]
+    with_fqe = [r for r in runs if r.fqe is not None and np.isfinite(r.fqe)]
     points = [
         {
             "method": r.method,
@@ -125,7 +127,7 @@ def checkpoint_report(runs: Sequence[CheckpointRun], groups: np.ndarray) -> dict
         "spearman_by_method": {},
         "selection": {},
     }
-    folds = np.asarray(groups) % 2
+    folds = halves(groups)
     for method in dict.fromkeys(r.method for r in with_fqe):
         mine = sorted((r for r in with_fqe if r.method == method), key=lambda r: r.step)
         report["spearman_by_method"][method] = spearman(
@@ -153,9 +155,17 @@ def checkpoint_report(runs: Sequence[CheckpointRun], groups: np.ndarray) -> dict
     return report
 
 
+def halves(groups: np.ndarray) -> np.ndarray:
+    """``(N,)`` 0 or 1: the half of the held-out prompts each item's prompt (``groups``) is in,
+    alternating over the prompts in id order (the parity of the prompt's rank, not of its id,
+    so that both halves have prompts whatever ids were held out, e.g. only even ones)."""
+    _, rank = np.unique(np.asarray(groups), return_inverse=True)
+    return rank.reshape(-1) % 2
+
+
 def seed_summary(metrics: Mapping[str, Mapping[str, Any]], metric: str) -> dict[str, Any]:
     """Mean and standard deviation over training seeds of each learned method that has more
-    than one (``iql``, ``iql@seed1``, ...): ``{method: {"n_seeds", "seeds", "nfe_mean",
+    than one (``iql``, ``iql@seed1``, ...): ``{method: {"n_seeds", "methods", "nfe_mean",
     "nfe_std", "<metric>_mean", "<metric>_std", "gain_mean", "gain_std"}}``."""
     groups: dict[str, list[str]] = {}
     for name, m in metrics.items():

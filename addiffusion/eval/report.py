@@ -156,6 +156,8 @@ def plot_samples(
 
 
 def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
     if isinstance(x, float):
         return "n/a" if not math.isfinite(x) else f"{x:.4f}"
     return str(x)

@@ -1,4 +1,4 @@
-"""Offline RL: discrete IQL as a d3rlpy algorithm, training with CQL/BC baselines, safe loading.
+"""Offline RL: discrete IQL as a d3rlpy algorithm, CQL/BC/BCQ baselines, checkpoints with FQE, safe loading.
 
 Public API (imported lazily, so ``addiffusion --help`` does not pay for importing d3rlpy):
 ``DiscreteIQL``, ``DiscreteIQLConfig`` (``.discrete_iql``), ``OfflineRLConfig`` (``.config``),

@@ -35,6 +35,15 @@ def _replay_buffers(
     )
 
 
+def quiet_d3rlpy() -> None:
+    """Silence d3rlpy's structlog info/debug lines (its fit prints every config and epoch)."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
 
@@ -43,6 +52,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.quiet:
+        quiet_d3rlpy()
     cfg = OfflineRLConfig.from_params(read_params(args.params))
     train, val = _replay_buffers(Path(args.dataset), Path(args.rewards), cfg)
     task = read_task(Path(args.dataset))
@@ -121,7 +132,7 @@ def _fqe(args: argparse.Namespace) -> int:
             f"fqe {name}: initial value {results[name]['initial_value']:.4f} "
             f"(behaviour return {results[name]['behaviour_return']:.4f})"
         )
-    out = Path(args.out) if args.out else offline / "ope.json"
+    out = Path(args.out) if args.out else offline / "fqe.json"
     report = {"method": "d3rlpy DiscreteFQE", "fit_on": args.fit_on, "evaluated_on": "val"}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**report, "policies": results}, indent=2) + "\n")
@@ -212,9 +223,11 @@ def _add_trust_sha256(parser: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "offline-rl",
-        help="train the jump/stop/refine policy offline (discrete IQL; CQL/BC baselines)",
+        help="train the jump/stop/refine policy offline (discrete IQL; CQL/BC/BCQ baselines)",
         description="Offline RL on a built dataset with d3rlpy. `train` (dvc.yaml's offline_rl "
-        "stage) fits discrete IQL and the CQL / BC baselines; `verify`, `trust`, `export-onnx` "
+        "stage) fits the algorithms of the params file (discrete IQL and the CQL / BC / BCQ "
+        "baselines, one params section each, handed to d3rlpy), per seed, with a checkpoint per "
+        "epoch and FQE of each on the validation split; `verify`, `trust`, `export-onnx` "
         "and `fqe` (off-policy evaluation) are helpers for a trained policy.d3. A .d3 file is a pickle: it is loaded "
         "only when the project's dvc.lock records it as a stage output or its sha256 is in the "
         "trust store (which `train` and `trust` write; $ADDIFFUSION_TRUST_STORE, default "
@@ -226,10 +239,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train on a built dataset with a rewards file",
         description="Convert the dataset to d3rlpy replay buffers (validation prompts: the "
-        "split recorded by `datasets build` in meta/info.json), train the `offline_rl.algo` of "
-        "the params file and each of `offline_rl.baselines`, and write policy.d3, "
-        "manifest.json, metrics.json, training.csv and d3rlpy logs under --out; each policy.d3's "
-        "sha256 is added to the trust store.",
+        "split recorded by `datasets build` in meta/info.json; offline_rl.action_space and "
+        "offline_rl.drop_observations ablations applied), train the `offline_rl.algo` of "
+        "the params file and each of `offline_rl.baselines` (their sections offline_rl.<algo> "
+        "go to d3rlpy as they are) once per seed of offline_rl.seeds, and write policy.d3, "
+        "manifest.json, checkpoints/<step>/, ope.json (FQE of every checkpoint on the "
+        "validation split, offline_rl.fqe), metrics.json, training.csv, d3rlpy logs, "
+        "baselines/<algo>/ and seeds/<seed>/ under --out; each policy.d3's sha256 is added to "
+        "the trust store.",
     )
     p.add_argument("--dataset", required=True, help="dataset folder (from `datasets build`)")
     p.add_argument("--rewards", required=True, help="rewards file (from `datasets relabel`)")
@@ -241,7 +258,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="torch CPU threads (default: %(default)s = torch's choice)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no d3rlpy info logs")
     p.set_defaults(func=_train)
 
     f = stage.add_parser(
@@ -259,7 +276,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--offline", required=True, help="output folder of `offline-rl train` (policy.d3 ...)"
     )
-    f.add_argument("--out", default=None, help="JSON file to write (default: <offline>/ope.json)")
+    f.add_argument(
+        "--out",
+        default=None,
+        help="JSON file to write (default: <offline>/fqe.json; the offline_rl stage's own "
+        "estimates are <offline>/ope.json)",
+    )
     f.add_argument(
         "--fit-on",
         choices=["val", "train"],
@@ -309,7 +331,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     o = stage.add_parser(
         "export-onnx",
-        help="write a trained policy (iql, cql, bc) as an ONNX graph",
+        help="write a trained policy (iql, cql, bc, bcq) as an ONNX graph",
         description="Load --policy (only when trusted and matching its manifest) and write an ONNX "
         "graph that acts like it: inputs obs (B, D) float32 (raw observations) and mask (B, n) "
         "bool, outputs action (B,) int64 (the greedy legal action) and scores (B, n) float32. "

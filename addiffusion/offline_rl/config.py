@@ -150,6 +150,10 @@ def _bcq() -> dict[str, Any]:
     }
 
 
+DEFAULTS = {"iql": _iql, "cql": _cql, "bc": _bc, "bcq": _bcq}
+"""The pipeline's settings of each algorithm; a params section overrides them key by key."""
+
+
 @dataclass(frozen=True)
 class FQEParams:
     """Fitted Q Evaluation (d3rlpy ``DiscreteFQE``) of every policy and checkpoint, on the
@@ -262,7 +266,9 @@ class OfflineRLConfig(StageConfig):
         )
         for name in ALGORITHMS:
             # Validated (and numbers coerced) once, here: train hands them to d3rlpy as they are.
-            values = algo_settings(name, getattr(self, name), f"{s}.{name}")
+            # Keys a section leaves out keep the pipeline's defaults (not d3rlpy's).
+            given = {**DEFAULTS[name](), **getattr(self, name)}
+            values = algo_settings(name, given, f"{s}.{name}")
             object.__setattr__(self, name, values)
             for key, value in values.items():
                 if key in RANGES:

@@ -321,6 +321,10 @@ def train_offline(
     """
     out_dir = Path(out_dir)
     obs_dim = check_buffer(train, "train", actions)
+    if cfg.drop_observations and layout is None:
+        raise ValueError(
+            "offline_rl.drop_observations needs the dataset's observation layout (layout=)"
+        )
     if val is not None and val.episodes and check_buffer(val, "val", actions) != obs_dim:
         raise ValueError(
             f"val observations have dim {check_buffer(val, 'val', actions)}, train ones {obs_dim}"

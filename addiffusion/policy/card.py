@@ -15,8 +15,20 @@ ALGO_NAMES = {
     "cql": "discrete Conservative Q-Learning (d3rlpy, offline)",
     "bc": "behaviour cloning (d3rlpy, offline)",
     "bcq": "discrete Batch-Constrained Q-learning (d3rlpy, offline)",
-    "ppo": "MaskablePPO fine-tuning from the IQL actor (sb3-contrib, online)",
+    "ppo": "MaskablePPO fine-tuning (sb3-contrib, online)",
 }
+
+
+def _trained_with(cfg: PolicyConfig) -> str:
+    """The algorithm, and for PPO where it started (``training["init"]``, ``offline_algo``)."""
+    name = ALGO_NAMES.get(cfg.algo, cfg.algo)
+    if cfg.algo != "ppo":
+        return name
+    t = cfg.training
+    if t.get("init") == "scratch":
+        return f"{name} from a random init (no offline start)"
+    start = t.get("offline_algo")
+    return f"{name} from the offline {str(start).upper()} actor" if start else name
 
 
 def _fmt(value: Any) -> str:
@@ -104,7 +116,7 @@ def model_card(cfg: PolicyConfig) -> ModelCard:
 A small policy that steers a frozen diffusion model's denoising loop: at every point of a
 {settings.n_max}-point {settings.grid} grid of the **{cfg.solver}** solver it picks one of
 {", ".join(f"`{n}`" for n in cfg.actions.names)} (jumps cost 1 NFE, refine {settings.refine_k + 1},
-stop 0). Trained with {ALGO_NAMES.get(cfg.algo, cfg.algo)}.{_restrictions(cfg)}
+stop 0). Trained with {_trained_with(cfg)}.{_restrictions(cfg)}
 
 ## Intended backbone
 

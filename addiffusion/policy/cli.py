@@ -152,14 +152,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--dataset", required=True, help="built dataset the policy was trained on")
     e.add_argument("--offline", default=None, help="offline-rl output folder (iql, cql, bc, bcq)")
-    e.add_argument("--online", default=None, help="online-finetune output folder (ppo)")
+    e.add_argument(
+        "--online",
+        default=None,
+        help="online-finetune output folder (ppo; ppo-scratch: its scratch/)",
+    )
     e.add_argument(
         "--eval", default=None, help="eval output folder (metrics.json): picks the policy"
     )
     e.add_argument(
         "--method",
         default=None,
-        choices=("iql", "cql", "bc", "bcq", "ppo"),
+        choices=("iql", "cql", "bc", "bcq", "ppo", "ppo-scratch"),
         help="which policy (default: the eval's best learned one)",
     )
     e.add_argument("--out", default="models/policy", help="package folder (default: %(default)s)")

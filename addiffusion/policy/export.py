@@ -1,11 +1,12 @@
-"""Turn a trained policy (offline-rl's IQL / CQL / BC / BCQ, online-finetune's PPO) into a package.
+"""Turn a trained policy (offline-rl's IQL / CQL / BC / BCQ, online-finetune's PPO, from the
+offline actor or from scratch) into a package.
 
 The ``.d3`` files are unpickled only through :func:`addiffusion.offline_rl.load_policy`, which
 checks their sha256 against the manifest their training run wrote. The package's networks are
 checked against the loaded policy on observations near the training data before anything is
 written: a package that would act differently from the policy it came from is never saved. An
-offline run's ``allowed_actions`` and ``observation_drop`` (its manifest's) go into the package's
-config, and its networks are exported ignoring the dropped observation columns.
+offline run's or a PPO actor's ``allowed_actions`` and ``observation_drop`` (its manifest's) go
+into the package's config, and its networks are exported ignoring the dropped observation columns.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from addiffusion.policy.package import (
     build_policy,
 )
 from addiffusion.task import Task, read_task
+
+ONLINE_RUNS = {"ppo": ".", "ppo-scratch": "scratch"}
+"""Eval's names of an online-finetune run's actors -> their folder in the run (PPO from the
+offline actor: the run's own folder; from scratch: ``finetune.SCRATCH_DIR``)."""
+METHODS = ("iql", "cql", "bc", "bcq", *ONLINE_RUNS)
+"""What ``export_policy`` packages (``--method``)."""
 
 
 def task_config(
@@ -255,13 +262,67 @@ def package_offline(
 
 
 def package_finetuned(online_dir: Path, task: Task, **info: Any) -> AdaptivePolicy:
-    """Package an online-finetune run's PPO actor (sha256-checked by its loader)."""
+    """Package a PPO actor folder of an online-finetune run (``<online>`` or ``<online>/scratch``;
+    sha256-checked by its loader); ``info``: ``training`` / ``evaluation`` extras for the card.
+
+    The actor manifest's ``allowed_actions`` (None when it allows every action) and
+    ``observation_drop``, the ablation PPO trained under, go into the config, its network
+    ignoring the dropped columns; its ``observation`` layout, when recorded, must be the
+    dataset's. The package is checked to compute the actor's logits and allow its actions."""
+    from addiffusion.online_finetune.ablation import Ablation
     from addiffusion.online_finetune.offline_init import check_action_table
     from addiffusion.online_finetune.ppo import load_finetuned_policy
 
-    ppo = load_finetuned_policy(Path(online_dir))
-    check_action_table(ppo.manifest, task.actions, Path(online_dir) / "manifest.json")
-    return build_policy(task_config(task, "ppo", [ppo.actor], **info), [ppo.actor])
+    online_dir = Path(online_dir)
+    where = online_dir / "manifest.json"
+    ppo = load_finetuned_policy(online_dir)
+    check_action_table(ppo.manifest, task.actions, where)
+    ablation = Ablation.from_manifest(ppo.manifest, task.actions, str(where))
+    if ablation.observation is not None and ablation.observation != task.observation:
+        raise PolicyPackageError(
+            f"{where} records the observation layout {ablation.observation}, but the dataset's "
+            f"is {task.observation}: package it with the dataset it was trained on"
+        )
+    keep = ablation.keep()
+    actor = copy.deepcopy(ppo.actor).cpu().float()
+    if keep is not None:
+        _ignore_columns(actor, ~keep)
+    # How the actor started (offline actor or fresh), where the manifest says: the package's
+    # algo is ppo either way.
+    origin = {k: ppo.manifest[k] for k in ("init", "offline_algo", "seed") if k in ppo.manifest}
+    training = {**origin, **(info.pop("training", None) or {})}
+    allowed = ablation.allowed_actions
+    cfg = task_config(
+        task,
+        "ppo",
+        [actor],
+        training,
+        **info,
+        allowed_actions=None if allowed is None or len(allowed) == task.actions.n else allowed,
+        observation_drop=ablation.observation_drop,
+    )
+    package = build_policy(cfg, [actor])
+    spec = actor.spec
+    std = actor.standardize
+    probe = _probe(
+        package.obs_dim,
+        std.mean.numpy() if spec.standardize else None,
+        std.std.numpy() if spec.standardize else None,
+        None if keep is None else ~keep,
+    )
+    _check_same(ppo.logits(probe), package.scores(probe), str(where), shift=False)
+    if keep is not None:  # the network alone ignores the dropped columns too
+        x = torch.from_numpy(probe)
+        with torch.no_grad():
+            theirs = actor(torch.from_numpy(np.where(keep, probe, np.float32(0.0)))).numpy()
+            _check_same(theirs, actor(x).numpy(), str(where), " (dropped columns)", shift=False)
+    theirs_allowed = np.ones(task.actions.n, bool) if ppo.allowed is None else ppo.allowed
+    if not np.array_equal(package.allowed, theirs_allowed):
+        raise PolicyPackageError(
+            f"the package built from {where} allows {package.config.allowed_actions}, the actor "
+            f"{ablation.allowed_actions}"
+        )
+    return package
 
 
 def _evaluation(metrics: dict[str, Any], method: str, where: Path) -> dict[str, Any]:
@@ -316,15 +377,29 @@ def export_policy(
         if method is None:
             raise PolicyPackageError(
                 "no method given and the eval metrics name no best learned policy "
-                "(pass --method iql|cql|bc|bcq|ppo, or --eval with an eval that ran policies)"
+                f"(pass --method {'|'.join(METHODS)}, or --eval with an eval that ran "
+                "policies)"
             )
     info: dict[str, Any] = {"training": {"dataset": str(dataset_dir)}}
     if metrics:
         info["evaluation"] = _evaluation(metrics, method, Path(eval_dir) / "metrics.json")
-    if method == "ppo":
+    if method in ONLINE_RUNS:
         if online_dir is None:
-            raise PolicyPackageError("method ppo needs --online (an online-finetune output folder)")
-        package = package_finetuned(Path(online_dir), task, **info)
+            raise PolicyPackageError(
+                f"method {method} needs --online (an online-finetune output folder)"
+            )
+        run = Path(online_dir) / ONLINE_RUNS[method]
+        if not (run / "manifest.json").is_file():
+            what = (
+                "PPO from scratch (online_finetune.from_scratch)"
+                if run != Path(online_dir)
+                else "actor"
+            )
+            raise PolicyPackageError(
+                f"{run / 'manifest.json'} not found: method {method} needs the online-finetune "
+                f"run's {what} (--online {online_dir})"
+            )
+        package = package_finetuned(run, task, **info)
     else:
         if offline_dir is None:
             raise PolicyPackageError(

@@ -26,32 +26,45 @@ TRAIN_PROMPTS = [0, 1, 3, 4]  # conftest: 6 prompts, every third heldout
 SEEDS = 2
 
 
-def expected_counts(table: ActionTable) -> TransitionCounts:
+def expected_counts(table: ActionTable, allowed: np.ndarray | None = None) -> TransitionCounts:
     """What the conversion must produce, counted from the synthetic store's recipe: one
     transition per recorded action, a branch's entry action from its parent's row, and one
-    single-step stop at every non-final point where stop is legal (warm-up excluded)."""
-    acts: Counter[str] = Counter()
-    cf = episodes = 0
+    single-step stop at every non-final point where stop is legal (warm-up excluded).
 
-    def path(points: list[int], actions: list[int]) -> None:
-        nonlocal cf, episodes
-        acts.update(table.names[a] for a in actions)
-        legal = table.mask(np.array(points[:-1]), np.zeros(len(points) - 1, np.int64))
-        cf += int(legal[:, table.stop].sum())
-        episodes += 1 + int(legal[:, table.stop].sum())
+    ``allowed``: the action-space ablation. A path is cut at its first other action (the rows
+    before it and that row stay: a truncated episode whose transitions are the actions before
+    the cut, and a stop at each of those rows where stop is legal); a branch whose parent row
+    was cut off or whose entry action is not allowed is left out."""
+    ok = np.ones(table.n, bool) if allowed is None else np.asarray(allowed, bool)
+    acts: Counter[str] = Counter()
+    cf = episodes = finals = 0
+
+    def path(points: list[int], actions: list[int], entered: bool = False) -> int:
+        """Count one path; returns how many of its rows are reachable."""
+        nonlocal cf, episodes, finals
+        cut = next((i for i, a in enumerate(actions) if not ok[a]), None)
+        kept = len(points) if cut is None else cut + 1
+        stops_at = points[:-1] if cut is None else points[:kept]  # rows with a counterfactual
+        acts.update(table.names[a] for a in (actions if cut is None else actions[:cut]))
+        legal = table.mask(np.array(stops_at), np.zeros(len(stops_at), np.int64))
+        n_cf = int(legal[:, table.stop].sum())
+        cf += n_cf
+        finals += cut is None
+        episodes += int(cut is None or kept + entered > 1) + n_cf
+        return kept
 
     for p in TRAIN_PROMPTS:
         for s in range(SEEDS):
             r = p * SEEDS + s
             points, actions = root_path(table, ROOT_PATTERNS[r % len(ROOT_PATTERNS)])
-            path(points, actions)
+            kept = path(points, actions)
             if BRANCH_STEP in points[:-1]:
                 j = points.index(BRANCH_STEP)
                 own = actions[j]
                 b = table.refine if (r // 3) % 2 == 0 else min(a for a in table.jumps if a != own)
-                acts[table.names[b]] += 1
-                path(*continuation(table, int(table.target(BRANCH_STEP, b))))
-    finals = len([n for n in acts.elements() if n == "stop"])
+                if j < kept and ok[b]:
+                    acts[table.names[b]] += 1
+                    path(*continuation(table, int(table.target(BRANCH_STEP, b))), entered=True)
     acts["stop"] += cf
     return TransitionCounts(
         actions={n: acts[n] for n in table.names if acts[n]},
@@ -159,3 +172,99 @@ def test_discrete_cql_trains_on_the_buffer(dataset: Path, rewards: Path, tmp_pat
     obs = np.stack([e.observations[0] for e in val.episodes])
     actions = cql.predict(obs)
     assert actions.shape == (len(obs),) and set(actions.tolist()) <= set(range(_table(dataset).n))
+
+
+def _episodes(dataset: Path, rewards: Path, **ablation: object) -> list:
+    return [e for eps in build_episodes(dataset, rewards, **ablation).values() for e in eps]
+
+
+def _actions(episode: object) -> list[int]:
+    """The actions d3rlpy samples from ``episode`` (its first ``transition_count``)."""
+    return np.asarray(episode.actions).reshape(-1)[: episode.transition_count].tolist()
+
+
+@pytest.mark.parametrize("space", ["stop_only", "jumps"])
+def test_action_space_ablation_cuts_paths(dataset: Path, rewards: Path, space: str) -> None:
+    table = _table(dataset)
+    allowed = table.allowed(space)
+    full = transition_counts(_episodes(dataset, rewards), table)
+    episodes = _episodes(dataset, rewards, allowed=allowed)
+    got = transition_counts(episodes, table)
+    assert got == expected_counts(table, allowed)
+    # Only the space's actions are ever sampled.
+    ok = set(np.flatnonzero(allowed).tolist())
+    assert all(set(_actions(e)) <= ok for e in episodes)
+    # Fewer transitions of every kind, and none of the actions left out.
+    assert sum(got.actions.values()) < sum(full.actions.values())
+    assert all(got.actions.get(n, 0) <= full.actions[n] for n in full.actions)
+    assert {n for n in got.actions} <= {table.names[a] for a in ok}
+    assert got.stop_final < full.stop_final and got.episodes < full.episodes
+    # A path cut short is a truncated episode: not terminal, its last sampled action not stop.
+    paths = [e for e in episodes if e.size() > 1]
+    cut = [e for e in paths if not e.terminated]
+    assert all(e.transition_count == e.size() - 1 for e in cut)
+    assert all(_actions(e)[-1] != table.stop for e in cut)
+    assert all(_actions(e)[-1] == table.stop for e in paths if e.terminated)
+    assert len(paths) - len(cut) == got.stop_final
+    if space == "stop_only":  # the roots with a stride 2 are cut there
+        assert cut and set(got.actions) == {"jump-1", "stop"}
+    else:  # only the branches entered by refine go; every other path stays whole
+        assert not cut and "refine" not in got.actions and got.actions["jump-2"] > 0
+        assert full.stop_final - got.stop_final == full.actions["refine"]
+    # Through to_replay_buffers: the split and the buffers follow the same ablation.
+    train, val = to_replay_buffers(dataset, rewards, 0.25, 0, allowed=allowed)
+    assert train.transition_count + val.transition_count == sum(got.actions.values())
+
+
+def test_every_action_allowed_is_no_ablation(dataset: Path, rewards: Path) -> None:
+    table = _table(dataset)
+    assert table.allowed("jumps_refine").all()
+    plain = _episodes(dataset, rewards)
+    every = _episodes(dataset, rewards, allowed=np.ones(table.n, bool))
+    assert len(plain) == len(every)
+    for a, b in zip(plain, every, strict=True):
+        np.testing.assert_array_equal(a.observations, b.observations)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.rewards, b.rewards)
+        assert a.terminated == b.terminated
+
+
+def test_dropped_observation_part_is_zeros(dataset: Path, rewards: Path) -> None:
+    from addiffusion.diffusion.mdp import ObservationLayout
+
+    layout = ObservationLayout.from_dict(read_info(dataset)["observation"])
+    assert layout.quality_dim == 5 and layout.columns("quality") == slice(28, 33)
+    plain = _episodes(dataset, rewards)
+    dropped = _episodes(dataset, rewards, drop=["quality"])
+    assert len(plain) == len(dropped)
+    obs = np.concatenate([e.observations for e in plain])
+    without = np.concatenate([e.observations for e in dropped])
+    assert np.any(obs[:, -5:] != 0)  # there was something to drop
+    assert not np.any(without[:, -5:])
+    np.testing.assert_array_equal(without[:, :-5], obs[:, :-5])
+    for a, b in zip(plain, dropped, strict=True):  # the rest of each episode is untouched
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.rewards, b.rewards)
+    # Both ablations at once, through the buffers.
+    table = _table(dataset)
+    train, _ = to_replay_buffers(
+        dataset, rewards, 0.25, 0, allowed=table.allowed("stop_only"), drop=["quality", "time"]
+    )
+    seen = np.concatenate([e.observations for e in train.episodes])
+    assert not np.any(seen[:, ~layout.keep_mask(["quality", "time"])])
+    assert np.any(seen[:, layout.columns("image_features")])
+
+
+def test_bad_ablations_are_refused(dataset: Path, rewards: Path) -> None:
+    table = _table(dataset)
+    with pytest.raises(ValueError, match=rf"allowed must be \({table.n},\) bool, got shape \(3,\)"):
+        build_episodes(dataset, rewards, allowed=np.ones(3, bool))
+    with pytest.raises(ValueError, match="allowed must be"):
+        build_episodes(dataset, rewards, allowed=np.ones((1, table.n), bool))
+    for name in ("stop", "jump-1"):
+        allowed = np.ones(table.n, bool)
+        allowed[table.names.index(name)] = False
+        with pytest.raises(ValueError, match="must allow stop and jump-1"):
+            build_episodes(dataset, rewards, allowed=allowed)
+    with pytest.raises(ValueError, match="unknown observation part 'colour'"):
+        build_episodes(dataset, rewards, drop=["colour"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from addiffusion.diffusion.actions import ActionTable
+from addiffusion.diffusion.actions import ACTION_SPACES, ActionTable
 
 TABLE = ActionTable.build([1, 2, 4, 8], n_max=16, warmup=1, refine_budget=1, refine_k=2)
 
@@ -66,3 +66,26 @@ def test_round_trip_and_strict_reader() -> None:
 def test_build_rejects_strides_without_one() -> None:
     with pytest.raises(ValueError, match="must include 1"):
         ActionTable.build([2, 4], 16, 1, 0, 2)
+
+
+def test_action_space_ablations() -> None:
+    names = np.array(TABLE.names)
+    assert names[TABLE.allowed("stop_only")].tolist() == ["jump-1", "stop"]
+    assert names[TABLE.allowed("jumps")].tolist() == [
+        "jump-1",
+        "jump-2",
+        "jump-4",
+        "jump-8",
+        "stop",
+    ]
+    assert TABLE.allowed("jumps_refine").all()
+    for space in ACTION_SPACES:
+        allowed = TABLE.allowed(space)
+        assert allowed.shape == (TABLE.n,) and allowed.dtype == bool
+        assert allowed[TABLE.stop] and allowed[TABLE.jump(1)]  # every space can finish a path
+    # A reuse action (tables built with reuse) belongs to the whole space only.
+    reuse = ActionTable.build([1, 2], 8, 1, refine_budget=1, refine_k=2, reuse=True)
+    assert not reuse.allowed("jumps")[reuse.reuse] and reuse.allowed("jumps_refine")[reuse.reuse]
+    assert np.array(reuse.names)[reuse.allowed("stop_only")].tolist() == ["jump-1", "stop"]
+    with pytest.raises(ValueError, match="unknown action space 'refine_only'"):
+        TABLE.allowed("refine_only")

@@ -9,104 +9,21 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import torch
+from eval_fixtures import N_MAX, OBS_DIM, TABLE, WARMUP, write_dataset
+from eval_fixtures import eval_cfg as _cfg
+from eval_fixtures import train_random_offline as _train_random_offline
 from PIL import Image
 
 from addiffusion.cli import main
 from addiffusion.config import ConfigError
 from addiffusion.diffusion.actions import ActionTable
-from addiffusion.diffusion.backbone import save_tiny_pipeline
 from addiffusion.eval.config import EvalConfig
 from addiffusion.eval.evaluate import evaluate
 from addiffusion.eval.policies import StopAtStep
-from addiffusion.rewards.clip import save_tiny_clip
 from addiffusion.rewards.config import RewardConfig
 
-N_MAX = 4
-WARMUP = 1
-TABLE = ActionTable.build([1, 2], N_MAX, WARMUP, 0, 2)
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("models")
-    return save_tiny_pipeline(root / "tiny", seed=0), save_tiny_clip(root / "tiny-clip", seed=0)
-
-
-def write_dataset(
-    root: Path,
-    models: tuple[Path, Path],
-    splits: list[str],
-    n_max: int = N_MAX,
-    refine_budget: int = 0,
-) -> Path:
-    """A minimal built dataset (the ``datasets build`` layout): meta/info.json and an episodes
-    table with one root episode per entry of ``splits``."""
-    pipe, clip = models
-    (root / "meta").mkdir(parents=True)
-    info = {
-        "backbone": str(pipe),
-        "scheduler": "ddim",
-        "scorer": str(clip),
-        # The shapes world's verifier is a component whenever its captions are used.
-        "components": ["clip_score", "stability", "verifier"],
-        "sampler": {
-            "n_max": n_max,
-            "warmup": WARMUP,
-            "refine_budget": refine_budget,
-            "refine_k": 2,
-            "strides": [1, 2],
-            "guidance_scale": 5.0,
-            "height": 32,
-            "width": 32,
-        },
-        "actions": ActionTable.build([1, 2], n_max, WARMUP, refine_budget, 2).to_dict(),
-        "observation": {"image_dim": 32, "text_dim": 32, "time_dim": 16, "quality_dim": 5},
-        "component_stats": {
-            "clip_score": {"mean": 0.0, "std": 0.1},
-            "stability": {"mean": 0.5, "std": 0.2},
-            "verifier": {"mean": 0.2, "std": 0.3},
-        },
-    }
-    (root / "meta" / "info.json").write_text(json.dumps(info))
-    prompts = ["a red circle", "two blue squares", "a green triangle left of a red circle"]
-    cats = ["simple", "medium", "complex"]
-    rows = [
-        {
-            "episode_id": f"{i:06d}-0",
-            "prompt_id": i,
-            "prompt": prompts[i % 3],
-            "category": cats[i % 3],
-            "split": split,
-            "seed": i,
-            "parent_episode_id": None,
-        }
-        for i, split in enumerate(splits)
-    ]
-    (root / "data" / "episodes").mkdir(parents=True)
-    pl.DataFrame(rows).write_parquet(root / "data" / "episodes" / "mixed-00000.parquet")
-    return root
-
-
-def _cfg(**kw: object) -> EvalConfig:
-    base = dict(
-        baseline_steps=[2, 4],
-        solvers=["ddim"],
-        best_of=[],
-        random_stride=False,
-        stability_thresholds=[],
-        clip_delta_thresholds=[],
-        patience=[],
-        progress_tolerances=[],
-        adaptive_diffusion_thresholds=[],
-        seeds_per_prompt=2,
-        batch_size=4,
-        bootstrap_samples=200,
-        device="cpu",
-    )
-    base.update(kw)
-    return EvalConfig(**base)  # type: ignore[arg-type]
+SUMMARIES = ("learned", "frontier")
+"""metrics.json's entries that are not methods."""
 
 
 class StopNow:
@@ -187,7 +104,7 @@ def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
     assert "verifier_acc" in m["by_category"]["simple"] and "verifier_p" in m
     with (out / "pareto.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == [n for n in metrics if n != "frontier"]
+    assert [r["method"] for r in rows] == [n for n in metrics if n not in SUMMARIES]
     assert float(rows[0]["nfe"]) == 2.0 and rows[0]["kind"] == "baseline"
     assert all(0.0 <= float(r["verifier"]) <= 1.0 for r in rows)
     # Headroom: what choosing a fixed schedule per type / prompt / item could gain at most.
@@ -208,8 +125,8 @@ def test_outputs_exist_and_parse(result: tuple[dict, Path, Recorder]) -> None:
     gains = [room[k]["max_gain"] for k in ("category", "prompt", "item")]
     assert gains == sorted(gains)  # the more the chooser knows, the more it can gain
     items = pl.read_parquet(out / "items.parquet")
-    assert items.height == 6 * (len(metrics) - 1)
-    assert set(items["method"]) == set(metrics) - {"frontier"}
+    assert items.height == 6 * (len(metrics) - len(SUMMARIES))
+    assert set(items["method"]) == set(metrics) - set(SUMMARIES)
     row = items.filter(pl.col("method") == "stop-at-2").row(0, named=True)
     assert row["nfe"] == 3 and row["category"] in ("simple", "medium", "complex")
     for png in ("pareto.png", "samples.png"):
@@ -222,7 +139,7 @@ def test_quality_uses_dataset_stats(result: tuple[dict, Path, Recorder]) -> None
     metrics, _, _ = result
     # Default rewards: weight 1 on clip_score; the fake dataset's stats are mean 0, std 0.1.
     for name, m in metrics.items():
-        if name == "frontier":
+        if name in SUMMARIES:
             continue
         assert m["quality"] == pytest.approx(m["clip_score"] / 0.1, rel=1e-9)
 
@@ -276,7 +193,8 @@ def test_cli_runs_from_params(dataset: Path, tmp_path: Path, capsys: pytest.Capt
     argv = ["eval", "--dataset", str(dataset), "--out", str(out), "--params", str(params)]
     assert main([*argv, "--quiet", "--threads", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["ddim-3", "frontier"] and metrics["ddim-3"]["n"] == 2
+    assert list(metrics) == ["ddim-3", "learned", "frontier"] and metrics["ddim-3"]["n"] == 2
+    assert metrics["learned"] == {"seeds": {}, "pairs": {}}  # no learned policy, no checkpoint
     assert "line" not in metrics["frontier"]  # no learned policy: no headline
     assert "ddim-3" in capsys.readouterr().out
     params.write_text("eval:\n  seeds_per_prompt: 0\n")
@@ -341,40 +259,6 @@ def test_collect_build_eval_end_to_end(tiny_models: tuple[Path, Path], tmp_path:
     assert header == "method,kind,nfe,nfe_std,clip_score,quality"
 
 
-def _train_random_offline(
-    out: Path, dim: int, baselines: list[str], observer: dict[str, str] | None = None
-) -> Path:
-    """A real 2-step DiscreteIQL run (and ``baselines``) on random transitions of ``dim``."""
-    from d3rlpy.constants import ActionSpace
-    from d3rlpy.dataset import MDPDataset
-
-    from addiffusion.offline_rl.config import OfflineRLConfig
-    from addiffusion.offline_rl.train import train_offline
-
-    rng = np.random.default_rng(0)
-    n = 32
-    terminals = np.zeros(n)
-    terminals[3::4] = 1.0
-    data = MDPDataset(
-        rng.standard_normal((n, dim)).astype(np.float32),
-        rng.integers(0, TABLE.n, n),
-        rng.standard_normal(n).astype(np.float32),
-        terminals,
-        action_space=ActionSpace.DISCRETE,
-        action_size=TABLE.n,
-    )
-    cfg = OfflineRLConfig(
-        n_steps=2,
-        n_steps_per_epoch=2,
-        batch_size=8,
-        hidden_units=[8],
-        baselines=baselines,
-        device="cpu",
-    )
-    train_offline(data, None, cfg, out, log=False, actions=TABLE, observer=observer)
-    return out
-
-
 def test_cli_evaluates_real_offline_and_online_policies(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -383,8 +267,7 @@ def test_cli_evaluates_real_offline_and_online_policies(
     from addiffusion.online_finetune.config import OnlineFinetuneConfig
     from addiffusion.online_finetune.finetune import finetune
 
-    # tiny CLIP: 32 image + 32 text + 16 time + 5 quality
-    offline = _train_random_offline(tmp_path / "offline", 85, ["bc"])
+    offline = _train_random_offline(tmp_path / "offline", OBS_DIM, ["bc"])
     online = tmp_path / "online"
     online_cfg = OnlineFinetuneConfig(
         n_envs=2, n_steps=2, iterations=1, batch_size=4, n_epochs=1, device="cpu"
@@ -405,10 +288,18 @@ def test_cli_evaluates_real_offline_and_online_policies(
     argv = ["eval", "--dataset", str(dataset), "--offline", str(offline), "--online", str(online)]
     assert main([*argv, "--out", str(out), "--params", str(params), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["ddim-2", "ddim-4", "iql", "bc", "ppo", "frontier"]
-    assert metrics["frontier"]["method"] in ("iql", "bc", "ppo")
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("frontier: method=")
-    for name in ("iql", "bc", "ppo"):
+    learned = ["iql", "bc", "ppo", "ppo-scratch"]  # PPO from scratch beside the fine-tune
+    assert list(metrics) == ["ddim-2", "ddim-4", *learned, "learned", "frontier"]
+    assert metrics["frontier"]["method"] in learned
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("frontier: method=")
+    # eval.pairs' defaults: PPO against its offline init and against PPO from scratch.
+    assert list(metrics["learned"]["pairs"]) == ["ppo - iql", "ppo - ppo-scratch"]
+    assert any(line.startswith("pair ppo - ppo-scratch: verifier ") for line in printed)
+    # No ope.json (no validation split): no checkpoint analysis, no FQE.
+    assert "checkpoints" not in metrics["learned"] and metrics["iql"]["fqe"] is None
+    assert not any(line.startswith("fqe:") for line in printed)
+    for name in learned:
         m = metrics[name]
         assert m["kind"] == "policy" and m["masked_actions"] == 0
         assert WARMUP + 1 <= m["nfe"] <= N_MAX and m["vs"] in ("ddim-2", "ddim-4")

@@ -25,7 +25,7 @@ from d3rlpy.constants import ActionSpace
 from d3rlpy.dataset import MDPDataset
 
 from addiffusion.diffusion.actions import ActionTable
-from addiffusion.offline_rl.config import OfflineRLConfig
+from addiffusion.offline_rl.config import FQEParams, OfflineRLConfig
 from addiffusion.offline_rl.policy import OfflinePolicy, load_policy
 from addiffusion.offline_rl.train import train_offline
 
@@ -104,14 +104,18 @@ def policy(tmp_path_factory: pytest.TempPathFactory) -> OfflinePolicy:
         baselines=[],
         n_steps=1500,
         n_steps_per_epoch=1500,
-        batch_size=256,
         hidden_units=[64, 64],
-        actor_learning_rate=3e-3,
-        critic_learning_rate=3e-3,
-        tau=0.05,
-        beta=10.0,
         device="cpu",
-        seed=0,
+        seeds=[0],
+        fqe=FQEParams(n_steps=0),
+        iql={
+            **OfflineRLConfig().iql,
+            "batch_size": 256,
+            "actor_learning_rate": 3e-3,
+            "critic_learning_rate": 3e-3,
+            "tau": 0.05,
+            "weight_temp": 10.0,
+        },
     )
     train_offline(make_dataset(200, 0), make_dataset(20, 1), cfg, out, actions=TABLE, log=False)
     return load_policy(Path(out) / "policy.d3")

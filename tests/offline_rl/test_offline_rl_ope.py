@@ -25,6 +25,7 @@ from addiffusion.datasets.config import DatasetsConfig
 from addiffusion.datasets.relabel import relabel
 from addiffusion.datasets.synthetic import write_synthetic_store
 from addiffusion.offline_rl.cli import register
+from addiffusion.offline_rl.config import OfflineRLConfig
 from addiffusion.offline_rl.ope import FQESettings, fqe_estimate, trajectory_starts
 from addiffusion.offline_rl.train import standard_scaler
 from addiffusion.rewards.config import RewardConfig
@@ -165,7 +166,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
     rewards = root / "rewards.parquet"
     relabel(dataset, RewardConfig(), rewards)
     params = root / "params.yaml"
-    section = {"n_steps": 20, "n_steps_per_epoch": 20, "hidden_units": [8], "batch_size": 16}
+    default = OfflineRLConfig()
+    section = {
+        "n_steps": 20,
+        "n_steps_per_epoch": 20,
+        "hidden_units": [8],
+        "fqe": {"n_steps": 0},  # the stage's own FQE: test_offline_rl_checkpoints.py
+        # Each policy's FQE discounts with its own algorithm's gamma.
+        "iql": {**default.iql, "batch_size": 16, "gamma": 0.95},
+        "cql": {**default.cql, "batch_size": 16, "gamma": 0.9},
+    }
     params.write_text(yaml.safe_dump({"offline_rl": {**section, "baselines": ["cql"]}}))
     out = root / "offline"
     argv = ["offline-rl", "train", "--dataset", str(dataset), "--rewards", str(rewards)]
@@ -183,12 +193,13 @@ def test_cli_evaluates_every_policy_and_writes_json(
     out = capsys.readouterr().out
     assert "fqe iql: initial value " in out and "fqe cql: initial value " in out
     assert "(behaviour return " in out
-    report = json.loads((offline / "ope.json").read_text())
+    report = json.loads((offline / "fqe.json").read_text())
     assert report["fit_on"] == "val" and set(report["policies"]) == {"iql", "cql"}
-    for result in report["policies"].values():
+    for name, result in report["policies"].items():
         assert np.isfinite(result["initial_value"]) and np.isfinite(result["behaviour_return"])
         assert result["settings"]["n_steps"] == 50 and result["settings"]["hidden_units"] == [8]
-        assert result["settings"]["gamma"] == 0.99  # the training run's offline_rl.gamma
+        # The training run's offline_rl.<algo>.gamma
+        assert result["settings"]["gamma"] == {"iql": 0.95, "cql": 0.9}[name]
         assert result["n_start_episodes"] == 4  # the 2 validation roots and their 2 branches
     # The same command again (same seed) gives the same numbers, here to --out.
     assert (
@@ -209,4 +220,4 @@ def test_cli_missing_offline_folder_exits_2(
     assert main([*argv, "--offline", str(missing)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "--offline" in err
-    assert not (missing / "ope.json").exists()
+    assert not (missing / "fqe.json").exists()

@@ -20,7 +20,7 @@ from offline_rl_stop_mdp import (
     stop_mask,
 )
 
-from addiffusion.offline_rl.config import OfflineRLConfig
+from addiffusion.offline_rl.config import FQEParams, OfflineRLConfig
 from addiffusion.offline_rl.policy import (
     OfflinePolicy,
     PolicyLoadError,
@@ -31,19 +31,25 @@ from addiffusion.offline_rl.train import train_offline
 
 torch.set_num_threads(1)
 
+DEFAULT = OfflineRLConfig()
 # Tiny nets, few steps: converges on this MDP in 400 steps (checked over seeds 0-5).
 TINY = dict(
     n_steps=400,
     n_steps_per_epoch=400,
-    batch_size=64,
     hidden_units=[32, 32],
-    actor_learning_rate=3e-3,
-    critic_learning_rate=3e-3,
-    tau=0.05,
-    beta=10.0,
-    cql_target_update_interval=100,
     device="cpu",
-    seed=0,
+    seeds=[0],
+    fqe=FQEParams(n_steps=0),  # FQE of the runs: test_offline_rl_checkpoints.py
+    iql={
+        **DEFAULT.iql,
+        "batch_size": 64,
+        "actor_learning_rate": 3e-3,
+        "critic_learning_rate": 3e-3,
+        "tau": 0.05,
+        "weight_temp": 10.0,
+    },
+    cql={**DEFAULT.cql, "batch_size": 64, "learning_rate": 3e-3, "target_update_interval": 100},
+    bc={**DEFAULT.bc, "batch_size": 64, "learning_rate": 3e-3},
 )
 
 
@@ -87,6 +93,14 @@ def test_metrics_and_baselines(run_dir: Path) -> None:
     # Each state has both actions in the data, so BC sits near chance; IQL must beat it.
     bc_stop = metrics["baselines"]["bc"]["val"]["stop"]
     assert bc_stop["regret"] > iql_stop["regret"] + 0.5
+    # One epoch, one seed, no ablation: no checkpoint, every action, the whole observation.
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["step"] == 400 and manifest["seed"] == 0 and manifest["checkpoints"] == []
+    assert manifest["allowed_actions"] == list(TABLE.names)
+    assert manifest["observation"] is None and manifest["observation_drop"] == []
+    assert manifest["config"]["iql"]["weight_temp"] == 10.0
+    assert manifest["config"]["cql"]["target_update_interval"] == 100
+    assert metrics["fqe"] is None and not (run_dir / "ope.json").exists()  # fqe.n_steps = 0
 
 
 @pytest.mark.parametrize("algo_dir", [".", "baselines/cql", "baselines/bc"])
@@ -156,12 +170,45 @@ def test_warmup_respected(run_dir: Path) -> None:
 def test_empty_validation_and_bad_buffers(tmp_path: Path) -> None:
     from addiffusion.datasets.d3rlpy_convert import make_buffer as convert_buffer
 
-    cfg = OfflineRLConfig(n_steps=10, n_steps_per_epoch=10, hidden_units=[4], batch_size=8)
+    cfg = OfflineRLConfig(
+        n_steps=10,
+        n_steps_per_epoch=10,
+        hidden_units=[4],
+        iql={**DEFAULT.iql, "batch_size": 8},
+    )
     empty_val = convert_buffer([], OBS_DIM, TABLE.n)  # e.g. datasets.val_fraction = 0
     metrics = train_offline(
         make_buffer(2, seed=0), empty_val, cfg, tmp_path / "a", actions=TABLE, log=False
     )
     assert metrics["val"] == {"stop": None} and metrics["train_stop"]["n_episodes"] == 2
     assert (tmp_path / "a" / "baselines").is_dir() and not (tmp_path / "a" / "logs").exists()
+    # No validation trajectory: no FQE (the default fqe.n_steps is not 0), no ope.json.
+    assert metrics["fqe"] is None and not (tmp_path / "a" / "ope.json").exists()
+    assert (tmp_path / "a" / "seeds").is_dir() and not any((tmp_path / "a" / "seeds").iterdir())
     with pytest.raises(ValueError, match="train buffer has no episodes"):
         train_offline(empty_val, None, cfg, tmp_path / "b", actions=TABLE)
+
+
+def test_ablations_are_recorded_and_need_the_layout(tmp_path: Path) -> None:
+    """The action space reaches the manifest and the policy's mask; dropping observation parts
+    without the dataset's layout is refused before anything is trained."""
+    cfg = OfflineRLConfig(
+        n_steps=10,
+        n_steps_per_epoch=10,
+        hidden_units=[4],
+        device="cpu",
+        action_space="stop_only",
+        iql={**DEFAULT.iql, "batch_size": 8},
+    )
+    train_offline(make_buffer(2, seed=0), None, cfg, tmp_path / "a", actions=TABLE, log=False)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["allowed_actions"] == ["jump-1", "stop"]
+    assert manifest["config"]["action_space"] == "stop_only"
+    policy = load_policy(tmp_path / "a" / "policy.d3")
+    obs = np.random.default_rng(0).normal(size=(32, OBS_DIM)).astype(np.float32)
+    assert TABLE.refine not in policy.act(obs, np.ones((32, TABLE.n), dtype=bool)).tolist()
+
+    dropped = OfflineRLConfig(**{**TINY, "drop_observations": ["quality"]})
+    with pytest.raises(ValueError, match="drop_observations needs the dataset's observation"):
+        train_offline(make_buffer(2, seed=0), None, dropped, tmp_path / "b", actions=TABLE)
+    assert not (tmp_path / "b" / "policy.d3").exists()

@@ -55,12 +55,30 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return save_tiny_pipeline(root / "tiny", 0), save_tiny_clip(root / "tiny-clip", 0)
 
 
+def _merge(base: dict, values: dict) -> dict:
+    """``base`` with ``values`` merged in key by key, nested mappings too."""
+    out = dict(base)
+    for key, value in values.items():
+        old = out.get(key)
+        out[key] = (
+            _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+        )
+    return out
+
+
+def _nested(key: str, value: object) -> dict:
+    """``a.b.c``, v -> ``{"a": {"b": {"c": v}}}``."""
+    head, _, rest = key.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
 def _params(tmp_path: Path, **sections: dict) -> Path:
-    """The repo's params.yaml with ``sections`` merged in (key by key), the synthetic rewards."""
+    """The repo's params.yaml with ``sections`` merged in (key by key, nested mappings too), the
+    synthetic rewards."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["rewards"] = dict(REWARDS)
     for name, values in sections.items():
-        params[name] = {**params.get(name, {}), **values}
+        params[name] = _merge(params.get(name) or {}, values)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -138,30 +156,25 @@ def test_non_finite_reward_settings(
     assert f"{section}.{key}" in line and "must be a finite number" in line
 
 
+OFFLINE_TRAIN = [
+    *["offline-rl", "train", "--dataset", "{tmp}/ds", "--rewards", "{tmp}/r.parquet"],
+    *["--out", "{tmp}/out"],
+]
+ONLINE_FINETUNE = [
+    *["online-finetune", "--dataset", "{tmp}/ds", "--offline", "{tmp}/o", "--out", "{tmp}/out"],
+]
+
+
 @pytest.mark.parametrize(
     ("command", "section", "key"),
     [
         (["collect", "--store", "{tmp}/store"], "collect", "guidance_scale"),
         (["collect", "--store", "{tmp}/store"], "collect", "mask_blur_sigma"),
-        (
-            ["offline-rl", "train", "--dataset", "{tmp}/ds", "--rewards", "{tmp}/r.parquet"]
-            + ["--out", "{tmp}/out"],
-            "offline_rl",
-            "actor_learning_rate",
-        ),
-        (
-            [
-                "online-finetune",
-                "--dataset",
-                "{tmp}/ds",
-                "--offline",
-                "{tmp}/o",
-                "--out",
-                "{tmp}/out",
-            ],
-            "online_finetune",
-            "learning_rate",
-        ),
+        (OFFLINE_TRAIN, "offline_rl", "iql.actor_learning_rate"),
+        (OFFLINE_TRAIN, "offline_rl", "cql.alpha"),
+        (OFFLINE_TRAIN, "offline_rl", "bcq.action_flexibility"),
+        (OFFLINE_TRAIN, "offline_rl", "fqe.learning_rate"),
+        (ONLINE_FINETUNE, "online_finetune", "learning_rate"),
     ],
 )
 def test_non_finite_floats_name_the_key(
@@ -171,7 +184,7 @@ def test_non_finite_floats_name_the_key(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    params = _params(tmp_path, **{section: {key: float("nan")}})
+    params = _params(tmp_path, **_nested(f"{section}.{key}", float("nan")))
     argv = [a.format(tmp=tmp_path) for a in command] + ["--params", str(params)]
     line = _fails(argv, capsys, tmp_path)
     assert f"{section}.{key} must be a finite number, got nan" in line
@@ -211,40 +224,91 @@ def test_duplicate_key_names_key_and_line(
 
 
 @pytest.mark.parametrize(
-    ("command", "key"),
+    ("command", "key", "value", "named"),
     [
-        (["collect", "--store", "{tmp}/store"], "collect.seed"),
+        (["collect", "--store", "{tmp}/store"], "collect.seed", -1, "collect.seed"),
         (
             ["datasets", "build", "--store", "{tmp}/store", "--out", "{tmp}/ds"],
             "datasets.split_seed",
+            -1,
+            "datasets.split_seed",
         ),
-        (
-            ["offline-rl", "train", "--dataset", "{tmp}/ds", "--rewards", "{tmp}/r.parquet"]
-            + ["--out", "{tmp}/out"],
-            "offline_rl.seed",
-        ),
-        (
-            [
-                "online-finetune",
-                "--dataset",
-                "{tmp}/ds",
-                "--offline",
-                "{tmp}/o",
-                "--out",
-                "{tmp}/out",
-            ],
-            "online_finetune.seed",
-        ),
-        (["eval", "--dataset", "{tmp}/ds", "--out", "{tmp}/out"], "eval.seed"),
+        (OFFLINE_TRAIN, "offline_rl.seeds", [0, -1], "offline_rl.seeds[1]"),
+        (ONLINE_FINETUNE, "online_finetune.seeds", [-1], "online_finetune.seeds[0]"),
+        (["eval", "--dataset", "{tmp}/ds", "--out", "{tmp}/out"], "eval.seed", -1, "eval.seed"),
     ],
 )
 def test_negative_seed_names_the_key(
-    command: list[str], key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    command: list[str],
+    key: str,
+    value: object,
+    named: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    section, name = key.split(".")
-    params = _params(tmp_path, **{section: {name: -1}})
+    params = _params(tmp_path, **_nested(key, value))
     argv = [a.format(tmp=tmp_path) for a in command] + ["--params", str(params)]
-    assert f"{key} must be >= 0" in _fails(argv, capsys, tmp_path)
+    assert f"{named} must be >= 0" in _fails(argv, capsys, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("command", "section", "values", "message"),
+    [
+        # Renamed: the message says to what.
+        (
+            ONLINE_FINETUNE,
+            "online_finetune",
+            {"seed": 3},
+            "unknown key online_finetune.seed: it became online_finetune.seeds",
+        ),
+        # The old flat offline_rl keys: each algorithm's d3rlpy settings are its own section now.
+        (OFFLINE_TRAIN, "offline_rl", {"seed": 3}, "unknown key offline_rl.seed (known keys"),
+        (OFFLINE_TRAIN, "offline_rl", {"beta": 3.0}, "unknown key offline_rl.beta (known keys"),
+        (
+            OFFLINE_TRAIN,
+            "offline_rl",
+            {"iql": {"cql_alpha": 1.0}},
+            "unknown key offline_rl.iql.cql_alpha: DiscreteIQLConfig has no scalar field",
+        ),
+        (
+            OFFLINE_TRAIN,
+            "offline_rl",
+            {"iql": {"actor_encoder_factory": "vector"}},
+            "offline_rl.iql.actor_encoder_factory is set by the pipeline",
+        ),
+        (OFFLINE_TRAIN, "offline_rl", {"iql": {"n_critics": 0}}, "offline_rl.iql.n_critics must"),
+        (OFFLINE_TRAIN, "offline_rl", {"seeds": []}, "offline_rl.seeds must be a non-empty list"),
+        (
+            OFFLINE_TRAIN,
+            "offline_rl",
+            {"baselines": ["bcq", "bcq"]},
+            "offline_rl.baselines must be a list without repeats",
+        ),
+        (
+            ONLINE_FINETUNE,
+            "online_finetune",
+            {"seeds": [2, 2]},
+            "online_finetune.seeds must be a list without repeats",
+        ),
+        (
+            ONLINE_FINETUNE,
+            "online_finetune",
+            {"from_scratch": "yes"},
+            "online_finetune.from_scratch must be true or false",
+        ),
+    ],
+)
+def test_bad_keys_of_the_training_sections(
+    command: list[str],
+    section: str,
+    values: dict,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = _params(tmp_path, **{section: values})
+    argv = [a.format(tmp=tmp_path) for a in command] + ["--params", str(params)]
+    assert message in _fails(argv, capsys, tmp_path)
 
 
 def test_negative_shapes_seed() -> None:

@@ -14,7 +14,7 @@ from d3rlpy.constants import ActionSpace
 from d3rlpy.dataset import MDPDataset
 
 from addiffusion.diffusion.actions import ActionTable
-from addiffusion.offline_rl.config import OfflineRLConfig
+from addiffusion.offline_rl.config import FQEParams, OfflineRLConfig
 from addiffusion.offline_rl.policy import load_policy
 from addiffusion.offline_rl.train import train_offline
 
@@ -49,17 +49,20 @@ def _weights_sha256(run: Path) -> str:
 def test_same_seed_same_weights(tmp_path: Path) -> None:
     cfg = OfflineRLConfig(
         algo="iql",
-        baselines=[],
+        baselines=["bcq"],
+        seeds=[3],
         n_steps=30,
-        n_steps_per_epoch=30,
-        batch_size=32,
+        n_steps_per_epoch=15,  # a checkpoint at step 15 too
         hidden_units=[16],
         device="cpu",
-        seed=3,
+        fqe=FQEParams(n_steps=0),
+        iql={**OfflineRLConfig().iql, "batch_size": 32},
+        bcq={**OfflineRLConfig().bcq, "batch_size": 32, "target_update_interval": 10},
     )
     for name in ("a", "b"):
         train_offline(_buffer(), None, cfg, tmp_path / name, actions=TABLE, log=False)
-    assert _weights_sha256(tmp_path / "a") == _weights_sha256(tmp_path / "b")
-    other = OfflineRLConfig(**{**cfg.to_dict(), "seed": 4})
+    for run in (".", "checkpoints/15", "baselines/bcq", "baselines/bcq/checkpoints/15"):
+        assert _weights_sha256(tmp_path / "a" / run) == _weights_sha256(tmp_path / "b" / run), run
+    other = cfg.with_seed(4)
     train_offline(_buffer(), None, other, tmp_path / "c", actions=TABLE, log=False)
     assert _weights_sha256(tmp_path / "c") != _weights_sha256(tmp_path / "a")  # the seed matters

@@ -22,7 +22,7 @@ from addiffusion.cli import main
 from addiffusion.diffusion.actions import ActionTable
 from addiffusion.eval.cli import load_offline_policies
 from addiffusion.offline_rl import trust
-from addiffusion.offline_rl.config import OfflineRLConfig
+from addiffusion.offline_rl.config import FQEParams, OfflineRLConfig
 from addiffusion.offline_rl.policy import PolicyLoadError, load_policy
 from addiffusion.offline_rl.train import train_offline
 from addiffusion.online_finetune.offline_init import load_offline_networks
@@ -34,12 +34,13 @@ N_STEPS, OBS_DIM = 4, 5
 TABLE = ActionTable.build([1], N_STEPS, 1, refine_budget=0, refine_k=2)
 TINY = dict(
     n_steps=20,
-    n_steps_per_epoch=20,
-    batch_size=16,
+    n_steps_per_epoch=10,  # a checkpoint at step 10, trusted like policy.d3
     hidden_units=[8, 8],
-    cql_target_update_interval=10,
     device="cpu",
-    seed=0,
+    seeds=[0],
+    fqe=FQEParams(n_steps=0),
+    iql={**OfflineRLConfig().iql, "batch_size": 16},
+    cql={**OfflineRLConfig().cql, "batch_size": 16, "target_update_interval": 10},
 )
 
 
@@ -114,7 +115,8 @@ def _craft(run: Path, dest: Path, marker: Path) -> Path:
 def test_trained_policy_loads_and_is_recorded_outside_its_folder(env: Path) -> None:
     run = env
     entries = trust.read_store()
-    for sub in (run, run / "baselines" / "cql"):
+    checkpoints = (run / "checkpoints" / "10", run / "baselines" / "cql" / "checkpoints" / "10")
+    for sub in (run, run / "baselines" / "cql", *checkpoints):
         sha = json.loads((sub / "manifest.json").read_text())["sha256"]
         assert entries[sha]["source"].startswith("offline-rl train")
         assert load_policy(sub / "policy.d3").manifest["sha256"] == sha
@@ -194,25 +196,38 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _dvc_project(env: Path, root: Path) -> Path:
-    """A DVC project whose dvc.lock records the run as stage offline_rl's outs, as `dvc repro`
-    writes it: policy.d3 a file out, baselines a directory out listed in the cache."""
-    run = root / "models" / "offline_rl"
-    shutil.copytree(env, run)
-    (root / ".dvc").mkdir()
+def _dir_out(root: Path, folder: Path) -> str:
+    """The md5 dvc.lock records for ``folder`` as a directory out (``<md5>.dir``), its listing
+    written to the project's cache as `dvc repro` leaves it."""
     listing = [
-        {"md5": _md5(p), "relpath": p.relative_to(run / "baselines").as_posix()}
-        for p in sorted((run / "baselines").rglob("*"))
+        {"md5": _md5(p), "relpath": p.relative_to(folder).as_posix()}
+        for p in sorted(folder.rglob("*"))
         if p.is_file()
     ]
     raw = json.dumps(listing, sort_keys=True).encode()
     dir_md5 = hashlib.md5(raw).hexdigest()
     cache = root / ".dvc" / "cache" / "files" / "md5" / dir_md5[:2] / (dir_md5[2:] + ".dir")
-    cache.parent.mkdir(parents=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(raw)
+    return dir_md5 + ".dir"
+
+
+def _dvc_project(env: Path, root: Path) -> Path:
+    """A DVC project whose dvc.lock records the run as stage offline_rl's outs, as `dvc repro`
+    writes it: policy.d3 a file out, baselines and checkpoints directory outs listed in the
+    cache."""
+    run = root / "models" / "offline_rl"
+    shutil.copytree(env, run)
+    (root / ".dvc").mkdir()
+    dir_md5 = _dir_out(root, run / "baselines")[: -len(".dir")]
     outs = [
         {"path": "models/offline_rl/policy.d3", "hash": "md5", "md5": _md5(run / "policy.d3")},
         {"path": "models/offline_rl/baselines", "hash": "md5", "md5": dir_md5 + ".dir"},
+        {
+            "path": "models/offline_rl/checkpoints",
+            "hash": "md5",
+            "md5": _dir_out(root, run / "checkpoints"),
+        },
     ]
     lock = {"schema": "2.0", "stages": {"offline_rl": {"cmd": "x", "outs": outs}}}
     (root / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
@@ -227,6 +242,7 @@ def test_dvc_lock_outs_are_a_trust_root(
     run = _dvc_project(env, root)
     monkeypatch.chdir(root / "models")  # DVC finds the project from any folder inside it
     assert set(load_offline_policies(run, "cpu", ["iql", "cql"])) == {"iql", "cql"}
+    assert load_policy(run / "checkpoints" / "10" / "policy.d3").manifest["step"] == 10
 
     # A dvc.lock dropped beside the file is not the project's: outside it, nothing vouches.
     fake = tmp_path / "fake"
@@ -244,10 +260,12 @@ def test_dvc_lock_outs_are_a_trust_root(
 
     # A directory listing that does not hash to dvc.lock's md5 vouches for nothing.
     monkeypatch.chdir(root)
-    (cache,) = (root / ".dvc" / "cache").rglob("*.dir")
-    cache.write_bytes(cache.read_bytes().replace(b"[{", b"[ {"))
+    for cache in (root / ".dvc" / "cache").rglob("*.dir"):
+        cache.write_bytes(cache.read_bytes().replace(b"[{", b"[ {"))
     with pytest.raises(PolicyLoadError, match="listing is not in the cache"):
         load_policy(run / "baselines" / "cql" / "policy.d3")
+    with pytest.raises(PolicyLoadError, match="listing is not in the cache"):
+        load_policy(run / "checkpoints" / "10" / "policy.d3")
     # A file that changed after the stage wrote it is refused (before unpickling).
     marker = tmp_path / "pwned"
     shutil.rmtree(run)
