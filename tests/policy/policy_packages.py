@@ -4,6 +4,7 @@ clash with other test folders' helpers)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,27 @@ def random_package(
         **config,
     )
     return build_policy(cfg, nets)
+
+
+def write_dataset_info(
+    root: Path,
+    settings: SamplerSettings,
+    layout: ObservationLayout,
+    components: list[str],
+) -> Path:
+    """``root`` as a built dataset's ``meta/info.json`` (what ``read_task`` reads) for a tiny
+    SD task with ``settings``' action table and ``layout``; returns ``root``."""
+    (root / "meta").mkdir(parents=True)
+    info = {
+        "backbone": "org/tiny-sd",
+        "scheduler": "ddim",
+        "scorer": "ViT-B-32@laion2b_s34b_b79k",
+        "family": "sd",
+        "components": components,
+        "sampler": dataclasses.asdict(settings),
+        "actions": table_of(settings).to_dict(),
+        "observation": layout.to_dict(),
+        "counts": {"episodes": 60, "root_episodes": 50, "steps": 300},
+    }
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    return root

@@ -4,14 +4,13 @@ fine-tuned policy; and ``ppo-scratch`` (``<online>/scratch``) is packaged like `
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from policy_packages import table_of
+from policy_packages import table_of, write_dataset_info
 
 from addiffusion.cli import main
 from addiffusion.diffusion.mdp import ObservationLayout
@@ -57,21 +56,7 @@ def _actor(seed: int, standardize: bool = True) -> MlpActor:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The meta/info.json of a built dataset with that table and layout."""
-    root = tmp_path_factory.mktemp("dataset")
-    (root / "meta").mkdir()
-    info = {
-        "backbone": "org/tiny-sd",
-        "scheduler": "ddim",
-        "scorer": "ViT-B-32@laion2b_s34b_b79k",
-        "family": "sd",
-        "components": ["clip_score"],
-        "sampler": dataclasses.asdict(SETTINGS),
-        "actions": TABLE.to_dict(),
-        "observation": LAYOUT.to_dict(),
-        "counts": {"episodes": 60, "root_episodes": 50, "steps": 300},
-    }
-    (root / "meta" / "info.json").write_text(json.dumps(info))
-    return root
+    return write_dataset_info(tmp_path_factory.mktemp("dataset"), SETTINGS, LAYOUT, ["clip_score"])
 
 
 @pytest.fixture(scope="module")

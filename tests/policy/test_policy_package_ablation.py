@@ -22,7 +22,7 @@ from d3rlpy.dataset import MDPDataset
 from d3rlpy.logging import NoopAdapterFactory
 from d3rlpy.models.encoders import VectorEncoderFactory
 from d3rlpy.preprocessing import StandardObservationScaler
-from policy_packages import SHAPES, random_package, table_of
+from policy_packages import SHAPES, random_package, table_of, write_dataset_info
 
 from addiffusion.cli import main
 from addiffusion.diffusion.mdp import ObservationLayout, drop_parts
@@ -56,21 +56,7 @@ def _masks(n: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The meta/info.json of a built dataset with that table and layout."""
-    root = tmp_path_factory.mktemp("dataset")
-    (root / "meta").mkdir()
-    info = {
-        "backbone": "org/tiny-sd",
-        "scheduler": "ddim",
-        "scorer": "ViT-B-32@laion2b_s34b_b79k",
-        "family": "sd",
-        "components": ["clip_score"],
-        "sampler": dataclasses.asdict(SETTINGS),
-        "actions": TABLE.to_dict(),
-        "observation": LAYOUT.to_dict(),
-        "counts": {"episodes": 60, "root_episodes": 50, "steps": 300},
-    }
-    (root / "meta" / "info.json").write_text(json.dumps(info))
-    return root
+    return write_dataset_info(tmp_path_factory.mktemp("dataset"), SETTINGS, LAYOUT, ["clip_score"])
 
 
 def _train(algo: str, folder: Path, drop: list[str], allowed: list[str] | None) -> None:
