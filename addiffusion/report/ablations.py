@@ -222,6 +222,37 @@ def parse_exp_show(rows: Sequence[Any], metrics_path: str = METRICS_PATH) -> Exp
     return ExpShow(tuple(experiments), tuple(skipped), metrics_path)
 
 
+def with_full_metrics(exps: ExpShow, repo: Path) -> ExpShow:
+    """``exps`` with each experiment's metrics read whole from the git repository ``repo``.
+
+    ``dvc exp show --json`` keeps only numbers, so the confidence intervals the eval writes as
+    ``[lo, hi]`` lists are missing from it. An experiment's (or commit's) metrics file is
+    committed in its git ref (``git show <rev>:<metrics path>``), the workspace's is the file
+    itself. A row whose file cannot be read so keeps what ``dvc exp show`` gave."""
+    out = []
+    for e in exps.experiments:
+        text = None
+        if e.kind == "workspace":
+            path = Path(repo) / exps.metrics_path
+            text = path.read_text(encoding="utf-8") if path.is_file() else None
+        elif re.fullmatch(r"[0-9a-f]{7,40}", e.rev):
+            done = subprocess.run(
+                ["git", "-C", str(repo), "show", f"{e.rev}:{exps.metrics_path}"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            text = done.stdout if done.returncode == 0 else None
+        try:
+            full = json.loads(text) if text else None
+        except json.JSONDecodeError:
+            full = None
+        out.append(
+            Experiment(e.label, e.rev, e.kind, e.params, full) if isinstance(full, dict) else e
+        )
+    return ExpShow(tuple(out), exps.skipped, exps.metrics_path)
+
+
 def _walk(rows: Sequence[Any]) -> Iterator[tuple[dict[str, Any], str, Any]]:
     """(experiment state, kind, executor) of each commit row and each of its experiments."""
     for row in rows:

@@ -15,6 +15,7 @@ from addiffusion.report.ablations import (
     plot_report,
     read_exp_show,
     to_markdown,
+    with_full_metrics,
 )
 
 RECIPE = (
@@ -57,6 +58,9 @@ def _split(text: str | None) -> list[str] | None:
 def _ablations(args: argparse.Namespace) -> int:
     rows = read_exp_show(args.input)
     exps = parse_exp_show(rows, args.metrics)
+    repo = args.repo if args.repo is not None else ("." if args.input is None else None)
+    if repo is not None:
+        exps = with_full_metrics(exps, Path(repo))
     report = build_report(
         exps, methods=_split(args.methods), metric=args.metric, params=_split(args.params)
     )
@@ -103,6 +107,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help=f"a saved `{DVC_EXP_SHOW}`, or - for stdin (default: run `{DVC_EXP_SHOW}` in the "
         "current folder)",
+    )
+    p.add_argument(
+        "--repo",
+        default=None,
+        metavar="DIR",
+        help="the git repository of the experiments: each one's metrics file is read whole "
+        "from its git ref there (`dvc exp show` drops the list-valued confidence intervals) "
+        "(default: the current folder without --input, else none)",
     )
     p.add_argument(
         "--metrics",

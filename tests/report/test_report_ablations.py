@@ -809,3 +809,32 @@ EXP_SHOW_JSON = """
   ]
  }
 ]"""
+
+
+def test_full_metrics_come_from_the_experiments_git_refs(tmp_path: Path) -> None:
+    """`dvc exp show` drops list values (the CIs): with a repo, each experiment's metrics file
+    is read whole from its git ref, the workspace's from the file itself."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "results" / "eval").mkdir(parents=True)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    full = eval_metrics({"iql": method(4.5, 0.55, gain=-0.12, ci=True)})
+    (repo / "results" / "eval" / "metrics.json").write_text(json.dumps(full))
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "exp"], check=True)
+    rev = subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    shown = eval_metrics({"iql": method(4.5, 0.55, gain=-0.12)})  # what dvc keeps: no lists
+    rows = exp_show(None, [(state(rev, "exp", params(), shown), None)])
+    exps = parse_exp_show(rows)
+    assert "nfe_ci" not in exps.experiments[0].metrics["iql"]
+    whole = ablations.with_full_metrics(exps, repo)
+    assert whole.experiments[0].metrics["iql"]["nfe_ci"] == [4.25, 5.0]
+    md = to_markdown(build_report(whole, methods=["iql"]))
+    assert "4.50 [4.25, 5.00]" in md and "-0.120 [-0.140, -0.090]" in md and "†" not in md
+    # A rev the repo does not have keeps what dvc exp show gave.
+    other = parse_exp_show(exp_show(None, [(state("f" * 40, "exp", params(), shown), None)]))
+    assert ablations.with_full_metrics(other, repo).experiments[0].metrics == shown
