@@ -545,22 +545,18 @@ def evaluate(
         cfg.pair_list(), per_item, groups, cfg.bootstrap_samples, cfg.confidence, cfg.seed
     )
     if ckpt_runs:
-        learned["checkpoints"] = checkpoint_report(
-            [
-                CheckpointRun(
-                    method,
-                    step,
-                    episode_return(_scores(r, reward_cfg, held)["quality"], r.nfe, reward_cfg),
-                    float(r.nfe.mean()),
-                    float(_scores(r, reward_cfg, held)[metric].mean()),
-                    fqe,
+        ckpts = []
+        for method, chain in points.items():
+            for step, _, fqe in chain:
+                r = ckpt_runs[method, step]
+                sc = _scores(r, reward_cfg, held)
+                ret = episode_return(sc["quality"], r.nfe, reward_cfg)
+                ckpts.append(
+                    CheckpointRun(
+                        method, step, ret, float(r.nfe.mean()), float(sc[metric].mean()), fqe
+                    )
                 )
-                for method, chain in points.items()
-                for step, _, fqe in chain
-                for r in [ckpt_runs[method, step]]
-            ],
-            groups,
-        )
+        learned["checkpoints"] = checkpoint_report(ckpts, groups)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_metrics(

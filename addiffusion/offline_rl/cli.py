@@ -141,17 +141,13 @@ def _fqe(args: argparse.Namespace) -> int:
 
 
 def _run_config(policies: dict[str, Any]) -> OfflineRLConfig:
-    """The ablations the policies were trained with (their manifests' ``config``): FQE must
-    see the data they saw. The policies of one run share them."""
-    configs = {
-        (
-            tuple(p.manifest["config"].get("drop_observations", [])),
-            p.manifest["config"].get("action_space", "jumps_refine"),
-        )
-        for p in policies.values()
-    }
-    drop, space = sorted(configs)[0]
-    return OfflineRLConfig(drop_observations=list(drop), action_space=space)
+    """The ablations the run's policies were trained with (the main policy's manifest
+    ``config``; one run shares them): FQE must see the data they saw."""
+    config = next(iter(policies.values())).manifest["config"]
+    return OfflineRLConfig(
+        drop_observations=list(config.get("drop_observations", [])),
+        action_space=config.get("action_space", "jumps_refine"),
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:

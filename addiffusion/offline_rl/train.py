@@ -164,10 +164,6 @@ def _train_one(
     layout: ObservationLayout | None,
 ) -> dict[str, Any]:
     obs_dim = check_buffer(train, "train", table)
-    if cfg.drop_observations and layout is None:
-        raise ValueError(
-            "offline_rl.drop_observations needs the dataset's observation layout (layout=)"
-        )
     d3rlpy.seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     scaler = standard_scaler(train) if cfg.observation_scaler == "standard" else None
